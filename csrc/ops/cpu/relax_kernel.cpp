@@ -1,0 +1,106 @@
+// CPU kernel of toreq.relax: the step loop in C++, the couplings as BLAS GEMMs into reused
+// buffers, and the activation, damping, masking and convergence test fused in one pass.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "ops/cpu/parallel_rows.h"
+#include "ops/relax.h"
+
+namespace toreq {
+namespace {
+
+// s <- damping * s + (1 - damping) * act(pre) on the rows still active; row_change[r] becomes
+// max(row_change[r], max_j |change|), and row_nonfinite[r] is set where the new state is NaN or
+// Inf.
+template <typename scalar_t, Activation A>
+void update_layer(scalar_t* s, const scalar_t* pre, int64_t batch, int64_t n, scalar_t damping,
+                  const uint8_t* active, scalar_t* row_change, uint8_t* row_nonfinite) {
+  const scalar_t keep = scalar_t(1) - damping;
+  parallel_rows(batch, n, [&](int64_t r) {
+    if (!active[r]) return;
+    scalar_t* sr = s + r * n;
+    const scalar_t* pr = pre + r * n;
+    scalar_t change = row_change[r];
+    scalar_t poison = 0;  // stays 0 unless a new state is NaN or Inf (0 * Inf = NaN)
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t next = damping * sr[j] + keep * activate<A>(pr[j]);
+      const scalar_t delta = std::abs(next - sr[j]);
+      change = delta > change ? delta : change;
+      poison += next * scalar_t(0);
+      sr[j] = next;
+    }
+    row_change[r] = change;
+    if (poison != scalar_t(0)) row_nonfinite[r] = 1;
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
+    at::TensorList states, const c10::List<std::optional<at::Tensor>>& drives,
+    at::TensorList weights, at::IntArrayRef targets, at::IntArrayRef sources,
+    const c10::List<bool>& transposed, c10::string_view activation, double damping,
+    int64_t max_steps, double tol, c10::string_view schedule, double beta, c10::string_view loss,
+    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& readout_weight,
+    const std::optional<at::Tensor>& readout_bias) {
+  const RelaxProblem p = make_relax_problem(states, drives, weights, targets, sources, transposed,
+                                            activation, damping, max_steps, tol, schedule, beta,
+                                            loss, target, readout_weight, readout_bias);
+  const int64_t batch = p.batch;
+  std::vector<at::Tensor> s, pre;
+  for (const at::Tensor& init : states) {
+    s.push_back(init.clone(at::MemoryFormat::Contiguous));
+    pre.push_back(at::empty_like(s.back(), at::MemoryFormat::Contiguous));
+  }
+  at::Tensor steps = at::zeros({batch}, s[0].options().dtype(at::kLong));
+  at::Tensor residual = at::full({batch}, std::numeric_limits<double>::infinity(), s[0].options());
+
+  AT_DISPATCH_FLOATING_TYPES(s[0].scalar_type(), "toreq_relax_cpu", [&] {
+    dispatch_activation(p.activation, [&](auto act) {
+      constexpr Activation A = decltype(act)::value;
+      std::vector<uint8_t> active(batch, 1), row_nonfinite(batch, 0);
+      std::vector<scalar_t> row_change(batch);
+      int64_t* steps_ptr = steps.data_ptr<int64_t>();
+      scalar_t* residual_ptr = residual.data_ptr<scalar_t>();
+      const auto tol_s = static_cast<scalar_t>(p.tol);
+      int64_t num_active = batch, step = 0;
+      while (step < p.max_steps && num_active > 0) {
+        ++step;
+        std::fill(row_change.begin(), row_change.end(), scalar_t(0));
+        for (const std::vector<int64_t>& group : p.groups) {
+          for (int64_t l : group) compute_preactivation(p, l, s, pre[l]);
+          for (int64_t l : group) {
+            update_layer<scalar_t, A>(s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
+                                      batch, s[l].size(1), static_cast<scalar_t>(p.damping),
+                                      active.data(), row_change.data(), row_nonfinite.data());
+          }
+        }
+        int64_t nonfinite = 0;
+        for (int64_t r = 0; r < batch; ++r) {
+          if (!active[r]) continue;
+          nonfinite += row_nonfinite[r];
+          residual_ptr[r] = row_change[r];
+          steps_ptr[r] = step;
+          if (row_change[r] < tol_s) {
+            active[r] = 0;
+            --num_active;
+          }
+        }
+        if (nonfinite > 0) report_nonfinite_state(p, states, step, nonfinite);
+      }
+    });
+  });
+  return {s, steps, residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(toreq, CPU, m) { m.impl("relax", &relax_cpu); }
+
+}  // namespace toreq

@@ -1,0 +1,137 @@
+#include "ops/hebbian.h"
+
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace toreq {
+
+TORCH_LIBRARY_FRAGMENT(toreq, m) {
+  m.def(
+      "hebbian_update(Tensor post_nudged, Tensor pre_nudged, Tensor post_free, Tensor pre_free, "
+      "float beta, str post_activation='identity', str pre_activation='identity') "
+      "-> (Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "hebbian_update_(Tensor post_nudged, Tensor pre_nudged, Tensor post_free, Tensor pre_free, "
+      "float beta, str post_activation, str pre_activation, Tensor(a!) grad_weight, "
+      "Tensor(b!)? grad_bias) -> ()");
+}
+
+namespace {
+
+constexpr const char* kOp = "toreq.hebbian_update";
+
+void check_phase_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == 2, kOp, ": ", name, " must be 2-D (batch, features), got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), kOp, ": ", name, " has dtype ",
+              t.scalar_type(), " but post_nudged has ", like.scalar_type(),
+              "; all inputs must share one dtype");
+  TORCH_CHECK(t.device() == like.device(), kOp, ": ", name, " is on ", t.device(),
+              " but post_nudged is on ", like.device(), "; all inputs must be on one device");
+}
+
+bool same_tensor(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_same(b) || (a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() &&
+                          a.strides() == b.strides());
+}
+
+}  // namespace
+
+void hebbian_update_into(const at::Tensor& post_nudged, const at::Tensor& pre_nudged,
+                         const at::Tensor& post_free, const at::Tensor& pre_free, double beta,
+                         c10::string_view post_activation, c10::string_view pre_activation,
+                         const at::Tensor& grad_weight, const std::optional<at::Tensor>& grad_bias,
+                         bool accumulate, const HebbianKernels& kernels) {
+  TORCH_CHECK(post_nudged.dim() == 2, kOp,
+              ": post_nudged must be 2-D (batch, features), got shape ", post_nudged.sizes());
+  const auto dtype = post_nudged.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kOp,
+              ": inputs must be float32 or float64, got ", dtype);
+  check_phase_tensor(pre_nudged, "pre_nudged", post_nudged);
+  check_phase_tensor(post_free, "post_free", post_nudged);
+  check_phase_tensor(pre_free, "pre_free", post_nudged);
+  const int64_t batch = post_nudged.size(0);
+  const int64_t n_post = post_nudged.size(1);
+  const int64_t n_pre = pre_nudged.size(1);
+  TORCH_CHECK(batch > 0, kOp, ": the batch is empty (post_nudged has shape ",
+              post_nudged.sizes(), "); the update averages over the batch");
+  TORCH_CHECK(post_free.sizes() == post_nudged.sizes(), kOp, ": post_free has shape ",
+              post_free.sizes(), " but post_nudged has ", post_nudged.sizes(),
+              "; both phases must have the same shape");
+  TORCH_CHECK(pre_nudged.size(0) == batch, kOp, ": pre_nudged has batch ", pre_nudged.size(0),
+              " but post_nudged has batch ", batch);
+  TORCH_CHECK(pre_free.sizes() == pre_nudged.sizes(), kOp, ": pre_free has shape ",
+              pre_free.sizes(), " but pre_nudged has ", pre_nudged.sizes(),
+              "; both phases must have the same shape");
+  TORCH_CHECK(std::isfinite(beta) && beta != 0.0, kOp,
+              ": beta must be finite and non-zero (it divides the update), got ", beta);
+  TORCH_CHECK(grad_weight.sizes() == at::IntArrayRef({n_post, n_pre}), kOp,
+              ": grad_weight must have shape (", n_post, ", ", n_pre, ") = (post features, pre "
+              "features), got ", grad_weight.sizes());
+  TORCH_CHECK(grad_weight.scalar_type() == dtype && grad_weight.device() == post_nudged.device(),
+              kOp, ": grad_weight must be ", dtype, " on ", post_nudged.device(), ", got ",
+              grad_weight.scalar_type(), " on ", grad_weight.device());
+  if (grad_bias.has_value()) {
+    TORCH_CHECK(grad_bias->sizes() == at::IntArrayRef({n_post}), kOp,
+                ": grad_bias must have shape (", n_post, ",), got ", grad_bias->sizes());
+    TORCH_CHECK(grad_bias->scalar_type() == dtype && grad_bias->device() == post_nudged.device(),
+                kOp, ": grad_bias must be ", dtype, " on ", post_nudged.device(), ", got ",
+                grad_bias->scalar_type(), " on ", grad_bias->device());
+  }
+  const Activation post_act = parse_activation(post_activation, kOp, "post_activation", true);
+  const Activation pre_act = parse_activation(pre_activation, kOp, "pre_activation", true);
+
+  const double scale = -1.0 / (beta * static_cast<double>(batch));
+  const auto options = post_nudged.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor lhs, rhs;  // grad_weight = scale * lhs^T rhs
+  if (same_tensor(pre_nudged, pre_free)) {
+    // Vector-field form (one pre-synaptic activity for both phases): a GEMM over B rows.
+    lhs = at::empty({batch, n_post}, options);
+    kernels.activate_difference(post_nudged, post_free, post_act, lhs);
+    if (pre_act == Activation::Identity) {
+      rhs = pre_nudged;
+    } else {
+      rhs = at::empty({batch, n_pre}, options);
+      kernels.activate(pre_nudged, pre_act, 1.0, rhs);
+    }
+  } else {
+    // Both products in one GEMM over 2B rows: [a(post_n); -a(post_f)]^T [a(pre_n); a(pre_f)].
+    lhs = at::empty({2 * batch, n_post}, options);
+    rhs = at::empty({2 * batch, n_pre}, options);
+    kernels.activate(post_nudged, post_act, 1.0, lhs.narrow(0, 0, batch));
+    kernels.activate(post_free, post_act, -1.0, lhs.narrow(0, batch, batch));
+    kernels.activate(pre_nudged, pre_act, 1.0, rhs.narrow(0, 0, batch));
+    kernels.activate(pre_free, pre_act, 1.0, rhs.narrow(0, batch, batch));
+  }
+  at::addmm_out(const_cast<at::Tensor&>(grad_weight), grad_weight, lhs.t(), rhs,
+                accumulate ? 1.0 : 0.0, scale);
+  if (grad_bias.has_value()) {
+    const at::Tensor bias_update = at::sum(lhs, {0}).mul_(scale);
+    if (accumulate) {
+      grad_bias->add_(bias_update);
+    } else {
+      grad_bias->copy_(bias_update);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> hebbian_update(
+    const at::Tensor& post_nudged, const at::Tensor& pre_nudged, const at::Tensor& post_free,
+    const at::Tensor& pre_free, double beta, c10::string_view post_activation,
+    c10::string_view pre_activation, const HebbianKernels& kernels) {
+  TORCH_CHECK(post_nudged.dim() == 2 && pre_nudged.dim() == 2, kOp,
+              ": post_nudged and pre_nudged must be 2-D (batch, features), got shapes ",
+              post_nudged.sizes(), " and ", pre_nudged.sizes());
+  at::Tensor grad_weight = at::empty({post_nudged.size(1), pre_nudged.size(1)},
+                                     post_nudged.options());
+  at::Tensor grad_bias = at::empty({post_nudged.size(1)}, post_nudged.options());
+  hebbian_update_into(post_nudged, pre_nudged, post_free, pre_free, beta, post_activation,
+                      pre_activation, grad_weight, grad_bias, /*accumulate=*/false, kernels);
+  return {grad_weight, grad_bias};
+}
+
+}  // namespace toreq

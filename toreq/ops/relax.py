@@ -1,0 +1,304 @@
+"""Relaxation of layered equilibrium networks: ``torch.ops.toreq.relax``.
+
+A network is a list of layers with states ``s[l]`` of shape ``(batch, n_l)`` and a list of
+couplings. One step of the dynamics computes, for every layer ``l``,
+
+.. math::
+
+    a_l = d_l + \\sum_{c:\\, \\mathrm{target}(c) = l} s_{\\mathrm{source}(c)} M_c^\\top
+          \\;-\\; \\beta\\, [l = L-1]\\, \\partial \\ell / \\partial s_{L-1},
+    \\qquad
+    s_l \\leftarrow \\gamma\\, s_l + (1 - \\gamma)\\, \\rho(a_l),
+
+where ``d_l`` is the layer's constant drive (the input projection and bias, computed once by the
+caller), ``M_c`` the coupling's weight (``weight`` of shape ``(n_target, n_source)``, or its
+transpose when ``transposed``: that is how tied, symmetric feedback reuses a forward weight),
+``rho`` the activation, ``gamma`` the damping (the weight kept by the *old* state; 0 is plain
+fixed-point iteration), and the last term the output nudge of strength ``beta`` (signed, so
+``+beta`` and ``-beta`` give symmetric nudging; 0 is the free phase). The nudge sits inside the
+activation's argument. With ``ell`` the per-sample loss:
+
+* ``loss="mse"``: ``ell = 1/2 |o - y|^2`` with ``o`` the last layer's state, or
+  ``o = s_{L-1} R^T + c`` through a feedforward readout ``(R, c)``;
+* ``loss="cross_entropy"``: ``ell = CE(softmax(o), y)``, ``o`` as above (Laborieux et al. 2021);
+* ``loss="gradient"``: ``target`` *is* ``d ell / d s_{L-1}`` (a constant nudge, as used by a
+  block inside a larger backprop network).
+
+The models of the literature are special cases:
+
+* looped layer (LoopedMLP): one layer, ``d_0 = U x + b``, one coupling ``Coupling(W, 0, 0)``:
+  ``h <- rho(U x + W h + b)``;
+* layered bidirectional network (Scellier & Bengio 2017; Ernoult et al. 2019): forward
+  couplings ``W_l`` from layer ``l`` to ``l+1`` and, tied, the same weights transposed from
+  ``l+1`` back to ``l`` (``layered_couplings(weights)``), or separate feedback weights
+  (untied, vector-field EqProp: ``layered_couplings(weights, feedback)``);
+* a ring of layers (ToroidalMLP): the layered couplings plus one from the last layer to the
+  first.
+
+States are *activities* (post-activation values). With tied weights this is the energy model
+``Phi = sum_l s_l^T W_l s_{l-1} + ...`` of Ernoult et al. (2019), whose contrastive Hebbian
+update (:func:`toreq.ops.hebbian_update`) is the exact gradient as beta -> 0 for every
+activation; for the hard sigmoid it is the same model as ``rho(s)``-coupled formulations, since
+``rho(s) = s`` on ``[0, 1]``.
+
+Schedules: ``"sync"`` (Jacobi) updates every layer from the previous step's states;
+``"async"`` (Gauss-Seidel) updates the even layers first and then the odd layers from the fresh
+even ones, which for layered networks usually reaches the fixed point in fewer steps.
+
+Convergence is tested per sample: a sample whose largest state change in a step,
+``max_l max_j |s_l^new - s_l^old|``, falls below ``tol`` stops updating, and ``steps[b]`` holds
+the number of updates it received (``tol=0`` never stops early). A state that becomes NaN or Inf
+raises a ``RuntimeError`` naming the non-finite input if there is one; a diverged state is never
+returned. No autograd graph is built: gradients come from :func:`hebbian_update`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from toreq.ops._dispatch import has_kernel
+
+__all__ = ["Coupling", "RelaxResult", "layered_couplings", "relax", "relax_reference"]
+
+ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid")
+
+
+class Coupling(NamedTuple):
+    """A coupling that adds ``states[source] @ M^T`` to layer ``target``'s pre-activation.
+
+    ``weight`` has shape ``(n_target, n_source)``; with ``transposed=True`` it has shape
+    ``(n_source, n_target)`` and ``weight^T`` is used, which is how tied feedback reuses the
+    forward weight of the layer above.
+    """
+
+    weight: Tensor
+    target: int
+    source: int
+    transposed: bool = False
+
+
+class RelaxResult(NamedTuple):
+    """The outcome of a relaxation.
+
+    ``states``: the final states, one ``(batch, n_l)`` tensor per layer (new tensors);
+    ``steps``: int64 ``(batch,)``, the number of updates each sample received;
+    ``residual``: ``(batch,)``, each sample's largest state change in its last update
+    (``inf`` when no step ran). A sample converged where ``residual < tol``.
+    """
+
+    states: list[Tensor]
+    steps: Tensor
+    residual: Tensor
+
+
+def layered_couplings(
+    weights: Sequence[Tensor], feedback: Sequence[Tensor] | None = None
+) -> list[Coupling]:
+    """Couplings of a layered bidirectional network.
+
+    ``weights[l]`` of shape ``(n_{l+1}, n_l)`` carries layer ``l`` up to layer ``l+1``. Feedback
+    from ``l+1`` down to ``l`` uses ``weights[l]^T`` (tied, symmetric: an energy-based network)
+    when ``feedback`` is None, or ``feedback[l]`` of shape ``(n_l, n_{l+1})`` (untied).
+    """
+    if feedback is not None and len(feedback) != len(weights):
+        raise ValueError(
+            f"feedback must hold one weight per forward weight ({len(weights)}), "
+            f"got {len(feedback)}"
+        )
+    couplings = []
+    for layer, weight in enumerate(weights):
+        couplings.append(Coupling(weight, layer + 1, layer))
+        if feedback is None:
+            couplings.append(Coupling(weight, layer, layer + 1, transposed=True))
+        else:
+            couplings.append(Coupling(feedback[layer], layer, layer + 1))
+    return couplings
+
+
+def _labels_to_rows(target: Tensor, loss: str, num_outputs: int, dtype: torch.dtype) -> Tensor:
+    """Integer class labels ``(batch,)`` become one-hot rows; float targets pass through."""
+    if target.is_floating_point() or loss == "gradient":
+        return target
+    if target.dim() != 1:
+        raise ValueError(
+            f"integer class labels in target must have shape (batch,), got {tuple(target.shape)}"
+        )
+    rows = torch.zeros(target.shape[0], num_outputs, dtype=dtype, device=target.device)
+    return rows.scatter_(1, target.long().unsqueeze(1), 1.0)
+
+
+def relax(
+    states: Sequence[Tensor],
+    couplings: Sequence[Coupling],
+    drives: Sequence[Tensor | None] | None = None,
+    *,
+    activation: str = "hard_sigmoid",
+    damping: float = 0.0,
+    max_steps: int = 30,
+    tol: float = 0.0,
+    schedule: str = "sync",
+    beta: float = 0.0,
+    loss: str = "mse",
+    target: Tensor | None = None,
+    readout_weight: Tensor | None = None,
+    readout_bias: Tensor | None = None,
+) -> RelaxResult:
+    """Relaxes a layered network to equilibrium (free phase, ``beta=0``) or nudged equilibrium.
+
+    Args:
+        states: initial state of each layer, ``(batch, n_l)`` (the free equilibrium, to start a
+            nudged phase from it). Not modified.
+        couplings: the network's :class:`Coupling` s (see :func:`layered_couplings`).
+        drives: per layer, a constant input ``(batch, n_l)`` or bias ``(n_l,)``, or None.
+        activation: ``"hard_sigmoid"`` (clamp to [0, 1]), ``"tanh"`` or ``"sigmoid"``.
+        damping: weight of the old state in each update, in ``[0, 1)``.
+        max_steps: the most updates a sample receives.
+        tol: a sample stops once its largest state change in a step is below ``tol``.
+        schedule: ``"sync"`` (Jacobi) or ``"async"`` (even layers, then odd layers).
+        beta: signed nudging strength; 0 for the free phase.
+        loss: ``"mse"``, ``"cross_entropy"`` or ``"gradient"`` (see the module docstring).
+        target: with ``beta != 0``, the target ``(batch, n_out)`` (rows of values or class
+            probabilities; int64 class labels ``(batch,)`` are turned into one-hot rows), or for
+            ``loss="gradient"`` the gradient of the loss with respect to the last layer.
+        readout_weight, readout_bias: an optional feedforward readout ``o = s R^T + c`` of the
+            last layer that the loss is measured on.
+
+    Returns:
+        :class:`RelaxResult` with the final states, per-sample step counts and residuals.
+    """
+    states = [s.detach() for s in states]
+    if readout_weight is not None:
+        readout_weight = readout_weight.detach()
+    if readout_bias is not None:
+        readout_bias = readout_bias.detach()
+    if target is not None:
+        num_outputs = states[-1].shape[1] if readout_weight is None else readout_weight.shape[0]
+        target = _labels_to_rows(target.detach(), loss, num_outputs, states[-1].dtype)
+    couplings = [Coupling(c.weight.detach(), c.target, c.source, c.transposed) for c in couplings]
+    drive_list = [None if d is None else d.detach() for d in (drives or [])]
+    kwargs = dict(
+        activation=activation, damping=damping, max_steps=max_steps, tol=tol, schedule=schedule,
+        beta=beta, loss=loss, target=target, readout_weight=readout_weight,
+        readout_bias=readout_bias,
+    )
+    if not has_kernel("relax", states[0].device.type if states else "cpu"):
+        return relax_reference(states, couplings, drive_list, **kwargs)
+    new_states, steps, residual = torch.ops.toreq.relax(
+        states,
+        drive_list,
+        [c.weight for c in couplings],
+        [c.target for c in couplings],
+        [c.source for c in couplings],
+        [c.transposed for c in couplings],
+        **kwargs,
+    )
+    return RelaxResult(list(new_states), steps, residual)
+
+
+def _activate(name: str, x: Tensor) -> Tensor:
+    if name == "hard_sigmoid":
+        return x.clamp(0.0, 1.0)
+    if name == "tanh":
+        return torch.tanh(x)
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    if name == "identity":
+        return x
+    raise ValueError(f"unknown activation '{name}'")
+
+
+def relax_reference(
+    states: Sequence[Tensor],
+    couplings: Sequence[Coupling],
+    drives: Sequence[Tensor | None] | None = None,
+    *,
+    activation: str = "hard_sigmoid",
+    damping: float = 0.0,
+    max_steps: int = 30,
+    tol: float = 0.0,
+    schedule: str = "sync",
+    beta: float = 0.0,
+    loss: str = "mse",
+    target: Tensor | None = None,
+    readout_weight: Tensor | None = None,
+    readout_bias: Tensor | None = None,
+) -> RelaxResult:
+    """Pure-PyTorch reference of :func:`relax`: the same dynamics, one Python step at a time.
+
+    Used by the tests, and where no compiled kernel exists for the device. It expects valid
+    arguments (the compiled op checks them) and ``target`` already as rows, not labels.
+    """
+    with torch.no_grad():
+        s = [x.clone() for x in states]
+        num_layers, batch = len(s), s[0].shape[0]
+        drives = list(drives or [None] * num_layers)
+        if schedule == "sync":
+            groups = [list(range(num_layers))]
+        else:
+            groups = [g for g in (list(range(0, num_layers, 2)), list(range(1, num_layers, 2))) if g]
+
+        def preactivation(layer: int) -> Tensor:
+            pre = torch.zeros_like(s[layer])
+            if drives[layer] is not None:
+                pre = pre + drives[layer]
+            for c in couplings:
+                if c.target == layer:
+                    matrix = c.weight if c.transposed else c.weight.T
+                    pre = pre + s[c.source] @ matrix
+            if beta != 0.0 and layer == num_layers - 1:
+                if loss == "gradient":
+                    return pre - beta * target
+                out = s[layer]
+                if readout_weight is not None:
+                    out = out @ readout_weight.T
+                    if readout_bias is not None:
+                        out = out + readout_bias
+                if loss == "cross_entropy":
+                    out = torch.softmax(out, dim=1)
+                error = out - target
+                if readout_weight is not None:
+                    error = error @ readout_weight
+                pre = pre - beta * error
+            return pre
+
+        active = torch.ones(batch, dtype=torch.bool, device=s[0].device)
+        steps = torch.zeros(batch, dtype=torch.long, device=s[0].device)
+        residual = torch.full((batch,), float("inf"), dtype=s[0].dtype, device=s[0].device)
+        for step in range(1, max_steps + 1):
+            if not bool(active.any()):
+                break
+            change = torch.zeros(batch, dtype=s[0].dtype, device=s[0].device)
+            nonfinite = torch.zeros(batch, dtype=torch.bool, device=s[0].device)
+            for group in groups:
+                pres = {layer: preactivation(layer) for layer in group}
+                for layer in group:
+                    new = damping * s[layer] + (1.0 - damping) * _activate(activation, pres[layer])
+                    if new.shape[1] > 0:
+                        change = torch.maximum(change, (new - s[layer]).abs().amax(dim=1))
+                        nonfinite |= ~torch.isfinite(new).all(dim=1)
+                    s[layer] = torch.where(active.unsqueeze(1), new, s[layer])
+            bad = int((nonfinite & active).sum())
+            if bad:
+                raise RuntimeError(
+                    f"toreq.relax: the state became NaN or Inf at step {step} in {bad} of "
+                    f"{batch} samples"
+                )
+            residual = torch.where(active, change, residual)
+            steps = torch.where(active, torch.full_like(steps, step), steps)
+            active = active & ~(change < tol)
+        return RelaxResult(s, steps, residual)
+
+
+@torch.library.register_fake("toreq::relax")
+def _relax_fake(states, drives, weights, targets, sources, transposed, activation, damping,
+                max_steps, tol, schedule, beta, loss, target, readout_weight, readout_bias):
+    torch._check(len(states) > 0, lambda: "toreq.relax: states must hold at least one layer")
+    batch = states[0].shape[0]
+    new_states = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in states]
+    steps = states[0].new_empty((batch,), dtype=torch.long)
+    residual = states[0].new_empty((batch,))
+    return new_states, steps, residual
