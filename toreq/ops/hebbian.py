@@ -108,8 +108,8 @@ def hebbian_update_reference(
 
 
 @torch.library.register_fake("toreq::hebbian_update")
-def _hebbian_update_fake(post_nudged, pre_nudged, post_free, pre_free, beta, post_activation,
-                         pre_activation):
+def _hebbian_update_fake(post_nudged, pre_nudged, post_free, pre_free, beta,
+                         post_activation="identity", pre_activation="identity"):
     torch._check(post_nudged.dim() == 2 and pre_nudged.dim() == 2,
                  lambda: "toreq.hebbian_update: inputs must be 2-D (batch, features)")
     n_post, n_pre = post_nudged.shape[1], pre_nudged.shape[1]

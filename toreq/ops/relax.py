@@ -294,8 +294,9 @@ def relax_reference(
 
 
 @torch.library.register_fake("toreq::relax")
-def _relax_fake(states, drives, weights, targets, sources, transposed, activation, damping,
-                max_steps, tol, schedule, beta, loss, target, readout_weight, readout_bias):
+def _relax_fake(states, drives, weights, targets, sources, transposed, activation="hard_sigmoid",
+                damping=0.0, max_steps=30, tol=0.0, schedule="sync", beta=0.0, loss="mse",
+                target=None, readout_weight=None, readout_bias=None):
     torch._check(len(states) > 0, lambda: "toreq.relax: states must hold at least one layer")
     batch = states[0].shape[0]
     new_states = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in states]

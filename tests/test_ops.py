@@ -1,0 +1,380 @@
+"""toreq.ops: every kernel against its pure-PyTorch reference, opcheck, compile, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toreq.ops import (
+    Coupling,
+    hebbian_update,
+    hebbian_update_reference,
+    layered_couplings,
+    relax,
+    relax_reference,
+)
+from toreq.ops.relax import _labels_to_rows
+
+
+def _scaled(rows: int, cols: int, dtype: torch.dtype, norm: float = 0.5) -> torch.Tensor:
+    """A random matrix with spectral norm `norm`, so the dynamics contract."""
+    w = torch.randn(rows, cols, dtype=dtype)
+    return w * (norm / torch.linalg.matrix_norm(w, ord=2))
+
+
+def make_problem(kind: str, batch: int, dtype: torch.dtype, *, readout: bool = False,
+                 loss: str = "mse", seed: int = 0) -> dict:
+    """A random network of the given kind, as keyword arguments of relax()."""
+    torch.manual_seed(seed)
+    if kind == "looped":
+        widths = [9]
+        w = _scaled(9, 9, dtype)
+        couplings = [Coupling(w, 0, 0)]
+    else:
+        widths = [7, 6, 5]
+        weights = [_scaled(6, 7, dtype), _scaled(5, 6, dtype)]
+        feedback = None if kind == "tied" else [_scaled(7, 6, dtype), _scaled(6, 5, dtype)]
+        couplings = layered_couplings(weights, feedback)
+        if kind == "ring":
+            couplings.append(Coupling(_scaled(7, 5, dtype, 0.3), 0, 2))
+    states = [torch.rand(batch, n, dtype=dtype) for n in widths]
+    drives = [torch.randn(batch, widths[0], dtype=dtype)] + [
+        torch.randn(n, dtype=dtype) * 0.1 for n in widths[1:]]
+    n_out = 4 if readout else widths[-1]
+    problem = dict(states=states, couplings=couplings, drives=drives, loss=loss)
+    if readout:
+        problem["readout_weight"] = torch.randn(n_out, widths[-1], dtype=dtype) * 0.5
+        problem["readout_bias"] = torch.randn(n_out, dtype=dtype) * 0.1
+    if loss == "gradient":
+        problem["target"] = torch.randn(batch, widths[-1], dtype=dtype)
+    else:
+        problem["target"] = _labels_to_rows(torch.randint(0, n_out, (batch,)), loss, n_out, dtype)
+    return problem
+
+
+def assert_same_result(result, expected, dtype):
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    assert len(result.states) == len(expected.states)
+    for got, want in zip(result.states, expected.states):
+        torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(result.steps, expected.steps)
+    torch.testing.assert_close(result.residual, expected.residual, **tol)
+
+
+# --------------------------------------------------------------------------- relax vs reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["looped", "tied", "untied", "ring"])
+@pytest.mark.parametrize("batch", [1, 7])
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_free_phase_matches_reference(dtype, kind, batch, schedule):
+    p = make_problem(kind, batch, dtype)
+    for damping, activation in [(0.0, "hard_sigmoid"), (0.4, "tanh"), (0.2, "sigmoid")]:
+        kw = dict(activation=activation, damping=damping, max_steps=25, schedule=schedule)
+        got = relax(p["states"], p["couplings"], p["drives"], **kw)
+        want = relax_reference(p["states"], p["couplings"], p["drives"], **kw)
+        assert_same_result(got, want, dtype)
+        assert got.steps.tolist() == [25] * batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["looped", "tied", "untied"])
+@pytest.mark.parametrize("loss,readout", [("mse", False), ("mse", True), ("cross_entropy", True),
+                                          ("cross_entropy", False), ("gradient", False)])
+@pytest.mark.parametrize("beta", [0.5, -0.5])
+def test_nudged_phase_matches_reference(dtype, kind, loss, readout, beta):
+    p = make_problem(kind, 5, dtype, readout=readout, loss=loss)
+    kw = dict(activation="tanh", damping=0.25, max_steps=15, schedule="async", beta=beta,
+              loss=loss, target=p["target"], readout_weight=p.get("readout_weight"),
+              readout_bias=p.get("readout_bias"))
+    got = relax(p["states"], p["couplings"], p["drives"], **kw)
+    want = relax_reference(p["states"], p["couplings"], p["drives"], **kw)
+    assert_same_result(got, want, dtype)
+    free = relax(p["states"], p["couplings"], p["drives"], **{**kw, "beta": 0.0})
+    assert not torch.allclose(got.states[-1], free.states[-1]), "the nudge had no effect"
+
+
+def test_class_labels_are_one_hot_targets():
+    p = make_problem("tied", 6, torch.float64, readout=True, loss="cross_entropy")
+    labels = p["target"].argmax(dim=1)
+    kw = dict(beta=0.3, loss="cross_entropy", readout_weight=p["readout_weight"], max_steps=10)
+    by_label = relax(p["states"], p["couplings"], p["drives"], target=labels, **kw)
+    by_rows = relax(p["states"], p["couplings"], p["drives"], target=p["target"], **kw)
+    assert_same_result(by_label, by_rows, torch.float64)
+
+
+def test_tolerance_stops_each_sample_at_the_expected_step():
+    # With no coupling the state moves geometrically toward rho(d) = d: with damping g the
+    # change at step t is (1 - g) g^(t-1) |s0 - d|, so the first step below tol is known.
+    d = torch.tensor([[0.2, 0.6], [0.5, 0.5], [0.3, 0.4]], dtype=torch.float64)
+    s0 = d.clone()
+    s0[0, 1] += 0.3   # distance 0.3 -> 0.5 * 0.5^(t-1) * 0.3 < 0.01 first at t = 5
+    s0[1, 0] -= 0.4   # distance 0.4 -> first at t = 6   (0.4 * 0.5^t: 0.00625 at t = 6)
+    zero = torch.zeros(2, 2, dtype=torch.float64)
+    result = relax([s0], [Coupling(zero, 0, 0)], [d], damping=0.5, tol=0.01, max_steps=50)
+    assert result.steps.tolist() == [5, 6, 1]
+    assert (result.residual < 0.01).all()
+    torch.testing.assert_close(result.residual[2], torch.tensor(0.0, dtype=torch.float64))
+    capped = relax([s0], [Coupling(zero, 0, 0)], [d], damping=0.5, tol=0.01, max_steps=3)
+    assert capped.steps.tolist() == [3, 3, 1]
+    assert capped.residual[0] == pytest.approx(0.5 * 0.25 * 0.3)
+    reference = relax_reference([s0], [Coupling(zero, 0, 0)], [d], damping=0.5, tol=0.01,
+                                max_steps=50)
+    assert_same_result(result, reference, torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["looped", "tied", "untied"])
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_early_stop_matches_reference_per_sample(kind, schedule):
+    p = make_problem(kind, 9, torch.float64)
+    kw = dict(activation="tanh", damping=0.3, max_steps=200, tol=1e-6, schedule=schedule)
+    got = relax(p["states"], p["couplings"], p["drives"], **kw)
+    want = relax_reference(p["states"], p["couplings"], p["drives"], **kw)
+    assert_same_result(got, want, torch.float64)
+    assert (got.steps < 200).all() and len(set(got.steps.tolist())) > 1
+
+
+@pytest.mark.parametrize("kind", ["looped", "tied", "untied", "ring"])
+def test_free_state_is_a_fixed_point(kind):
+    p = make_problem(kind, 4, torch.float64)
+    result = relax(p["states"], p["couplings"], p["drives"], activation="tanh", damping=0.2,
+                   max_steps=2000, tol=1e-12, schedule="async")
+    assert (result.residual < 1e-12).all()
+    s = result.states
+    for layer, state in enumerate(s):
+        pre = p["drives"][layer] + sum(
+            s[c.source] @ (c.weight if c.transposed else c.weight.T)
+            for c in p["couplings"] if c.target == layer)
+        # A damped step moves by (1 - damping) * |F(s) - s|, which is below tol.
+        torch.testing.assert_close(torch.tanh(pre), state, atol=1e-11, rtol=0)
+
+
+def test_noncontiguous_inputs_give_the_same_result():
+    p = make_problem("tied", 6, torch.float32, readout=True, loss="cross_entropy")
+    kw = dict(beta=0.5, loss="cross_entropy", target=p["target"], max_steps=12,
+              readout_weight=p["readout_weight"])
+    want = relax(p["states"], p["couplings"], p["drives"], **kw)
+    states = [s.T.contiguous().T for s in p["states"]]
+    couplings = [Coupling(c.weight.T.contiguous().T, c.target, c.source, c.transposed)
+                 for c in p["couplings"]]
+    drives = [torch.cat([d, d], dim=-1)[..., ::2] if d.dim() == 2 else d for d in p["drives"]]
+    drives[0] = p["drives"][0].repeat(1, 2)[:, : p["drives"][0].shape[1]]
+    assert not states[0].is_contiguous() and not couplings[0].weight.is_contiguous()
+    got = relax(states, couplings, drives, **{**kw, "readout_weight": kw["readout_weight"].T.contiguous().T})
+    assert_same_result(got, want, torch.float32)
+
+
+def test_relax_does_not_modify_inputs_or_build_a_graph():
+    p = make_problem("tied", 3, torch.float64)
+    weights = [c.weight.requires_grad_() for c in p["couplings"]]
+    before = [s.clone() for s in p["states"]]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        result = relax(p["states"], p["couplings"], p["drives"], max_steps=20)
+    assert saved == []
+    assert all(not s.requires_grad and s.grad_fn is None for s in result.states)
+    for s, b in zip(p["states"], before):
+        assert torch.equal(s, b)
+    assert weights[0].grad is None
+
+
+def test_zero_steps_returns_the_initial_state():
+    p = make_problem("tied", 2, torch.float64)
+    result = relax(p["states"], p["couplings"], p["drives"], max_steps=0)
+    for s, s0 in zip(result.states, p["states"]):
+        assert torch.equal(s, s0)
+    assert result.steps.tolist() == [0, 0] and torch.isinf(result.residual).all()
+
+
+# --------------------------------------------------------------------------- hebbian vs reference
+def _phases(batch, n_post, n_pre, dtype, seed=0):
+    torch.manual_seed(seed)
+    return [torch.randn(batch, n, dtype=dtype) for n in (n_post, n_pre, n_post, n_pre)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 6])
+@pytest.mark.parametrize("post_activation,pre_activation",
+                         [("identity", "identity"), ("tanh", "hard_sigmoid"), ("sigmoid", "tanh")])
+@pytest.mark.parametrize("shared_pre", [False, True])
+def test_hebbian_matches_reference(dtype, batch, post_activation, pre_activation, shared_pre):
+    post_n, pre_n, post_f, pre_f = _phases(batch, 5, 3, dtype)
+    if shared_pre:
+        pre_f = pre_n
+    kw = dict(post_activation=post_activation, pre_activation=pre_activation)
+    grad_w, grad_b = hebbian_update(post_n, pre_n, post_f, pre_f, 0.3, **kw)
+    want_w, want_b = hebbian_update_reference(post_n, pre_n, post_f, pre_f, 0.3, **kw)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    torch.testing.assert_close(grad_w, want_w, **tol)
+    torch.testing.assert_close(grad_b, want_b, **tol)
+    # Accumulating into existing gradients adds the same update.
+    acc_w, acc_b = torch.ones(5, 3, dtype=dtype), torch.ones(5, dtype=dtype)
+    hebbian_update(post_n, pre_n, post_f, pre_f, 0.3, grad_weight=acc_w, grad_bias=acc_b, **kw)
+    torch.testing.assert_close(acc_w, want_w + 1, **tol)
+    torch.testing.assert_close(acc_b, want_b + 1, **tol)
+
+
+def test_hebbian_is_the_difference_of_the_energy_gradients():
+    """-1/(beta B) (dPhi/dtheta at the nudged phase - at the free phase), Phi by autograd."""
+    torch.manual_seed(1)
+    post_n, pre_n, post_f, pre_f = _phases(4, 5, 3, torch.float64)
+    weight = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+
+    def energy_gradients(post, pre):
+        phi = (torch.tanh(post) @ weight * torch.sigmoid(pre)).sum() + (torch.tanh(post) @ bias).sum()
+        return torch.autograd.grad(phi, (weight, bias))
+
+    beta = 0.2
+    (w_n, b_n), (w_f, b_f) = energy_gradients(post_n, pre_n), energy_gradients(post_f, pre_f)
+    # Phi above pairs row i of post with row i of pre through W: sum_b post_b^T W pre_b.
+    grad_w, grad_b = hebbian_update(post_n, pre_n, post_f, pre_f, beta, post_activation="tanh",
+                                    pre_activation="sigmoid")
+    torch.testing.assert_close(grad_w, -(w_n - w_f) / (beta * 4))
+    torch.testing.assert_close(grad_b, -(b_n - b_f) / (beta * 4))
+
+
+def test_hebbian_in_place_without_bias():
+    post_n, pre_n, post_f, pre_f = _phases(3, 4, 2, torch.float64)
+    acc = torch.zeros(4, 2, dtype=torch.float64)
+    out_w, out_b = hebbian_update(post_n, pre_n, post_f, pre_f, 1.0, grad_weight=acc)
+    assert out_w is acc and out_b is None
+    torch.testing.assert_close(acc, hebbian_update_reference(post_n, pre_n, post_f, pre_f, 1.0)[0])
+
+
+# --------------------------------------------------------------------------- opcheck and compile
+def _relax_args(problem, **overrides):
+    c = problem["couplings"]
+    kwargs = dict(activation="tanh", damping=0.1, max_steps=5, tol=0.0, schedule="async",
+                  beta=0.3, loss=problem["loss"], target=problem["target"],
+                  readout_weight=problem.get("readout_weight"),
+                  readout_bias=problem.get("readout_bias"))
+    kwargs.update(overrides)
+    args = (problem["states"], problem["drives"], [x.weight for x in c], [x.target for x in c],
+            [x.source for x in c], [x.transposed for x in c])
+    return args, kwargs
+
+
+@pytest.mark.parametrize("kind,readout,loss", [("looped", False, "mse"), ("tied", True, "cross_entropy"),
+                                               ("untied", False, "gradient")])
+def test_opcheck_relax(kind, readout, loss):
+    p = make_problem(kind, 3, torch.float64, readout=readout, loss=loss)
+    args, kwargs = _relax_args(p)
+    torch.library.opcheck(torch.ops.toreq.relax.default, args, kwargs)
+
+
+@pytest.mark.parametrize("shared_pre", [False, True])
+def test_opcheck_hebbian(shared_pre):
+    post_n, pre_n, post_f, pre_f = _phases(4, 5, 3, torch.float64)
+    if shared_pre:
+        pre_f = pre_n
+    torch.library.opcheck(torch.ops.toreq.hebbian_update.default,
+                          (post_n, pre_n, post_f, pre_f, 0.5, "tanh", "identity"))
+    grad_w, grad_b = torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.toreq.hebbian_update_.default,
+                          (post_n, pre_n, post_f, pre_f, 0.5, "tanh", "identity", grad_w, grad_b))
+
+
+def test_compiled_eqprop_step_matches_eager():
+    """A whole EqProp gradient computation compiles with fullgraph=True (no graph breaks)."""
+    p = make_problem("tied", 4, torch.float32, readout=False)
+    weights = [p["couplings"][0].weight, p["couplings"][2].weight]
+
+    def eqprop_grads(x_drive, target):
+        drives = [x_drive, None, None]
+        couplings = layered_couplings(weights)
+        free = relax(p["states"], couplings, drives, max_steps=8)
+        nudged = relax(free.states, couplings, drives, max_steps=4, beta=0.5, target=target)
+        return [hebbian_update(nudged.states[i + 1], nudged.states[i], free.states[i + 1],
+                               free.states[i], 0.5)[0] for i in range(2)]
+
+    eager = eqprop_grads(p["drives"][0], p["target"])
+    compiled = torch.compile(eqprop_grads, fullgraph=True, backend="aot_eager")(p["drives"][0], p["target"])
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- bad input
+BAD_RELAX = [
+    ("states", lambda a, k: ([a[0][0].unsqueeze(0)] + a[0][1:],), "states\\[0\\] must be 2-D"),
+    ("states", lambda a, k: ([a[0][0].float()] + a[0][1:],), "states\\[0\\] .*float32|states\\[1\\] has dtype"),
+    ("states", lambda a, k: ([a[0][0], a[0][1][:2], a[0][2]],), "states\\[1\\] has batch 2"),
+    ("drives", lambda a, k: ((a[1][:1]),), "drives must be empty or hold one entry"),
+    ("drives", lambda a, k: ([a[1][0][:, :2]] + a[1][1:],), "drives\\[0\\] must have shape"),
+    ("weights", lambda a, k: ([a[2][0].T] + a[2][1:],), "weights\\[0\\] couples layer 0"),
+    ("targets", lambda a, k: ([7] + a[3][1:],), "targets\\[0\\] = 7 is not a layer index"),
+    ("sources", lambda a, k: ([-1] + a[4][1:],), "sources\\[0\\] = -1"),
+    ("transposed", lambda a, k: (a[5][:-1],), "equal lengths"),
+]
+BAD_RELAX_KW = [
+    (dict(activation="relu"), "activation must be one of"),
+    (dict(damping=1.0), "damping is the weight of the old state"),
+    (dict(damping=-0.1), "damping"),
+    (dict(max_steps=-1), "max_steps must be >= 0"),
+    (dict(tol=-1e-3), "tol must be finite and >= 0"),
+    (dict(tol=float("nan")), "tol must be finite"),
+    (dict(beta=float("inf")), "beta must be finite"),
+    (dict(schedule="random"), "schedule must be 'sync' or 'async'"),
+    (dict(loss="hinge"), "loss must be 'mse', 'cross_entropy' or 'gradient'"),
+    (dict(target=None), "target is required"),
+    (dict(target=torch.zeros(3, 2, dtype=torch.float64)), "target must have shape \\(3, 4\\)"),
+    (dict(readout_weight=torch.zeros(4, 2, dtype=torch.float64)), "readout_weight must have shape"),
+    (dict(readout_bias=torch.zeros(2, dtype=torch.float64)), "readout_bias must have shape \\(4,\\)"),
+    (dict(readout_weight=torch.zeros(4, 5, dtype=torch.float32)), "readout_weight has dtype"),
+]
+
+
+@pytest.mark.parametrize("argument,mutate,message", BAD_RELAX)
+def test_relax_rejects_bad_arguments(argument, mutate, message):
+    p = make_problem("tied", 3, torch.float64, readout=True, loss="cross_entropy")
+    args, kwargs = _relax_args(p)
+    index = ["states", "drives", "weights", "targets", "sources", "transposed"].index(argument)
+    args = list(args)
+    args[index] = mutate(args, kwargs)[0]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.toreq.relax(*args, **kwargs)
+
+
+@pytest.mark.parametrize("override,message", BAD_RELAX_KW)
+def test_relax_rejects_bad_options(override, message):
+    p = make_problem("tied", 3, torch.float64, readout=True, loss="cross_entropy")
+    args, kwargs = _relax_args(p, **override)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.toreq.relax(*args, **kwargs)
+
+
+def test_relax_names_a_non_finite_input():
+    p = make_problem("tied", 3, torch.float64)
+    p["drives"][0][1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="step 1 in 1 of 3 samples because drives\\[0\\] holds NaN"):
+        relax(p["states"], p["couplings"], p["drives"], max_steps=5)
+
+
+def test_relax_reports_divergence_from_finite_inputs():
+    # Finite but huge readout weights overflow the logits: softmax(inf) is NaN.
+    p = make_problem("tied", 2, torch.float32, readout=True, loss="cross_entropy")
+    huge = torch.full_like(p["readout_weight"], 3e38)
+    with pytest.raises(RuntimeError, match="diverged .* although every input is finite. Lower beta"):
+        relax(p["states"], p["couplings"], p["drives"], beta=0.5, loss="cross_entropy",
+              target=p["target"], readout_weight=huge, max_steps=5)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda t: hebbian_update(t[0][:, :, None], *t[1:], 0.1), "post_nudged .*must be 2-D"),
+    (lambda t: hebbian_update(t[0], t[1], t[2][:, :2], t[3], 0.1), "post_free has shape"),
+    (lambda t: hebbian_update(t[0], t[1][:2], t[2], t[3], 0.1), "pre_nudged has batch 2"),
+    (lambda t: hebbian_update(t[0], t[1], t[2], t[3][:, :1], 0.1), "pre_free has shape"),
+    (lambda t: hebbian_update(t[0], t[1].float(), t[2], t[3], 0.1), "pre_nudged has dtype"),
+    (lambda t: hebbian_update(*t, 0.0), "beta must be finite and non-zero"),
+    (lambda t: hebbian_update(*t, float("nan")), "beta must be finite and non-zero"),
+    (lambda t: hebbian_update(*t, 0.1, post_activation="relu"), "post_activation must be one of"),
+    (lambda t: hebbian_update(*(x[:0] for x in t), 0.1), "the batch is empty"),
+    (lambda t: hebbian_update(*t, 0.1, grad_weight=torch.zeros(3, 5, dtype=torch.float64)),
+     "grad_weight must have shape \\(5, 3\\)"),
+    (lambda t: hebbian_update(*t, 0.1, grad_weight=torch.zeros(5, 3)), "grad_weight must be Double"),
+    (lambda t: hebbian_update(*t, 0.1, grad_weight=torch.zeros(5, 3, dtype=torch.float64),
+                              grad_bias=torch.zeros(3, dtype=torch.float64)), "grad_bias must have shape"),
+    (lambda t: hebbian_update(*(x.long() for x in t), 0.1), "float32 or float64"),
+])
+def test_hebbian_rejects_bad_arguments(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call(_phases(4, 5, 3, torch.float64))
