@@ -5,7 +5,14 @@
 """
 
 from toreq.ops.hebbian import hebbian_update, hebbian_update_reference
-from toreq.ops.relax import Coupling, RelaxResult, layered_couplings, relax, relax_reference
+from toreq.ops.relax import (
+    Coupling,
+    RelaxResult,
+    layered_couplings,
+    relax,
+    relax_reference,
+    relax_step,
+)
 
 __all__ = [
     "Coupling",
@@ -15,4 +22,5 @@ __all__ = [
     "layered_couplings",
     "relax",
     "relax_reference",
+    "relax_step",
 ]

@@ -62,7 +62,9 @@ from torch import Tensor
 
 from toreq.ops._dispatch import has_kernel
 
-__all__ = ["Coupling", "RelaxResult", "layered_couplings", "relax", "relax_reference"]
+__all__ = [
+    "Coupling", "RelaxResult", "layered_couplings", "relax", "relax_reference", "relax_step",
+]
 
 ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid")
 
@@ -211,76 +213,95 @@ def _activate(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"unknown activation '{name}'")
 
 
-def relax_reference(
+def relax_step(
     states: Sequence[Tensor],
     couplings: Sequence[Coupling],
     drives: Sequence[Tensor | None] | None = None,
     *,
     activation: str = "hard_sigmoid",
     damping: float = 0.0,
-    max_steps: int = 30,
-    tol: float = 0.0,
     schedule: str = "sync",
     beta: float = 0.0,
     loss: str = "mse",
     target: Tensor | None = None,
     readout_weight: Tensor | None = None,
     readout_bias: Tensor | None = None,
-) -> RelaxResult:
-    """Pure-PyTorch reference of :func:`relax`: the same dynamics, one Python step at a time.
+) -> list[Tensor]:
+    """One step of the dynamics of :func:`relax` for every sample, differentiable.
 
-    Used by the tests, and where no compiled kernel exists for the device. It expects valid
-    arguments (the compiled op checks them) and ``target`` already as rows, not labels.
+    This is the map ``s <- F(s)`` whose fixed point :func:`relax` finds: plain PyTorch, so
+    autograd can unroll it (backprop through time, the baseline EqProp is compared with) and
+    take vector-Jacobian products of it. ``target`` must be rows, not class labels.
+    """
+    s = list(states)
+    num_layers = len(s)
+    drives = list(drives or [None] * num_layers)
+    if schedule == "sync":
+        groups = [list(range(num_layers))]
+    else:
+        groups = [g for g in (list(range(0, num_layers, 2)), list(range(1, num_layers, 2))) if g]
+
+    def preactivation(layer: int) -> Tensor:
+        pre = torch.zeros_like(s[layer]) if drives[layer] is None else drives[layer].expand_as(s[layer])
+        for c in couplings:
+            if c.target == layer:
+                pre = pre + s[c.source] @ (c.weight if c.transposed else c.weight.T)
+        if beta == 0.0 or layer != num_layers - 1:
+            return pre
+        if loss == "gradient":
+            return pre - beta * target
+        out = s[layer]
+        if readout_weight is not None:
+            out = out @ readout_weight.T
+            if readout_bias is not None:
+                out = out + readout_bias
+        if loss == "cross_entropy":
+            out = torch.softmax(out, dim=1)
+        error = out - target
+        if readout_weight is not None:
+            error = error @ readout_weight
+        return pre - beta * error
+
+    for group in groups:
+        pres = {layer: preactivation(layer) for layer in group}
+        for layer in group:
+            s[layer] = damping * s[layer] + (1.0 - damping) * _activate(activation, pres[layer])
+    return s
+
+
+def relax_reference(
+    states: Sequence[Tensor],
+    couplings: Sequence[Coupling],
+    drives: Sequence[Tensor | None] | None = None,
+    *,
+    max_steps: int = 30,
+    tol: float = 0.0,
+    **dynamics,
+) -> RelaxResult:
+    """Pure-PyTorch reference of :func:`relax`: :func:`relax_step` repeated, in Python.
+
+    Takes the same arguments as :func:`relax`. Used by the tests, and where no compiled kernel
+    exists for the device. It expects valid arguments (the compiled op checks them) and
+    ``target`` as rows, not labels. Samples never interact, so masking whole steps gives the
+    same per-sample result as the kernels' masked updates.
     """
     with torch.no_grad():
         s = [x.clone() for x in states]
-        num_layers, batch = len(s), s[0].shape[0]
-        drives = list(drives or [None] * num_layers)
-        if schedule == "sync":
-            groups = [list(range(num_layers))]
-        else:
-            groups = [g for g in (list(range(0, num_layers, 2)), list(range(1, num_layers, 2))) if g]
-
-        def preactivation(layer: int) -> Tensor:
-            pre = torch.zeros_like(s[layer])
-            if drives[layer] is not None:
-                pre = pre + drives[layer]
-            for c in couplings:
-                if c.target == layer:
-                    matrix = c.weight if c.transposed else c.weight.T
-                    pre = pre + s[c.source] @ matrix
-            if beta != 0.0 and layer == num_layers - 1:
-                if loss == "gradient":
-                    return pre - beta * target
-                out = s[layer]
-                if readout_weight is not None:
-                    out = out @ readout_weight.T
-                    if readout_bias is not None:
-                        out = out + readout_bias
-                if loss == "cross_entropy":
-                    out = torch.softmax(out, dim=1)
-                error = out - target
-                if readout_weight is not None:
-                    error = error @ readout_weight
-                pre = pre - beta * error
-            return pre
-
-        active = torch.ones(batch, dtype=torch.bool, device=s[0].device)
-        steps = torch.zeros(batch, dtype=torch.long, device=s[0].device)
-        residual = torch.full((batch,), float("inf"), dtype=s[0].dtype, device=s[0].device)
+        batch, like = s[0].shape[0], s[0]
+        active = torch.ones(batch, dtype=torch.bool, device=like.device)
+        steps = torch.zeros(batch, dtype=torch.long, device=like.device)
+        residual = torch.full((batch,), float("inf"), dtype=like.dtype, device=like.device)
         for step in range(1, max_steps + 1):
             if not bool(active.any()):
                 break
-            change = torch.zeros(batch, dtype=s[0].dtype, device=s[0].device)
-            nonfinite = torch.zeros(batch, dtype=torch.bool, device=s[0].device)
-            for group in groups:
-                pres = {layer: preactivation(layer) for layer in group}
-                for layer in group:
-                    new = damping * s[layer] + (1.0 - damping) * _activate(activation, pres[layer])
-                    if new.shape[1] > 0:
-                        change = torch.maximum(change, (new - s[layer]).abs().amax(dim=1))
-                        nonfinite |= ~torch.isfinite(new).all(dim=1)
-                    s[layer] = torch.where(active.unsqueeze(1), new, s[layer])
+            new = relax_step(s, couplings, drives, **dynamics)
+            change = torch.zeros(batch, dtype=like.dtype, device=like.device)
+            nonfinite = torch.zeros(batch, dtype=torch.bool, device=like.device)
+            for layer in range(len(s)):
+                if s[layer].shape[1] > 0:
+                    change = torch.maximum(change, (new[layer] - s[layer]).abs().amax(dim=1))
+                    nonfinite |= ~torch.isfinite(new[layer]).all(dim=1)
+                s[layer] = torch.where(active.unsqueeze(1), new[layer], s[layer])
             bad = int((nonfinite & active).sum())
             if bad:
                 raise RuntimeError(

@@ -1,0 +1,155 @@
+"""toreq's layered equilibrium models (their equations are in each class's docstring)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from toreq.nn.equilibrium import EquilibriumModel, Network
+from toreq.ops import Coupling
+from toreq import utils
+
+__all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "ToroidalMLP"]
+
+
+class LoopedMLP(EquilibriumModel):
+    """One recurrent hidden layer iterated to equilibrium, with a readout.
+
+    .. math::  h \\leftarrow \\gamma h + (1-\\gamma)\\,\\rho(U x + c\\, W h + b), \\qquad o = R h^* + r
+
+    ``W`` is spectrally normalised (``spectral_norm=True``) and scaled by ``recurrent_scale``
+    (``c`` above) so that the map contracts; with ``symmetric=True`` (default) ``W = (A + A^T)/2``
+    and EqProp's vector-field gradient is exact (up to O(beta^2) with symmetric nudging);
+    without it, it is an approximation whose quality falls as ``W`` departs from symmetry.
+
+    Args:
+        input_dim, hidden_dim, output_dim: layer sizes.
+        activation: the hidden activation rho.
+        symmetric: parametrize ``W`` symmetric.
+        spectral_norm: normalise ``W`` to spectral norm 1 before scaling.
+        recurrent_scale: the spectral norm the recurrent weight is scaled to.
+        loss: ``"cross_entropy"`` or ``"mse"`` on the readout.
+        max_steps, tol, damping: the free relaxation.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, *,
+                 activation: str = "tanh", symmetric: bool = True, spectral_norm: bool = True,
+                 recurrent_scale: float = 0.9, loss: str = "cross_entropy", max_steps: int = 30,
+                 tol: float = 1e-4, damping: float = 0.0) -> None:
+        super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
+                         damping=damping, schedule="sync")
+        self.input = nn.Linear(input_dim, hidden_dim)
+        self.recurrent = nn.Linear(hidden_dim, hidden_dim, bias=False)
+        self.readout = nn.Linear(hidden_dim, output_dim)
+        self.symmetric, self.recurrent_scale = symmetric, recurrent_scale
+        if symmetric:
+            utils.symmetric(self.recurrent)
+        if spectral_norm:
+            utils.spectral_norm(self.recurrent)
+
+    @property
+    def gradient_regime(self) -> str:
+        """``"exact"`` where EqProp's gradient equals backprop's as beta -> 0, else ``"approximate"``."""
+        return "exact" if self.symmetric else "approximate"
+
+    def network(self, x: Tensor) -> Network:
+        w = self.recurrent_scale * self.recurrent.weight
+        return Network([Coupling(w, 0, 0)], [self.input(x)], self.readout.weight,
+                       self.readout.bias, [self.recurrent.in_features])
+
+
+class ToroidalMLP(EquilibriumModel):
+    """A ring of hidden layers relaxed jointly, the last feeding back into the first.
+
+    .. math::  h_0 \\leftarrow \\rho(U x + c\\, W_{K-1 \\to 0} h_{K-1} + b_0), \\qquad
+               h_k \\leftarrow \\rho(c\\, W_{k-1 \\to k} h_{k-1} + b_k), \\qquad o = R h_{K-1}^* + r
+
+    Every ring weight is spectrally normalised and scaled by ``recurrent_scale``. The couplings
+    are one-directional, so EqProp here is the vector-field approximation (``"approximate"``).
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, *, num_layers: int = 3,
+                 activation: str = "tanh", spectral_norm: bool = True,
+                 recurrent_scale: float = 0.9, loss: str = "cross_entropy", max_steps: int = 40,
+                 tol: float = 1e-4, damping: float = 0.0) -> None:
+        super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
+                         damping=damping, schedule="sync")
+        if num_layers < 2:
+            raise ValueError(f"a ring needs num_layers >= 2, got {num_layers}")
+        self.input = nn.Linear(input_dim, hidden_dim)
+        self.ring = nn.ModuleList(nn.Linear(hidden_dim, hidden_dim, bias=k > 0)
+                                  for k in range(num_layers))
+        self.readout = nn.Linear(hidden_dim, output_dim)
+        self.recurrent_scale = recurrent_scale
+        if spectral_norm:
+            for layer in self.ring:
+                utils.spectral_norm(layer)
+
+    gradient_regime = "approximate"
+
+    def network(self, x: Tensor) -> Network:
+        k = len(self.ring)
+        couplings = [Coupling(self.recurrent_scale * layer.weight, (i + 1) % k, i)
+                     for i, layer in enumerate(self.ring)]
+        drives = [self.input(x)] + [layer.bias for layer in self.ring[1:]]
+        return Network(couplings, drives, self.readout.weight, self.readout.bias,
+                       [self.input.out_features] * k)
+
+
+class EPMLP(EquilibriumModel):
+    """The canonical layered energy-based network (Scellier & Bengio 2017; Ernoult et al. 2019).
+
+    Hidden layers ``s_1 .. s_L`` with tied, symmetric connections; the input clamps ``s_0 = x``:
+
+    .. math::  s_l \\leftarrow \\rho(W_l s_{l-1} + W_{l+1}^\\top s_{l+1} + b_l),
+
+    the energy's primitive being ``Phi = sum_l s_l^T W_l s_{l-1} + b_l^T s_l``. With
+    ``loss="mse"`` (default) the last layer is the output layer (``output_dim`` units) and is
+    nudged toward the one-hot target; with ``loss="cross_entropy"`` a feedforward readout reads
+    the last hidden layer (Laborieux et al. 2021). EqProp's contrastive Hebbian update is exact
+    here as beta -> 0 (``"exact"``). The ``"async"`` schedule (even, then odd layers) is the
+    default: it needs far fewer steps than the synchronous one.
+    """
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
+                 activation: str = "hard_sigmoid", loss: str = "mse", max_steps: int = 40,
+                 tol: float = 1e-4, damping: float = 0.0, schedule: str = "async") -> None:
+        super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
+                         damping=damping, schedule=schedule)
+        widths = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
+        if not widths:
+            raise ValueError("EPMLP needs at least one hidden layer or loss='mse'")
+        self.input = nn.Linear(input_dim, widths[0])
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.readout = nn.Linear(widths[-1], output_dim) if loss == "cross_entropy" else None
+        self.widths = widths
+
+    gradient_regime = "exact"
+
+    def network(self, x: Tensor) -> Network:
+        couplings = []
+        for i, layer in enumerate(self.layers):
+            couplings += [Coupling(layer.weight, i + 1, i),
+                          Coupling(layer.weight, i, i + 1, transposed=True)]
+        drives = [self.input(x)] + [layer.bias for layer in self.layers]
+        readout = (None, None) if self.readout is None else (self.readout.weight, self.readout.bias)
+        return Network(couplings, drives, *readout, list(self.widths))
+
+
+class FeedforwardMLP(nn.Module):
+    """A plain feedforward MLP: the backprop baseline of matched size."""
+
+    def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
+                 activation: str = "tanh") -> None:
+        super().__init__()
+        acts = {"tanh": nn.Tanh, "hard_sigmoid": lambda: nn.Hardtanh(0.0, 1.0),
+                "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+        layers: list[nn.Module] = []
+        for a, b in zip([input_dim, *hidden_dims], hidden_dims):
+            layers += [nn.Linear(a, b), acts[activation]()]
+        layers.append(nn.Linear(([input_dim, *hidden_dims])[-1], output_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
