@@ -140,11 +140,11 @@ class BPTTTrainer:
         output = self.model.output(states, net)
         loss = self.model.loss(output, y)
         if not torch.isfinite(loss):
-            raise _diverged(f"the loss is {float(loss)}", self)
+            raise _diverged(f"the loss is {loss.item()}", self)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss), "accuracy": _accuracy(output.detach(), y),
+        return {"loss": loss.item(), "accuracy": _accuracy(output.detach(), y),
                 "free_steps_mean": float(self.steps), "free_steps_max": self.steps}
 
 
@@ -159,11 +159,11 @@ class BackpropTrainer:
         output = self.model(x)
         loss = nn.functional.cross_entropy(output, y)
         if not torch.isfinite(loss):
-            raise _diverged(f"the loss is {float(loss)}", self)
+            raise _diverged(f"the loss is {loss.item()}", self)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss), "accuracy": _accuracy(output.detach(), y)}
+        return {"loss": loss.item(), "accuracy": _accuracy(output.detach(), y)}
 
 
 @torch.no_grad()

@@ -1,0 +1,467 @@
+"""toreq's CUDA kernels against the CPU kernels and the pure-PyTorch references.
+
+Every test here needs a CUDA device *and* a build of toreq with its CUDA kernels; elsewhere the
+whole module is skipped. Problems are built on the CPU with a fixed seed and copied to the GPU,
+so the CPU kernel, the CUDA kernel and the references all see the same numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toreq.ops import (
+    Coupling,
+    hebbian_update,
+    hebbian_update_reference,
+    layered_couplings,
+    relax,
+    relax_reference,
+)
+from toreq.ops._dispatch import has_kernel
+from toreq.ops.relax import _labels_to_rows
+
+HAS_CUDA_KERNELS = (
+    torch.cuda.is_available()
+    and has_kernel("relax", "cuda")
+    and has_kernel("hebbian_update", "cuda")
+    and has_kernel("hebbian_update_", "cuda")
+)
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not HAS_CUDA_KERNELS,
+                       reason="needs a CUDA device and a toreq build with its CUDA kernels"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _ieee_matmul():
+    """cuBLAS in full float32 precision (no TF32), so GPU and CPU GEMMs agree to rounding."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+def _tolerances(dtype: torch.dtype) -> dict:
+    # GEMMs summed in another order, FMA contraction and the device's tanh/exp differ from the
+    # CPU by a few ulps; the contracting dynamics keep those from growing.
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-11)
+
+
+def _scaled(rows: int, cols: int, dtype: torch.dtype, norm: float = 0.5) -> torch.Tensor:
+    """A random matrix with spectral norm `norm`, so the dynamics contract."""
+    w = torch.randn(rows, cols, dtype=dtype)
+    return w * (norm / torch.linalg.matrix_norm(w, ord=2))
+
+
+WIDTHS = {"looped": [9], "tied": [7, 6, 5], "untied": [7, 6, 5], "ring": [7, 6, 5],
+          # Rows longer than one CUDA block (256 threads) and widths that are not warp multiples.
+          "wide": [300, 257, 33]}
+
+
+def make_problem(kind: str, batch: int, dtype: torch.dtype, *, readout: bool = False,
+                 loss: str = "mse", seed: int = 0) -> dict:
+    """A random network of the given kind on the CPU, as keyword arguments of relax()."""
+    torch.manual_seed(seed)
+    widths = WIDTHS[kind]
+    if kind == "looped":
+        couplings = [Coupling(_scaled(9, 9, dtype), 0, 0)]
+    else:
+        weights = [_scaled(widths[1], widths[0], dtype), _scaled(widths[2], widths[1], dtype)]
+        feedback = (None if kind in ("tied", "wide")
+                    else [_scaled(widths[0], widths[1], dtype), _scaled(widths[1], widths[2], dtype)])
+        couplings = layered_couplings(weights, feedback)
+        if kind == "ring":
+            couplings.append(Coupling(_scaled(widths[0], widths[2], dtype, 0.3), 0, 2))
+    states = [torch.rand(batch, n, dtype=dtype) for n in widths]
+    drives = [torch.randn(batch, widths[0], dtype=dtype)] + [
+        torch.randn(n, dtype=dtype) * 0.1 for n in widths[1:]]
+    n_out = 4 if readout else widths[-1]
+    problem = dict(states=states, couplings=couplings, drives=drives, loss=loss)
+    if readout:
+        problem["readout_weight"] = torch.randn(n_out, widths[-1], dtype=dtype) * 0.5
+        problem["readout_bias"] = torch.randn(n_out, dtype=dtype) * 0.1
+    if loss == "gradient":
+        problem["target"] = torch.randn(batch, widths[-1], dtype=dtype)
+    else:
+        problem["target"] = _labels_to_rows(torch.randint(0, n_out, (batch,)), loss, n_out, dtype)
+    return problem
+
+
+def to_device(problem: dict, device="cuda") -> dict:
+    moved = {}
+    for key, value in problem.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        elif key == "couplings":
+            moved[key] = [Coupling(c.weight.to(device), c.target, c.source, c.transposed)
+                          for c in value]
+        elif isinstance(value, list):
+            moved[key] = [None if v is None else v.to(device) for v in value]
+        else:
+            moved[key] = value
+    return moved
+
+
+def run_relax(problem: dict, fn=relax, **kwargs):
+    return fn(problem["states"], problem["couplings"], problem["drives"], **kwargs)
+
+
+def nudge_kwargs(problem: dict) -> dict:
+    return dict(loss=problem["loss"], target=problem["target"],
+                readout_weight=problem.get("readout_weight"),
+                readout_bias=problem.get("readout_bias"))
+
+
+def assert_same_result(result, expected, dtype, device):
+    """Equal step counts, and states and residuals equal up to rounding, compared on `device`."""
+    tol = _tolerances(dtype)
+    assert len(result.states) == len(expected.states)
+    for got, want in zip(result.states, expected.states):
+        assert got.device == torch.device(device) and got.dtype == dtype and got.is_contiguous()
+        torch.testing.assert_close(got, want.to(got.device), **tol)
+    assert result.steps.device == torch.device(device) and result.steps.dtype == torch.long
+    assert result.steps.cpu().tolist() == expected.steps.cpu().tolist()
+    assert result.residual.device == torch.device(device) and result.residual.dtype == dtype
+    torch.testing.assert_close(result.residual, expected.residual.to(result.residual.device),
+                               **tol)
+
+
+def check_relax_parity(problem: dict, dtype: torch.dtype, device="cuda", **kwargs):
+    """The CUDA kernel against the CPU kernel and against the reference run on the GPU.
+
+    `problem` and the tensors in `kwargs` are on the CPU; they are copied to `device`.
+    """
+    on_gpu = to_device(problem, device)
+    gpu_kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in kwargs.items()}
+    got = run_relax(on_gpu, **gpu_kwargs)
+    assert_same_result(got, run_relax(problem, **kwargs), dtype, device)
+    assert_same_result(got, run_relax(on_gpu, relax_reference, **gpu_kwargs), dtype, device)
+    return got
+
+
+# --------------------------------------------------------------------------- relax
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["looped", "tied", "untied", "ring"])
+@pytest.mark.parametrize("batch", [1, 7, 33])
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_free_phase_matches_cpu_and_reference(dtype, kind, batch, schedule):
+    p = make_problem(kind, batch, dtype)
+    for damping, activation in [(0.0, "hard_sigmoid"), (0.4, "tanh"), (0.2, "sigmoid")]:
+        got = check_relax_parity(p, dtype, activation=activation, damping=damping, max_steps=25,
+                                 schedule=schedule)
+        assert got.steps.tolist() == [25] * batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_wide_layers_and_large_batch(dtype, schedule):
+    # 300 and 257 units take a block several passes per row; 4099 rows exceed the kernel's
+    # block count, so blocks also take several rows.
+    p = make_problem("wide", 4099, dtype, readout=True, loss="cross_entropy")
+    check_relax_parity(p, dtype, activation="sigmoid", damping=0.3, max_steps=11,
+                       schedule=schedule, beta=0.4, **nudge_kwargs(p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["looped", "tied", "untied"])
+@pytest.mark.parametrize("loss,readout", [("mse", False), ("mse", True), ("cross_entropy", True),
+                                          ("cross_entropy", False), ("gradient", False)])
+@pytest.mark.parametrize("damping", [0.0, 0.25])
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_nudged_phase_matches_cpu_and_reference(dtype, kind, loss, readout, damping, schedule):
+    p = make_problem(kind, 5, dtype, readout=readout, loss=loss)
+    for beta in (0.5, -0.5):
+        got = check_relax_parity(p, dtype, activation="tanh", damping=damping, max_steps=15,
+                                 schedule=schedule, beta=beta, **nudge_kwargs(p))
+        free = run_relax(to_device(p), activation="tanh", damping=damping, max_steps=15,
+                         schedule=schedule)
+        assert not torch.allclose(got.states[-1], free.states[-1]), "the nudge had no effect"
+
+
+def test_class_labels_are_one_hot_targets():
+    p = to_device(make_problem("tied", 6, torch.float64, readout=True, loss="cross_entropy"))
+    labels = p["target"].argmax(dim=1)
+    kw = dict(beta=0.3, loss="cross_entropy", readout_weight=p["readout_weight"], max_steps=10)
+    by_label = run_relax(p, target=labels, **kw)
+    by_rows = run_relax(p, target=p["target"], **kw)
+    assert_same_result(by_label, by_rows, torch.float64, "cuda")
+
+
+@pytest.mark.parametrize("kind", ["looped", "tied", "untied", "ring"])
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+@pytest.mark.parametrize("batch", [1, 9])
+def test_early_stop_matches_cpu_and_reference_per_sample(kind, schedule, batch):
+    p = make_problem(kind, batch, torch.float64)
+    got = check_relax_parity(p, torch.float64, activation="tanh", damping=0.3, max_steps=200,
+                             tol=1e-6, schedule=schedule)
+    assert (got.steps < 200).all()
+    if batch > 1:
+        assert len(set(got.steps.tolist())) > 1
+
+
+def test_early_stop_across_check_windows_is_exact():
+    # No coupling, damping 1/2, drive d = 1/2 and s0 = d + 2^-a: the state halves its distance to
+    # d each step, exactly, so step t changes it by 2^-(a+t), which drops below tol = 2^-20 first
+    # at t = 21 - a. The chosen a put the stops inside, at the end of and past the kernel's
+    # 8-step check windows; steps run after a sample stopped must leave it untouched.
+    exponents = [None, 16, 13, 12, 5, 4]  # None: s0 = d, converged at step 1
+    expected_steps = [1, 5, 8, 9, 16, 17]
+    d = torch.full((len(exponents), 1), 0.5, dtype=torch.float64)
+    offsets = torch.tensor([[0.0 if a is None else 2.0 ** -a] for a in exponents],
+                           dtype=torch.float64)
+    s0 = d + offsets
+    zero = torch.zeros(1, 1, dtype=torch.float64)
+    for device in ("cpu", "cuda"):
+        args = ([s0.to(device)], [Coupling(zero.to(device), 0, 0)], [d.to(device)])
+        result = relax(*args, damping=0.5, tol=2.0 ** -20, max_steps=50)
+        assert result.steps.tolist() == expected_steps, device
+        want_residual = [0.0] + [2.0 ** -21] * (len(exponents) - 1)
+        assert result.residual.tolist() == want_residual, device
+        want_state = [0.5] + [0.5 + 2.0 ** -21] * (len(exponents) - 1)
+        assert result.states[0].squeeze(1).tolist() == want_state, device
+        capped = relax(*args, damping=0.5, tol=2.0 ** -20, max_steps=9)
+        assert capped.steps.tolist() == [1, 5, 8, 9, 9, 9], device
+
+
+def test_zero_steps_and_empty_batch():
+    p = to_device(make_problem("tied", 2, torch.float64))
+    result = run_relax(p, max_steps=0)
+    for s, s0 in zip(result.states, p["states"]):
+        assert torch.equal(s, s0) and s.device == s0.device
+    assert result.steps.tolist() == [0, 0] and torch.isinf(result.residual).all()
+    empty = to_device(make_problem("tied", 0, torch.float64))
+    result = run_relax(empty, max_steps=5)
+    assert [s.shape for s in result.states] == [s.shape for s in empty["states"]]
+    assert result.steps.shape == (0,) and result.residual.shape == (0,)
+
+
+def test_noncontiguous_inputs_give_the_same_result():
+    p = make_problem("tied", 6, torch.float32, readout=True, loss="cross_entropy")
+    kw = dict(beta=0.5, max_steps=12, **nudge_kwargs(p))
+    want = run_relax(p, **kw)
+    g = to_device(p)
+    states = [s.T.contiguous().T for s in g["states"]]
+    couplings = [Coupling(c.weight.T.contiguous().T, c.target, c.source, c.transposed)
+                 for c in g["couplings"]]
+    drives = [g["drives"][0].repeat(1, 2)[:, : g["drives"][0].shape[1]]] + g["drives"][1:]
+    assert not states[0].is_contiguous() and not couplings[0].weight.is_contiguous()
+    assert not drives[0].is_contiguous()
+    got = relax(states, couplings, drives, beta=0.5, max_steps=12,
+                **{**nudge_kwargs(g), "readout_weight": g["readout_weight"].T.contiguous().T})
+    assert_same_result(got, want, torch.float32, "cuda")
+
+
+def test_relax_does_not_modify_inputs():
+    p = to_device(make_problem("tied", 3, torch.float64))
+    before = [s.clone() for s in p["states"]]
+    result = run_relax(p, max_steps=20)
+    for s, b, out in zip(p["states"], before, result.states):
+        assert torch.equal(s, b) and out.data_ptr() != s.data_ptr()
+
+
+def test_relax_runs_on_the_current_stream():
+    p = make_problem("untied", 17, torch.float32, readout=True, loss="mse")
+    want = run_relax(p, beta=0.2, max_steps=20, **nudge_kwargs(p))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        # Made, used and read on the side stream: correct only if every kernel of the op is
+        # ordered on it (the default stream is not synchronised with it here).
+        g = to_device(p)
+        got = run_relax(g, beta=0.2, max_steps=20, **nudge_kwargs(g))
+        states = [s.cpu() for s in got.states]
+        steps, residual = got.steps.cpu(), got.residual.cpu()
+    stream.synchronize()
+    for a, b in zip(states, want.states):
+        torch.testing.assert_close(a, b, **_tolerances(torch.float32))
+    assert steps.tolist() == want.steps.tolist()
+    torch.testing.assert_close(residual, want.residual, **_tolerances(torch.float32))
+
+
+# --------------------------------------------------------------------------- non-finite states
+def test_relax_names_a_non_finite_input():
+    p = make_problem("tied", 3, torch.float64)
+    p["drives"][0][1, 2] = float("nan")
+    message = "step 1 in 1 of 3 samples because drives\\[0\\] holds NaN"
+    with pytest.raises(RuntimeError, match=message):
+        run_relax(to_device(p), max_steps=5)
+    with pytest.raises(RuntimeError, match=message):
+        run_relax(p, max_steps=5)
+
+
+def _shift_register(chain: int, dtype=torch.float64):
+    """A looped layer whose state turns NaN at step chain + 1, in the samples with drive 0.
+
+    Units 0..chain-1 form a shift register (unit i+1 copies unit i, hard sigmoid, no damping):
+    unit 0 is driven to its per-sample drive, so a drive of 0 travels down the chain and unit
+    chain-1 first holds 0 after step `chain`. The last unit reads unit chain-1 through an
+    infinite weight: inf * 0.5 = inf saturates it to 1, but inf * 0 = NaN at the next step.
+    """
+    n = chain + 1
+    w = torch.zeros(n, n, dtype=dtype)
+    for i in range(chain - 1):
+        w[i + 1, i] = 1.0
+    w[chain, chain - 1] = float("inf")
+    drive0 = torch.tensor([0.0, 0.5, 0.0], dtype=dtype)
+    drive = torch.zeros(3, n, dtype=dtype)
+    drive[:, 0] = drive0
+    states = torch.full((3, n), 0.5, dtype=dtype)
+    return [states], [Coupling(w, 0, 0)], [drive]
+
+
+@pytest.mark.parametrize("chain", [1, 7, 8, 15, 16])
+def test_non_finite_state_is_reported_at_its_step(chain):
+    # Steps 2, 8, 9, 16 and 17: inside, at the end of and just after the kernel's 8-step check
+    # windows; the message must name the first step, as the CPU kernel's does.
+    states, couplings, drives = _shift_register(chain)
+    message = (f"state became NaN or Inf at step {chain + 1} in 2 of 3 samples because a weight "
+               "coupling into layer 0 holds NaN or Inf values")
+    with pytest.raises(RuntimeError, match=message):
+        relax(states, couplings, drives, max_steps=40)  # the CPU kernel: the expected message
+    gpu = to_device(dict(states=states, couplings=couplings, drives=drives))
+    with pytest.raises(RuntimeError, match=message):
+        run_relax(gpu, max_steps=40)
+    # A NaN after the last step is never reached.
+    result = run_relax(gpu, max_steps=chain)
+    assert result.steps.tolist() == [chain] * 3
+
+
+def test_relax_reports_divergence_from_finite_inputs():
+    # Finite but huge readout weights overflow the logits: softmax(inf) is NaN.
+    p = to_device(make_problem("tied", 2, torch.float32, readout=True, loss="cross_entropy"))
+    huge = torch.full_like(p["readout_weight"], 3e38)
+    with pytest.raises(RuntimeError, match="diverged .* although every input is finite. Lower beta"):
+        run_relax(p, beta=0.5, loss="cross_entropy", target=p["target"], readout_weight=huge,
+                  max_steps=5)
+
+
+# --------------------------------------------------------------------------- hebbian_update
+def _phases(batch, n_post, n_pre, dtype, seed=0):
+    torch.manual_seed(seed)
+    return [torch.randn(batch, n, dtype=dtype) for n in (n_post, n_pre, n_post, n_pre)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 5, 3), (6, 5, 3), (37, 300, 129)])
+@pytest.mark.parametrize("post_activation,pre_activation",
+                         [("identity", "identity"), ("tanh", "hard_sigmoid"), ("sigmoid", "tanh"),
+                          ("hard_sigmoid", "sigmoid")])
+@pytest.mark.parametrize("shared_pre", [False, True])
+def test_hebbian_matches_cpu_and_reference(dtype, shape, post_activation, pre_activation,
+                                           shared_pre):
+    batch, n_post, n_pre = shape
+    phases = _phases(batch, n_post, n_pre, dtype)
+    if shared_pre:
+        phases[3] = phases[1]
+    gpu = [t.cuda() for t in phases]
+    if shared_pre:
+        gpu[3] = gpu[1]  # the same tensor, so the one-GEMM path is taken
+    kw = dict(post_activation=post_activation, pre_activation=pre_activation)
+    tol = _tolerances(dtype)
+    grad_w, grad_b = hebbian_update(*gpu, 0.3, **kw)
+    assert grad_w.device.type == "cuda" and grad_w.dtype == dtype and grad_w.shape == (n_post, n_pre)
+    cpu_w, cpu_b = hebbian_update(*phases, 0.3, **kw)
+    ref_w, ref_b = hebbian_update_reference(*gpu, 0.3, **kw)
+    for want_w, want_b in ((cpu_w, cpu_b), (ref_w, ref_b)):
+        torch.testing.assert_close(grad_w, want_w.cuda(), **tol)
+        torch.testing.assert_close(grad_b, want_b.cuda(), **tol)
+    # Accumulating into existing gradients adds the same update, with and without a bias.
+    acc_w = torch.ones(n_post, n_pre, dtype=dtype, device="cuda")
+    acc_b = torch.ones(n_post, dtype=dtype, device="cuda")
+    out_w, out_b = hebbian_update(*gpu, 0.3, grad_weight=acc_w, grad_bias=acc_b, **kw)
+    assert out_w is acc_w and out_b is acc_b
+    torch.testing.assert_close(acc_w, cpu_w.cuda() + 1, **tol)
+    torch.testing.assert_close(acc_b, cpu_b.cuda() + 1, **tol)
+    only_w = torch.zeros(n_post, n_pre, dtype=dtype, device="cuda")
+    hebbian_update(*gpu, 0.3, grad_weight=only_w, **kw)
+    torch.testing.assert_close(only_w, cpu_w.cuda(), **tol)
+
+
+@pytest.mark.parametrize("post_activation,pre_activation", [("tanh", "sigmoid"),
+                                                            ("identity", "hard_sigmoid")])
+def test_hebbian_strided_inputs(post_activation, pre_activation):
+    # Transposed and sliced activities: the CUDA kernels read them through their strides.
+    phases = _phases(9, 7, 4, torch.float64, seed=3)
+    strided = [t.cuda().T.contiguous().T for t in phases[:2]] + [
+        t.cuda().repeat_interleave(2, dim=1)[:, ::2] for t in phases[2:]]
+    assert not any(t.is_contiguous() for t in strided)
+    kw = dict(post_activation=post_activation, pre_activation=pre_activation)
+    got = hebbian_update(*strided, -0.7, **kw)
+    want = hebbian_update(*phases, -0.7, **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.cuda(), **_tolerances(torch.float64))
+
+
+# --------------------------------------------------------------------------- opcheck
+def _relax_args(problem, **overrides):
+    c = problem["couplings"]
+    kwargs = dict(activation="tanh", damping=0.1, max_steps=5, tol=0.0, schedule="async",
+                  beta=0.3, **nudge_kwargs(problem))
+    kwargs.update(overrides)
+    args = (problem["states"], problem["drives"], [x.weight for x in c], [x.target for x in c],
+            [x.source for x in c], [x.transposed for x in c])
+    return args, kwargs
+
+
+@pytest.mark.parametrize("kind,readout,loss", [("looped", False, "mse"),
+                                               ("tied", True, "cross_entropy"),
+                                               ("untied", False, "gradient")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_relax(kind, readout, loss, dtype):
+    p = to_device(make_problem(kind, 3, dtype, readout=readout, loss=loss))
+    args, kwargs = _relax_args(p)
+    torch.library.opcheck(torch.ops.toreq.relax.default, args, kwargs)
+    args, kwargs = _relax_args(p, tol=1e-3, schedule="sync", max_steps=20)
+    torch.library.opcheck(torch.ops.toreq.relax.default, args, kwargs)
+
+
+@pytest.mark.parametrize("shared_pre", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_hebbian(shared_pre, dtype):
+    post_n, pre_n, post_f, pre_f = (t.cuda() for t in _phases(4, 5, 3, dtype))
+    if shared_pre:
+        pre_f = pre_n
+    torch.library.opcheck(torch.ops.toreq.hebbian_update.default,
+                          (post_n, pre_n, post_f, pre_f, 0.5, "tanh", "identity"))
+    grad_w = torch.zeros(5, 3, dtype=dtype, device="cuda")
+    grad_b = torch.zeros(5, dtype=dtype, device="cuda")
+    torch.library.opcheck(torch.ops.toreq.hebbian_update_.default,
+                          (post_n, pre_n, post_f, pre_f, 0.5, "tanh", "identity", grad_w, grad_b))
+
+
+# --------------------------------------------------------------------------- devices
+def test_mixed_devices_are_rejected():
+    p = to_device(make_problem("tied", 3, torch.float64))
+    p["drives"][0] = p["drives"][0].cpu()
+    with pytest.raises(RuntimeError, match="drives\\[0\\] is on cpu but states\\[0\\] is on cuda"):
+        run_relax(p, max_steps=3)
+    phases = [t.cuda() for t in _phases(4, 5, 3, torch.float64)]
+    phases[2] = phases[2].cpu()
+    with pytest.raises(RuntimeError, match="post_free is on cpu but post_nudged is on cuda"):
+        torch.ops.toreq.hebbian_update(*phases, 0.5, "identity", "identity")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_non_default_device():
+    # The kernels must launch on the inputs' device (and its current stream), not the current
+    # device, which stays cuda:0 here.
+    assert torch.cuda.current_device() == 0
+    p = make_problem("untied", 5, torch.float64, readout=True, loss="cross_entropy")
+    got = check_relax_parity(p, torch.float64, device="cuda:1", activation="tanh", damping=0.2,
+                             max_steps=40, tol=1e-7, schedule="async", beta=0.3,
+                             **nudge_kwargs(p))
+    assert all(s.device == torch.device("cuda:1") for s in got.states)
+    phases = _phases(6, 5, 3, torch.float64)
+    on_1 = [t.to("cuda:1") for t in phases]
+    grad_w, grad_b = hebbian_update(*on_1, 0.4, post_activation="tanh")
+    assert grad_w.device == torch.device("cuda:1")
+    want_w, want_b = hebbian_update(*phases, 0.4, post_activation="tanh")
+    torch.testing.assert_close(grad_w.cpu(), want_w)
+    torch.testing.assert_close(grad_b.cpu(), want_b)
+    acc = torch.zeros(5, 3, dtype=torch.float64, device="cuda:1")
+    hebbian_update(*on_1, 0.4, post_activation="tanh", grad_weight=acc)
+    torch.testing.assert_close(acc.cpu(), want_w)
+    assert torch.cuda.current_device() == 0

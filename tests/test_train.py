@@ -1,0 +1,154 @@
+"""Models and trainers: learning on real data, no graph over relaxation, checkpoints, divergence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from toreq.data import load_digits
+from toreq.nn import EPMLP, FeedforwardMLP, LoopedMLP, ToroidalMLP
+from toreq.train import (
+    BackpropTrainer,
+    BPTTTrainer,
+    EqPropTrainer,
+    TrainingDiverged,
+    evaluate,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
+from toreq.utils import lipschitz
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def make(name, data, seed=0):
+    torch.manual_seed(seed)
+    d, c = data.input_dim, data.num_classes
+    return {"looped": lambda: LoopedMLP(d, 64, c),
+            "toroidal": lambda: ToroidalMLP(d, 48, c, num_layers=2),
+            "ep": lambda: EPMLP(d, [64], c)}[name]()
+
+
+@pytest.mark.parametrize("name", ["looped", "toroidal", "ep"])
+def test_models_expose_states_and_steps(name, digits):
+    model = make(name, digits)
+    out = model(digits.x_test[:5])
+    assert out.shape == (5, 10)
+    assert len(model.last_states) >= 1 and model.last_states[0].shape[0] == 5
+    assert model.last_steps.shape == (5,) and model.last_steps.dtype == torch.long
+    assert (model.last_steps >= 1).all() and (model.last_steps <= model.max_steps).all()
+
+
+@pytest.mark.parametrize("name,bar", [("looped", 0.93), ("ep", 0.90), ("toroidal", 0.85)])
+def test_eqprop_learns_digits(name, bar, digits):
+    model = make(name, digits)
+    trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=2e-3), beta=0.5)
+    history = fit(trainer, digits.x_train, digits.y_train, digits.x_test, digits.y_test,
+                  epochs=4, batch_size=32, progress=False)
+    assert history[-1]["test_accuracy"] >= bar, history[-1]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_baselines_learn_digits(digits):
+    torch.manual_seed(0)
+    mlp = FeedforwardMLP(64, [64], 10)
+    history = fit(BackpropTrainer(mlp, torch.optim.Adam(mlp.parameters(), lr=2e-3)),
+                  digits.x_train, digits.y_train, digits.x_test, digits.y_test, epochs=3,
+                  batch_size=32, progress=False)
+    assert history[-1]["test_accuracy"] >= 0.9
+    model = make("looped", digits)
+    history = fit(BPTTTrainer(model, torch.optim.Adam(model.parameters(), lr=2e-3), steps=15),
+                  digits.x_train, digits.y_train, digits.x_test, digits.y_test, epochs=3,
+                  batch_size=32, progress=False)
+    assert history[-1]["test_accuracy"] >= 0.9
+
+
+def _saved_tensors_in_step(free_steps, digits):
+    model = make("looped", digits)
+    model.tol = 0.0  # run every step
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                            free_steps=free_steps, nudged_steps=free_steps)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
+        trainer.step(digits.x_train[:16], digits.y_train[:16])
+    return sum(saved)
+
+
+def test_eqprop_step_keeps_no_graph_over_relaxation(digits):
+    # Only the input projection, readout and weight parametrizations save tensors for backward;
+    # nothing scales with the number of relaxation steps.
+    assert _saved_tensors_in_step(5, digits) == _saved_tensors_in_step(50, digits)
+
+
+def test_eqprop_gradients_go_into_grad(digits):
+    model = make("ep", digits)
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    metrics = trainer.step(digits.x_train[:8], digits.y_train[:8])
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(float(p.grad.abs().sum()) > 0 for p in model.parameters())
+    assert set(metrics) >= {"loss", "accuracy", "free_steps_mean", "free_steps_max"}
+
+
+def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, digits):
+    x, y = digits.x_train[:256], digits.y_train[:256]
+
+    def trainer():
+        model = make("looped", digits, seed=3)
+        return EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+
+    full = fit(trainer(), x, y, epochs=4, batch_size=32, seed=7, progress=False)
+    ckpt = tmp_path / "run.pt"
+    fit(trainer(), x, y, epochs=2, batch_size=32, seed=7, progress=False, checkpoint=ckpt)
+    resumed = fit(trainer(), x, y, epochs=4, batch_size=32, seed=7, progress=False,
+                  checkpoint=ckpt, resume=True)
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, digits, monkeypatch):
+    model = make("looped", digits)
+    tr = EqPropTrainer(model, torch.optim.Adam(model.parameters()))
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, tr, 1, [{"epoch": 1}])
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, tr, 2, [])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, digits):
+    model = make("looped", digits)
+    tr = EqPropTrainer(model, torch.optim.Adam(model.parameters()))
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, tr, 1, [])
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+        load_checkpoint(path, tr)
+
+
+def test_divergence_is_reported_with_advice(digits):
+    model = make("looped", digits)
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=1e30), beta=0.5)
+    with pytest.raises(TrainingDiverged, match="lower the learning rate"):
+        for i in range(0, 320, 32):
+            trainer.step(digits.x_train[i:i + 32], digits.y_train[i:i + 32])
+
+
+def test_spectral_norm_keeps_looped_model_contracting(digits):
+    model = make("looped", digits)
+    trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=5e-3))
+    fit(trainer, digits.x_train[:512], digits.y_train[:512], epochs=2, progress=False)
+    model.eval()
+    assert lipschitz(model, digits.x_test[:32]) < 1.0
+    assert evaluate(model, digits.x_test, digits.y_test)["steps_mean"] < model.max_steps

@@ -1,0 +1,5 @@
+import sys
+
+from toreq.cli import main
+
+sys.exit(main())
