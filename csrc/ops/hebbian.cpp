@@ -86,35 +86,42 @@ void hebbian_update_into(const at::Tensor& post_nudged, const at::Tensor& pre_nu
   const Activation pre_act = parse_activation(pre_activation, kOp, "pre_activation", true);
 
   const double scale = -1.0 / (beta * static_cast<double>(batch));
+  at::Tensor& out = const_cast<at::Tensor&>(grad_weight);
   const auto options = post_nudged.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor lhs, rhs;  // grad_weight = scale * lhs^T rhs
+  at::Tensor post_sum;  // sum over the batch of act(post_nudged) - act(post_free)
   if (same_tensor(pre_nudged, pre_free)) {
-    // Vector-field form (one pre-synaptic activity for both phases): a GEMM over B rows.
-    lhs = at::empty({batch, n_post}, options);
-    kernels.activate_difference(post_nudged, post_free, post_act, lhs);
-    if (pre_act == Activation::Identity) {
-      rhs = pre_nudged;
-    } else {
-      rhs = at::empty({batch, n_pre}, options);
-      kernels.activate(pre_nudged, pre_act, 1.0, rhs);
+    // Vector-field form (one pre-synaptic activity for both phases): one GEMM over B rows.
+    at::Tensor difference = at::empty({batch, n_post}, options);
+    kernels.activate_difference(post_nudged, post_free, post_act, difference);
+    at::Tensor pre = pre_nudged;
+    if (pre_act != Activation::Identity) {
+      pre = at::empty({batch, n_pre}, options);
+      kernels.activate(pre_nudged, pre_act, 1.0, pre);
     }
+    at::addmm_out(out, grad_weight, difference.t(), pre, accumulate ? 1.0 : 0.0, scale);
+    post_sum = at::sum(difference, {0});
+  } else if (post_act == Activation::Identity && pre_act == Activation::Identity) {
+    // Activities used as they are: two GEMMs into the same output, nothing staged.
+    at::addmm_out(out, grad_weight, post_nudged.t(), pre_nudged, accumulate ? 1.0 : 0.0, scale);
+    out.addmm_(post_free.t(), pre_free, 1.0, -scale);
+    post_sum = at::sum(post_nudged, {0}).sub_(at::sum(post_free, {0}));
   } else {
     // Both products in one GEMM over 2B rows: [a(post_n); -a(post_f)]^T [a(pre_n); a(pre_f)].
-    lhs = at::empty({2 * batch, n_post}, options);
-    rhs = at::empty({2 * batch, n_pre}, options);
+    at::Tensor lhs = at::empty({2 * batch, n_post}, options);
+    at::Tensor rhs = at::empty({2 * batch, n_pre}, options);
     kernels.activate(post_nudged, post_act, 1.0, lhs.narrow(0, 0, batch));
     kernels.activate(post_free, post_act, -1.0, lhs.narrow(0, batch, batch));
     kernels.activate(pre_nudged, pre_act, 1.0, rhs.narrow(0, 0, batch));
     kernels.activate(pre_free, pre_act, 1.0, rhs.narrow(0, batch, batch));
+    at::addmm_out(out, grad_weight, lhs.t(), rhs, accumulate ? 1.0 : 0.0, scale);
+    post_sum = at::sum(lhs, {0});
   }
-  at::addmm_out(const_cast<at::Tensor&>(grad_weight), grad_weight, lhs.t(), rhs,
-                accumulate ? 1.0 : 0.0, scale);
   if (grad_bias.has_value()) {
-    const at::Tensor bias_update = at::sum(lhs, {0}).mul_(scale);
+    post_sum.mul_(scale);
     if (accumulate) {
-      grad_bias->add_(bias_update);
+      grad_bias->add_(post_sum);
     } else {
-      grad_bias->copy_(bias_update);
+      grad_bias->copy_(post_sum);
     }
   }
 }

@@ -22,7 +22,8 @@ struct HebbianKernels {
 // grad_weight (+)= -1/(beta*B) * (act(post_nudged)^T pre_act(pre_nudged)
 //                                 - act(post_free)^T pre_act(pre_free)),
 // grad_bias  (+)= -1/(beta*B) * sum_batch(act(post_nudged) - act(post_free)),
-// computed with one GEMM. accumulate=false overwrites grad_weight and grad_bias.
+// with a single GEMM where the activities must be staged. accumulate=false overwrites
+// grad_weight and grad_bias.
 void hebbian_update_into(const at::Tensor& post_nudged, const at::Tensor& pre_nudged,
                          const at::Tensor& post_free, const at::Tensor& pre_free, double beta,
                          c10::string_view post_activation, c10::string_view pre_activation,

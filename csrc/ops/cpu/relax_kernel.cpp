@@ -17,28 +17,56 @@
 namespace toreq {
 namespace {
 
-// s <- damping * s + (1 - damping) * act(pre) on the rows still active; row_change[r] becomes
+// pre <- act(pre), in place, through ATen's vectorised and multithreaded kernels.
+void activate_in_place(at::Tensor& pre, Activation activation) {
+  switch (activation) {
+    case Activation::HardSigmoid: pre.clamp_(0, 1); break;
+    case Activation::Tanh: pre.tanh_(); break;
+    case Activation::Sigmoid: pre.sigmoid_(); break;
+    default: break;
+  }
+}
+
+// s <- damping * s + (1 - damping) * activity on the rows still active; row_change[r] becomes
 // max(row_change[r], max_j |change|), and row_nonfinite[r] is set where the new state is NaN or
-// Inf.
-template <typename scalar_t, Activation A>
-void update_layer(scalar_t* s, const scalar_t* pre, int64_t batch, int64_t n, scalar_t damping,
-                  const uint8_t* active, scalar_t* row_change, uint8_t* row_nonfinite) {
+// Inf. The per-row reductions run in kLanes independent accumulators so that the compiler can
+// vectorise the loop without reordering floating-point operations.
+template <typename scalar_t>
+void update_layer(scalar_t* s, const scalar_t* activity, int64_t batch, int64_t n,
+                  scalar_t damping, const uint8_t* active, scalar_t* row_change,
+                  uint8_t* row_nonfinite) {
+  constexpr int64_t kLanes = 8;
   const scalar_t keep = scalar_t(1) - damping;
   parallel_rows(batch, n, [&](int64_t r) {
     if (!active[r]) return;
     scalar_t* sr = s + r * n;
-    const scalar_t* pr = pre + r * n;
-    scalar_t change = row_change[r];
-    scalar_t poison = 0;  // stays 0 unless a new state is NaN or Inf (0 * Inf = NaN)
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t next = damping * sr[j] + keep * activate<A>(pr[j]);
+    const scalar_t* ar = activity + r * n;
+    scalar_t change[kLanes] = {};
+    scalar_t poison[kLanes] = {};  // stays 0 unless a new state is NaN or Inf (0 * Inf = NaN)
+    const int64_t full = n - n % kLanes;
+    for (int64_t j = 0; j < full; j += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const scalar_t next = damping * sr[j + k] + keep * ar[j + k];
+        const scalar_t delta = std::abs(next - sr[j + k]);
+        change[k] = delta > change[k] ? delta : change[k];
+        poison[k] += next * scalar_t(0);
+        sr[j + k] = next;
+      }
+    }
+    for (int64_t j = full; j < n; ++j) {
+      const scalar_t next = damping * sr[j] + keep * ar[j];
       const scalar_t delta = std::abs(next - sr[j]);
-      change = delta > change ? delta : change;
-      poison += next * scalar_t(0);
+      change[0] = delta > change[0] ? delta : change[0];
+      poison[0] += next * scalar_t(0);
       sr[j] = next;
     }
-    row_change[r] = change;
-    if (poison != scalar_t(0)) row_nonfinite[r] = 1;
+    scalar_t row_max = row_change[r], row_poison = 0;
+    for (int64_t k = 0; k < kLanes; ++k) {
+      row_max = change[k] > row_max ? change[k] : row_max;
+      row_poison += poison[k];
+    }
+    row_change[r] = row_max;
+    if (row_poison != scalar_t(0)) row_nonfinite[r] = 1;
   });
 }
 
@@ -62,8 +90,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
   at::Tensor residual = at::full({batch}, std::numeric_limits<double>::infinity(), s[0].options());
 
   AT_DISPATCH_FLOATING_TYPES(s[0].scalar_type(), "toreq_relax_cpu", [&] {
-    dispatch_activation(p.activation, [&](auto act) {
-      constexpr Activation A = decltype(act)::value;
+    {
       std::vector<uint8_t> active(batch, 1), row_nonfinite(batch, 0);
       std::vector<scalar_t> row_change(batch);
       int64_t* steps_ptr = steps.data_ptr<int64_t>();
@@ -74,9 +101,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
         ++step;
         std::fill(row_change.begin(), row_change.end(), scalar_t(0));
         for (const std::vector<int64_t>& group : p.groups) {
-          for (int64_t l : group) compute_preactivation(p, l, s, pre[l]);
           for (int64_t l : group) {
-            update_layer<scalar_t, A>(s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
+            compute_preactivation(p, l, s, pre[l]);
+            activate_in_place(pre[l], p.activation);
+          }
+          for (int64_t l : group) {
+            update_layer<scalar_t>(s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
                                       batch, s[l].size(1), static_cast<scalar_t>(p.damping),
                                       active.data(), row_change.data(), row_nonfinite.data());
           }
@@ -94,7 +124,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
         }
         if (nonfinite > 0) report_nonfinite_state(p, states, step, nonfinite);
       }
-    });
+    }
   });
   return {s, steps, residual};
 }
