@@ -261,8 +261,8 @@ class CharCorpus:
         if unknown.any():
             chars = sorted({chr(c) for c in cp[unknown].tolist()})
             shown = ", ".join(repr(c) for c in chars[:20]) + (", ..." if len(chars) > 20 else "")
-            raise ValueError(f"cannot encode character(s) not in the {self.vocab_size}-character "
-                             f"vocabulary: {shown}")
+            raise ValueError(f"cannot encode characters not in the vocabulary "
+                             f"({self.vocab_size} characters): {shown}")
         return torch.from_numpy(ids)
 
     def decode(self, ids: torch.Tensor | np.ndarray | Iterable[int]) -> str:
@@ -338,7 +338,7 @@ def _verify(path: Path, folder: str, name: str) -> None:
     actual = _sha256(path)
     if actual != expected:
         raise DataError(
-            f"sha256 mismatch for {path}: expected {expected}, got {actual}. The file is corrupt "
+            f"{path} fails its sha256 check: expected {expected}, got {actual}. The file is corrupt "
             f"(e.g. an interrupted copy or download) or a different version of {folder}/{name}. "
             "Delete it and load again with download=True to re-download it, or replace it with "
             "the official file.")
@@ -397,7 +397,7 @@ def _download(url: str, dest: Path, expected: str) -> None:
                     bar.close()
         actual = h.hexdigest()
         if actual != expected:
-            raise DataError(f"sha256 mismatch: expected {expected}, got {actual}; the source "
+            raise DataError(f"wrong sha256: expected {expected}, got {actual}; the source "
                             "served a different or damaged file, nothing was kept")
         os.replace(tmp, dest)
         _log.info("downloaded %s to %s", url, dest)
