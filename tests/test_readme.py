@@ -46,3 +46,13 @@ def test_cli_trains_and_compares(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "looped_mlp (EqProp)" in out and "feedforward MLP (backprop)" in out
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "metrics.csv").exists()
+
+
+def test_command_line_entry_points_start():
+    import shutil
+    import sys
+
+    for command in ([sys.executable, "-m", "toreq", "--help"], [shutil.which("toreq") or "toreq", "train", "--help"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "toreq" in result.stdout

@@ -9,6 +9,8 @@ references in :mod:`toreq.ops`.
 
 __version__ = "0.1.0"
 
+import torch  # noqa: F401  (loads libtorch, which toreq._C links against)
+
 try:
     from toreq import _C  # noqa: F401  (registers torch.ops.toreq.*)
 except ImportError as error:  # pragma: no cover - only without a built extension

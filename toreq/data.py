@@ -58,19 +58,28 @@ ENV_VAR = "TOREQ_DATA"
 #: SHA-256 of every data file (the official files), per data set folder and file name.
 SHA256: dict[str, dict[str, str]] = {
     "mnist": {
-        "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        "train-images-idx3-ubyte.gz":
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "train-labels-idx1-ubyte.gz":
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "t10k-images-idx3-ubyte.gz":
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "t10k-labels-idx1-ubyte.gz":
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
     },
     "fashion-mnist": {
-        "train-images-idx3-ubyte.gz": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-        "train-labels-idx1-ubyte.gz": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-        "t10k-images-idx3-ubyte.gz": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-        "t10k-labels-idx1-ubyte.gz": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+        "train-images-idx3-ubyte.gz":
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        "train-labels-idx1-ubyte.gz":
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        "t10k-images-idx3-ubyte.gz":
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        "t10k-labels-idx1-ubyte.gz":
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
     },
     "tinyshakespeare": {
-        "input.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "input.txt":
+            "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     },
 }
 
@@ -136,7 +145,8 @@ class ClassificationData:
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.image_shape)
         if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {self.image_shape!r}")
+            raise ValueError("image_shape must be (C, H, W) of positive ints, got "
+                             f"{self.image_shape!r}")
         object.__setattr__(self, "image_shape", shape)
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {self.num_classes}")
@@ -338,8 +348,9 @@ def _verify(path: Path, folder: str, name: str) -> None:
     actual = _sha256(path)
     if actual != expected:
         raise DataError(
-            f"{path} fails its sha256 check: expected {expected}, got {actual}. The file is corrupt "
-            f"(e.g. an interrupted copy or download) or a different version of {folder}/{name}. "
+            f"{path} fails its sha256 check: expected {expected}, got {actual}. The file is "
+            f"corrupt (e.g. an interrupted copy or download) or a different version of "
+            f"{folder}/{name}. "
             "Delete it and load again with download=True to re-download it, or replace it with "
             "the official file.")
 
