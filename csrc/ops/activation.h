@@ -35,7 +35,8 @@ inline C10_HOST_DEVICE T activate(T v) {
   }
 }
 
-// Calls f(std::integral_constant<Activation, a>{}) so that f can instantiate a kernel for a.
+// Calls f(std::integral_constant<Activation, a>{}) so that f can instantiate a kernel for a
+// (host code: it picks the kernel; activate<A> is what runs on the device).
 template <typename F>
 decltype(auto) dispatch_activation(Activation a, F&& f) {
   switch (a) {
