@@ -13,43 +13,8 @@ from toreq.ops import (
     relax,
     relax_reference,
 )
-from toreq.ops.relax import _labels_to_rows
 
-
-def _scaled(rows: int, cols: int, dtype: torch.dtype, norm: float = 0.5) -> torch.Tensor:
-    """A random matrix with spectral norm `norm`, so the dynamics contract."""
-    w = torch.randn(rows, cols, dtype=dtype)
-    return w * (norm / torch.linalg.matrix_norm(w, ord=2))
-
-
-def make_problem(kind: str, batch: int, dtype: torch.dtype, *, readout: bool = False,
-                 loss: str = "mse", seed: int = 0) -> dict:
-    """A random network of the given kind, as keyword arguments of relax()."""
-    torch.manual_seed(seed)
-    if kind == "looped":
-        widths = [9]
-        w = _scaled(9, 9, dtype)
-        couplings = [Coupling(w, 0, 0)]
-    else:
-        widths = [7, 6, 5]
-        weights = [_scaled(6, 7, dtype), _scaled(5, 6, dtype)]
-        feedback = None if kind == "tied" else [_scaled(7, 6, dtype), _scaled(6, 5, dtype)]
-        couplings = layered_couplings(weights, feedback)
-        if kind == "ring":
-            couplings.append(Coupling(_scaled(7, 5, dtype, 0.3), 0, 2))
-    states = [torch.rand(batch, n, dtype=dtype) for n in widths]
-    drives = [torch.randn(batch, widths[0], dtype=dtype)] + [
-        torch.randn(n, dtype=dtype) * 0.1 for n in widths[1:]]
-    n_out = 4 if readout else widths[-1]
-    problem = dict(states=states, couplings=couplings, drives=drives, loss=loss)
-    if readout:
-        problem["readout_weight"] = torch.randn(n_out, widths[-1], dtype=dtype) * 0.5
-        problem["readout_bias"] = torch.randn(n_out, dtype=dtype) * 0.1
-    if loss == "gradient":
-        problem["target"] = torch.randn(batch, widths[-1], dtype=dtype)
-    else:
-        problem["target"] = _labels_to_rows(torch.randint(0, n_out, (batch,)), loss, n_out, dtype)
-    return problem
+from op_problems import make_problem
 
 
 def assert_same_result(result, expected, dtype):
