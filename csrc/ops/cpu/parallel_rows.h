@@ -6,6 +6,18 @@
 
 #include <algorithm>
 
+// TOREQ_VECTOR_CLONES on a function compiles it for AVX-512, AVX2 and the baseline ISA and
+// picks one when the library loads (GCC/Clang function multiversioning on x86-64 ELF), so hot
+// elementwise loops use the machine's vector width without building for one CPU. Elsewhere it
+// is empty and the baseline build is used.
+#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+#define TOREQ_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define TOREQ_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define TOREQ_VECTOR_CLONES
+#define TOREQ_ALWAYS_INLINE inline
+#endif
+
 namespace toreq {
 
 // Calls body(row) for every row in [0, rows), in parallel chunks of about 32K elements.

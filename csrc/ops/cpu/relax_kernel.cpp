@@ -27,46 +27,66 @@ void activate_in_place(at::Tensor& pre, Activation activation) {
   }
 }
 
-// s <- damping * s + (1 - damping) * activity on the rows still active; row_change[r] becomes
-// max(row_change[r], max_j |change|), and row_nonfinite[r] is set where the new state is NaN or
-// Inf. The per-row reductions run in kLanes independent accumulators so that the compiler can
-// vectorise the loop without reordering floating-point operations.
+// One row of the state update: s <- damping * s + (1 - damping) * activity. Returns the row's
+// largest |change| and sets *nonfinite where a new state is NaN or Inf. The reductions run in
+// kLanes independent accumulators so that the compiler can vectorise the loop without
+// reordering floating-point operations.
+template <typename scalar_t>
+TOREQ_ALWAYS_INLINE scalar_t update_row_body(scalar_t* s, const scalar_t* activity, int64_t n,
+                                             scalar_t damping, bool* nonfinite) {
+  constexpr int64_t kLanes = 16;
+  const scalar_t keep = scalar_t(1) - damping;
+  scalar_t change[kLanes] = {};
+  scalar_t poison[kLanes] = {};  // stays 0 unless a new state is NaN or Inf (0 * Inf = NaN)
+  const int64_t full = n - n % kLanes;
+  for (int64_t j = 0; j < full; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const scalar_t next = damping * s[j + k] + keep * activity[j + k];
+      const scalar_t delta = std::abs(next - s[j + k]);
+      change[k] = delta > change[k] ? delta : change[k];
+      poison[k] += next * scalar_t(0);
+      s[j + k] = next;
+    }
+  }
+  for (int64_t j = full; j < n; ++j) {
+    const scalar_t next = damping * s[j] + keep * activity[j];
+    const scalar_t delta = std::abs(next - s[j]);
+    change[0] = delta > change[0] ? delta : change[0];
+    poison[0] += next * scalar_t(0);
+    s[j] = next;
+  }
+  scalar_t row_max = 0, row_poison = 0;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    row_max = change[k] > row_max ? change[k] : row_max;
+    row_poison += poison[k];
+  }
+  if (row_poison != scalar_t(0)) *nonfinite = true;
+  return row_max;
+}
+
+TOREQ_VECTOR_CLONES float update_row(float* s, const float* activity, int64_t n, float damping,
+                                     bool* nonfinite) {
+  return update_row_body(s, activity, n, damping, nonfinite);
+}
+
+TOREQ_VECTOR_CLONES double update_row(double* s, const double* activity, int64_t n,
+                                      double damping, bool* nonfinite) {
+  return update_row_body(s, activity, n, damping, nonfinite);
+}
+
+// The state update of one layer on the rows still active; row_change[r] becomes
+// max(row_change[r], the row's largest |change|) and row_nonfinite[r] is set where a new state
+// is NaN or Inf.
 template <typename scalar_t>
 void update_layer(scalar_t* s, const scalar_t* activity, int64_t batch, int64_t n,
                   scalar_t damping, const uint8_t* active, scalar_t* row_change,
                   uint8_t* row_nonfinite) {
-  constexpr int64_t kLanes = 8;
-  const scalar_t keep = scalar_t(1) - damping;
   parallel_rows(batch, n, [&](int64_t r) {
     if (!active[r]) return;
-    scalar_t* sr = s + r * n;
-    const scalar_t* ar = activity + r * n;
-    scalar_t change[kLanes] = {};
-    scalar_t poison[kLanes] = {};  // stays 0 unless a new state is NaN or Inf (0 * Inf = NaN)
-    const int64_t full = n - n % kLanes;
-    for (int64_t j = 0; j < full; j += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) {
-        const scalar_t next = damping * sr[j + k] + keep * ar[j + k];
-        const scalar_t delta = std::abs(next - sr[j + k]);
-        change[k] = delta > change[k] ? delta : change[k];
-        poison[k] += next * scalar_t(0);
-        sr[j + k] = next;
-      }
-    }
-    for (int64_t j = full; j < n; ++j) {
-      const scalar_t next = damping * sr[j] + keep * ar[j];
-      const scalar_t delta = std::abs(next - sr[j]);
-      change[0] = delta > change[0] ? delta : change[0];
-      poison[0] += next * scalar_t(0);
-      sr[j] = next;
-    }
-    scalar_t row_max = row_change[r], row_poison = 0;
-    for (int64_t k = 0; k < kLanes; ++k) {
-      row_max = change[k] > row_max ? change[k] : row_max;
-      row_poison += poison[k];
-    }
-    row_change[r] = row_max;
-    if (row_poison != scalar_t(0)) row_nonfinite[r] = 1;
+    bool nonfinite = false;
+    const scalar_t change = update_row(s + r * n, activity + r * n, n, damping, &nonfinite);
+    row_change[r] = change > row_change[r] ? change : row_change[r];
+    if (nonfinite) row_nonfinite[r] = 1;
   });
 }
 
