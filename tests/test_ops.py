@@ -98,6 +98,27 @@ def test_early_stop_matches_reference_per_sample(kind, schedule):
     assert (got.steps < 200).all() and len(set(got.steps.tolist())) > 1
 
 
+@pytest.mark.parametrize("loss,readout", [("mse", False), ("cross_entropy", True),
+                                          ("gradient", False)])
+def test_early_stop_in_the_nudged_phase_matches_reference(loss, readout):
+    # Samples start at graded distances from the free equilibrium, so they converge at many
+    # different steps and the kernel drops converged rows (with their drives and targets)
+    # from its working set several times.
+    batch = 33
+    p = make_problem("tied", batch, torch.float64, readout=readout, loss=loss)
+    free = relax(p["states"], p["couplings"], p["drives"], activation="tanh", max_steps=500,
+                 tol=1e-12)
+    distance = torch.logspace(-8, 0, batch, dtype=torch.float64)[:, None]
+    states = [f + distance * (s - f) for f, s in zip(free.states, p["states"])]
+    kw = dict(activation="tanh", damping=0.2, max_steps=300, tol=1e-9, beta=0.3, loss=loss,
+              target=p["target"], readout_weight=p.get("readout_weight"),
+              readout_bias=p.get("readout_bias"))
+    got = relax(states, p["couplings"], p["drives"], **kw)
+    want = relax_reference(states, p["couplings"], p["drives"], **kw)
+    assert_same_result(got, want, torch.float64)
+    assert (got.steps < 300).all() and len(set(got.steps.tolist())) >= 4
+
+
 @pytest.mark.parametrize("kind", ["looped", "tied", "untied", "ring"])
 def test_free_state_is_a_fixed_point(kind):
     p = make_problem(kind, 4, torch.float64)

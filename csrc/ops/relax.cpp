@@ -2,6 +2,7 @@
 
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/index_select.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/softmax.h>
@@ -183,6 +184,16 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
               ", got ", target->sizes());
   p.target = *target;
   return p;
+}
+
+RelaxProblem select_rows(const RelaxProblem& p, const at::Tensor& rows) {
+  RelaxProblem selected = p;
+  selected.batch = rows.size(0);
+  for (at::Tensor& drive : selected.drives) {
+    if (drive.defined() && drive.dim() == 2) drive = drive.index_select(0, rows);
+  }
+  if (selected.target.defined()) selected.target = selected.target.index_select(0, rows);
+  return selected;
 }
 
 void compute_preactivation(const RelaxProblem& p, int64_t layer,

@@ -47,6 +47,10 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
                                 const std::optional<at::Tensor>& readout_weight,
                                 const std::optional<at::Tensor>& readout_bias);
 
+// The same problem restricted to the batch rows `rows` (int64, on the problem's device): the
+// per-sample drives and the target are gathered; weights and shared drives are kept.
+RelaxProblem select_rows(const RelaxProblem& problem, const at::Tensor& rows);
+
 // pre = drive[layer] + sum of the layer's couplings from `states`, plus the output nudge
 // -beta * dloss/ds when `layer` is the last layer and beta != 0.
 void compute_preactivation(const RelaxProblem& problem, int64_t layer,

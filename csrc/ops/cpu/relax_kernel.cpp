@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "ops/cpu/parallel_rows.h"
 #include "ops/relax.h"
@@ -101,52 +102,85 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
                                             activation, damping, max_steps, tol, schedule, beta,
                                             loss, target, readout_weight, readout_bias);
   const int64_t batch = p.batch;
-  std::vector<at::Tensor> s, pre;
+  // out holds the full batch; s, pre and `work` hold the rows still relaxing. Once at most half
+  // of them are, the converged rows are written back to out and dropped, so that the GEMMs of
+  // later steps run over the active rows only (samples never interact, so the result is the
+  // same). Until the first such compaction s aliases out and rows is undefined.
+  std::vector<at::Tensor> out, s, pre;
   for (const at::Tensor& init : states) {
-    s.push_back(init.clone(at::MemoryFormat::Contiguous));
-    pre.push_back(at::empty_like(s.back(), at::MemoryFormat::Contiguous));
+    out.push_back(init.clone(at::MemoryFormat::Contiguous));
+    pre.push_back(at::empty_like(out.back(), at::MemoryFormat::Contiguous));
   }
-  at::Tensor steps = at::zeros({batch}, s[0].options().dtype(at::kLong));
-  at::Tensor residual = at::full({batch}, std::numeric_limits<double>::infinity(), s[0].options());
+  s = out;
+  RelaxProblem work = p;
+  at::Tensor rows;                       // int64: the batch index of each working row
+  std::vector<int64_t> sample(batch);    // the same, on the host
+  std::iota(sample.begin(), sample.end(), 0);
+  at::Tensor steps = at::zeros({batch}, out[0].options().dtype(at::kLong));
+  at::Tensor residual = at::full({batch}, std::numeric_limits<double>::infinity(), out[0].options());
 
-  AT_DISPATCH_FLOATING_TYPES(s[0].scalar_type(), "toreq_relax_cpu", [&] {
-    {
-      std::vector<uint8_t> active(batch, 1), row_nonfinite(batch, 0);
-      std::vector<scalar_t> row_change(batch);
-      int64_t* steps_ptr = steps.data_ptr<int64_t>();
-      scalar_t* residual_ptr = residual.data_ptr<scalar_t>();
-      const auto tol_s = static_cast<scalar_t>(p.tol);
-      int64_t num_active = batch, step = 0;
-      while (step < p.max_steps && num_active > 0) {
-        ++step;
-        std::fill(row_change.begin(), row_change.end(), scalar_t(0));
-        for (const std::vector<int64_t>& group : p.groups) {
-          for (int64_t l : group) {
-            compute_preactivation(p, l, s, pre[l]);
-            activate_in_place(pre[l], p.activation);
-          }
-          for (int64_t l : group) {
-            update_layer<scalar_t>(s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
-                                      batch, s[l].size(1), static_cast<scalar_t>(p.damping),
-                                      active.data(), row_change.data(), row_nonfinite.data());
-          }
+  AT_DISPATCH_FLOATING_TYPES(out[0].scalar_type(), "toreq_relax_cpu", [&] {
+    std::vector<uint8_t> active(batch, 1), row_nonfinite(batch, 0);
+    std::vector<scalar_t> row_change(batch);
+    int64_t* steps_ptr = steps.data_ptr<int64_t>();
+    scalar_t* residual_ptr = residual.data_ptr<scalar_t>();
+    const auto tol_s = static_cast<scalar_t>(p.tol);
+    int64_t num_active = batch, step = 0;
+    while (step < p.max_steps && num_active > 0) {
+      ++step;
+      const int64_t working = work.batch;
+      std::fill(row_change.begin(), row_change.end(), scalar_t(0));
+      for (const std::vector<int64_t>& group : p.groups) {
+        for (int64_t l : group) {
+          compute_preactivation(work, l, s, pre[l]);
+          activate_in_place(pre[l], p.activation);
         }
-        int64_t nonfinite = 0;
-        for (int64_t r = 0; r < batch; ++r) {
-          if (!active[r]) continue;
-          nonfinite += row_nonfinite[r];
-          residual_ptr[r] = row_change[r];
-          steps_ptr[r] = step;
-          if (row_change[r] < tol_s) {
-            active[r] = 0;
-            --num_active;
-          }
+        for (int64_t l : group) {
+          update_layer<scalar_t>(s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
+                                 working, s[l].size(1), static_cast<scalar_t>(p.damping),
+                                 active.data(), row_change.data(), row_nonfinite.data());
         }
-        if (nonfinite > 0) report_nonfinite_state(p, states, step, nonfinite);
       }
+      int64_t nonfinite = 0;
+      for (int64_t r = 0; r < working; ++r) {
+        if (!active[r]) continue;
+        nonfinite += row_nonfinite[r];
+        residual_ptr[sample[r]] = row_change[r];
+        steps_ptr[sample[r]] = step;
+        if (row_change[r] < tol_s) {
+          active[r] = 0;
+          --num_active;
+        }
+      }
+      if (nonfinite > 0) report_nonfinite_state(p, states, step, nonfinite);
+      if (num_active == 0 || num_active * 2 > working || step == p.max_steps) continue;
+
+      at::Tensor keep = at::empty({num_active}, out[0].options().dtype(at::kLong));
+      int64_t* keep_ptr = keep.data_ptr<int64_t>();
+      std::vector<int64_t> kept_sample;
+      for (int64_t r = 0; r < working; ++r) {
+        if (!active[r]) continue;
+        keep_ptr[kept_sample.size()] = r;
+        kept_sample.push_back(sample[r]);
+      }
+      if (rows.defined()) {
+        for (size_t l = 0; l < s.size(); ++l) out[l].index_copy_(0, rows, s[l]);
+      }
+      rows = at::empty({num_active}, keep.options());
+      std::copy(kept_sample.begin(), kept_sample.end(), rows.data_ptr<int64_t>());
+      for (size_t l = 0; l < s.size(); ++l) {
+        s[l] = s[l].index_select(0, keep);
+        pre[l] = at::empty_like(s[l]);
+      }
+      work = select_rows(p, rows);
+      sample = std::move(kept_sample);
+      std::fill(active.begin(), active.begin() + num_active, uint8_t(1));
     }
   });
-  return {s, steps, residual};
+  if (rows.defined()) {
+    for (size_t l = 0; l < s.size(); ++l) out[l].index_copy_(0, rows, s[l]);
+  }
+  return {out, steps, residual};
 }
 
 }  // namespace
