@@ -1,0 +1,177 @@
+"""Test accuracy of EqProp against backprop of the same width, over several seeds.
+
+    python benchmarks/accuracy.py [--datasets digits mnist fashion_mnist] [--seeds 3] [--quick]
+
+For each data set, trains the model of its preset (``toreq.presets``) by EqProp and a
+feedforward MLP of the same width by backprop, with the same optimiser, learning-rate schedule,
+epochs and batches, for every seed; reports the mean and standard deviation of the final test
+accuracy and the training time on this machine, and judges the targets of the models issue:
+
+* digits: EqProp >= 97%, within 1 point of backprop;
+* MNIST: EqProp >= 98.0%, within 0.5 point of backprop;
+* Fashion-MNIST: EqProp >= 88.5%, within 0.5 point of backprop.
+
+``--quick`` (one seed, two epochs, 5,000 training images for MNIST and Fashion-MNIST) checks
+that everything runs; its accuracies are not the preset's figures. Writes ``accuracy.json``
+and ``accuracy.md`` into ``--out`` (default ``results/accuracy``). MNIST and Fashion-MNIST are
+read from ``--data-dir`` or ``$TOREQ_DATA`` (see ``toreq.data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from machine import machine_info
+from toreq.data import load_classification
+from toreq.presets import PRESETS, build_trainer
+from toreq.train import fit
+
+TARGETS = {  # data set: (EqProp's least mean test accuracy, largest gap to backprop), in %
+    "digits": (97.0, 1.0),
+    "mnist": (98.0, 0.5),
+    "fashion_mnist": (88.5, 0.5),
+}
+METHODS = ("eqprop", "backprop")
+
+
+def preset_for(dataset: str):
+    return next(p for p in PRESETS.values() if p.dataset == dataset)
+
+
+def run_one(preset, data, method: str, seed: int, progress: bool) -> dict:
+    model, trainer, scheduler = build_trainer(preset, data.input_dim, data.num_classes,
+                                              method=method, seed=seed)
+    started = time.perf_counter()
+    history = fit(trainer, data.x_train, data.y_train, data.x_test, data.y_test,
+                  epochs=preset.epochs, batch_size=preset.batch_size, seed=seed,
+                  scheduler=scheduler, progress=progress, desc=f"{preset.dataset} {method} s{seed}")
+    seconds = time.perf_counter() - started
+    last = history[-1]
+    return {
+        "method": method, "seed": seed, "test_accuracy": 100 * last["test_accuracy"],
+        "train_accuracy": 100 * last["train_accuracy"], "seconds": seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "test_steps_mean": last.get("test_steps_mean"),
+        "history": history,
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    accs = [r["test_accuracy"] for r in runs]
+    return {
+        "mean": statistics.fmean(accs),
+        "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "seconds_mean": statistics.fmean(r["seconds"] for r in runs),
+        "parameters": runs[0]["parameters"],
+        "seeds": len(runs),
+    }
+
+
+def judge(dataset: str, eqprop: dict, backprop: dict) -> tuple[bool, str]:
+    least, gap = TARGETS[dataset]
+    measured_gap = backprop["mean"] - eqprop["mean"]
+    ok = eqprop["mean"] >= least and measured_gap <= gap
+    return ok, (f"EqProp {eqprop['mean']:.2f}% (target >= {least}%), backprop "
+                f"{backprop['mean']:.2f}%, gap {measured_gap:+.2f} points (target <= {gap})")
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# Test accuracy: EqProp against backprop of the same width", "",
+        f"`{m['command']}` on {m['date']} ({report['seconds']:.0f} s): CPU {m['cpu_model']} "
+        f"({m['logical_cpus']} logical CPUs), {m['threads']} torch threads, torch {m['torch']}.",
+        "",
+        "Each preset's model is trained by EqProp; a feedforward MLP of the same width by "
+        "backprop, with the same AdamW learning rate, cosine schedule, epochs and batches. "
+        "Mean ± standard deviation of the final test accuracy over the seeds; time is the mean "
+        "training time of one run on this machine.", "",
+        "| data | preset | method | params | seeds | test accuracy | train time (s) | target |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for d in report["datasets"]:
+        for method in METHODS:
+            s = d["summary"][method]
+            target = ("(quick)" if report["quick"] else "**PASS**" if d["pass"] else "**FAIL**"
+                      ) if method == "eqprop" else ""
+            lines.append(
+                f"| {d['dataset']} | {d['preset']['name']} | {method} | {s['parameters']:,} | "
+                f"{s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f}% | {s['seconds_mean']:.0f} | "
+                f"{target} |")
+    if report["quick"]:
+        lines += ["", "Quick run (one seed, two epochs, a training subset): it checks that the "
+                  "benchmark runs; the targets are judged on full runs only."]
+    else:
+        lines += ["", "Targets:", ""]
+        lines += [f"- {'PASS' if d['pass'] else 'FAIL'} {d['dataset']}: {d['verdict']}"
+                  for d in report["datasets"]]
+    lines += ["", "Presets (hyper-parameters):", ""]
+    for d in report["datasets"]:
+        p = d["preset"]
+        lines.append(
+            f"- `{p['name']}`: {p['model']} hidden {p['hidden']}, {p['activation']}, "
+            f"{p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']} (cosine), "
+            f"beta {p['beta']} ({'symmetric' if p['symmetric_nudging'] else 'one-sided'}), "
+            f"free/nudged step caps {p['free_steps']}/{p['nudged_steps']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, two epochs, 5,000 training images: checks that it runs")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", default="results/accuracy")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = 1 if args.quick else args.seeds
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    report = {"machine": machine_info(torch.device("cpu"), threads, threads), "quick": args.quick,
+              "datasets": []}
+    for dataset in args.datasets:
+        preset = preset_for(dataset)
+        data = load_classification(dataset, root=args.data_dir)
+        if args.quick:
+            preset = dataclasses.replace(preset, epochs=min(preset.epochs, 2))
+            if dataset != "digits":
+                data = dataclasses.replace(data, x_train=data.x_train[:5000],
+                                           y_train=data.y_train[:5000])
+        runs = {method: [] for method in METHODS}
+        for seed in range(seeds):
+            for method in METHODS:
+                run = run_one(preset, data, method, seed, args.progress)
+                runs[method].append(run)
+                print(f"{dataset:<14} seed {seed} {method:<9} test {run['test_accuracy']:.2f}% "
+                      f"train {run['train_accuracy']:.2f}% {run['seconds']:.0f} s", flush=True)
+        summary = {method: summarise(r) for method, r in runs.items()}
+        ok, verdict = judge(dataset, summary["eqprop"], summary["backprop"])
+        report["datasets"].append({"dataset": dataset, "preset": preset.as_dict(),
+                                   "summary": summary, "pass": ok, "verdict": verdict,
+                                   "runs": runs})
+    report["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (out / "accuracy.md").write_text(table)
+    print("\n" + table)
+    print(f"wrote {out / 'accuracy.json'} and {out / 'accuracy.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Presets: the digits preset reaches its documented accuracy; every preset builds and steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from toreq.data import load_digits
+from toreq.presets import PRESETS, build_trainer, get_preset
+from toreq.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_digits_preset_reaches_its_accuracy_next_to_backprop(digits):
+    # The full preset, one seed (the benchmark's figure is the mean over three seeds): EqProp
+    # on the 360 test digits within about a point of backprop of the same width.
+    preset = get_preset("digits-looped")
+    accuracy = {}
+    for method in ("eqprop", "backprop"):
+        _, trainer, scheduler = build_trainer(preset, digits.input_dim, digits.num_classes,
+                                              method=method, seed=0)
+        history = fit(trainer, digits.x_train, digits.y_train, digits.x_test, digits.y_test,
+                      epochs=preset.epochs, batch_size=preset.batch_size, seed=0,
+                      scheduler=scheduler, progress=False)
+        accuracy[method] = history[-1]["test_accuracy"]
+    assert accuracy["eqprop"] >= 0.965, accuracy
+    assert accuracy["backprop"] - accuracy["eqprop"] <= 0.015, accuracy
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("method", ["eqprop", "bptt", "backprop"])
+def test_every_preset_builds_and_takes_a_step(name, method):
+    preset = dataclasses.replace(get_preset(name), hidden=16)
+    dims = {"digits": 64}.get(preset.dataset, 784)
+    model, trainer, scheduler = build_trainer(preset, dims, 10, method=method, seed=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = trainer.step(torch.rand(8, dims), torch.randint(0, 10, (8,)))
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scheduler.T_max == preset.epochs
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown preset 'nope'; choose one of digits-looped"):
+        get_preset("nope")
+    with pytest.raises(ValueError, match="method must be 'eqprop', 'bptt' or 'backprop'"):
+        build_trainer(get_preset("digits-looped"), 64, 10, method="sgd")
+
+
+def test_accuracy_benchmark_quick_run(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    assert accuracy.main(["--quick", "--datasets", "digits", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| digits | digits-looped | eqprop |" in table and "(quick)" in table
+    assert (tmp_path / "accuracy.json").exists()

@@ -1,0 +1,111 @@
+"""Named training configurations whose results we measured.
+
+Each :class:`Preset` holds the hyper-parameters of one model on one data set, the test
+accuracy it reached and the command that reproduces that figure (``benchmarks/accuracy.py``
+runs every preset over several seeds and writes the table in the README). The command line
+(``toreq train --preset NAME``) and the benchmarks read them from here, so a figure and the
+configuration that produced it never drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+__all__ = ["PRESETS", "Preset", "build_trainer", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One configuration: model, EqProp hyper-parameters and optimisation schedule.
+
+    ``lr`` is AdamW's learning rate, annealed to 0 by a cosine schedule over ``epochs``; the
+    backprop baseline of the same width uses the same optimiser, schedule and batches.
+    ``result`` is the measured figure in words (with its seeds), ``command`` what produced it.
+    """
+
+    name: str
+    dataset: str
+    model: str
+    hidden: int
+    epochs: int
+    batch_size: int
+    lr: float
+    beta: float
+    free_steps: int
+    nudged_steps: int
+    layers: int = 1
+    activation: str = "tanh"
+    symmetric_nudging: bool = True
+    result: str = ""
+    command: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            name="digits-looped", dataset="digits", model="looped_mlp", hidden=256, epochs=30,
+            batch_size=32, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=30,
+            command="python benchmarks/accuracy.py --datasets digits",
+        ),
+        Preset(
+            name="mnist-looped", dataset="mnist", model="looped_mlp", hidden=512, epochs=10,
+            batch_size=128, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=20,
+            command="python benchmarks/accuracy.py --datasets mnist",
+        ),
+        Preset(
+            name="fashion_mnist-looped", dataset="fashion_mnist", model="looped_mlp", hidden=512,
+            epochs=10, batch_size=128, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=20,
+            command="python benchmarks/accuracy.py --datasets fashion_mnist",
+        ),
+    )
+}
+
+
+def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: str = "eqprop",
+                  seed: int = 0):
+    """The model, trainer and LR scheduler of ``preset`` for one training run.
+
+    ``method`` is ``"eqprop"`` (the preset's model trained by EqProp), ``"bptt"`` (the same model
+    trained by backprop through ``free_steps`` unrolled steps) or ``"backprop"`` (a feedforward
+    MLP of the same width). Every method gets AdamW with the preset's learning rate, annealed to
+    0 over ``preset.epochs`` by a cosine schedule. The parameters are initialised from ``seed``.
+    """
+    import torch
+
+    from toreq.nn import FeedforwardMLP
+    from toreq.cli import build_model
+    from toreq.train import BackpropTrainer, BPTTTrainer, EqPropTrainer
+
+    torch.manual_seed(seed)
+    if method == "backprop":
+        model = FeedforwardMLP(input_dim, [preset.hidden] * preset.layers, num_classes,
+                               activation=preset.activation)
+    elif method in ("eqprop", "bptt"):
+        model = build_model(preset.model, input_dim, num_classes, preset.hidden,
+                            layers=preset.layers, activation=preset.activation,
+                            max_steps=preset.free_steps)
+    else:
+        raise ValueError(f"method must be 'eqprop', 'bptt' or 'backprop', got {method!r}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr)
+    if method == "eqprop":
+        trainer = EqPropTrainer(model, optimizer, beta=preset.beta, free_steps=preset.free_steps,
+                                nudged_steps=preset.nudged_steps,
+                                symmetric=preset.symmetric_nudging)
+    elif method == "bptt":
+        trainer = BPTTTrainer(model, optimizer, steps=preset.free_steps)
+    else:
+        trainer = BackpropTrainer(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
+    return model, trainer, scheduler
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a clear error lists the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
