@@ -137,12 +137,83 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, digits):
         load_checkpoint(path, tr)
 
 
+def test_checkpoint_of_another_model_or_missing_gets_a_clear_error(tmp_path, digits):
+    looped = make("looped", digits)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, EqPropTrainer(looped, torch.optim.Adam(looped.parameters())), 1, [])
+    ep = make("ep", digits)
+    with pytest.raises(RuntimeError, match="(?s)does not fit this trainer .*another model"):
+        load_checkpoint(path, EqPropTrainer(ep, torch.optim.Adam(ep.parameters())))
+    with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
+        load_checkpoint(tmp_path / "missing.pt",
+                        EqPropTrainer(ep, torch.optim.Adam(ep.parameters())))
+
+
 def test_divergence_is_reported_with_advice(digits):
     model = make("looped", digits)
     trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=1e30), beta=0.5)
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
         for i in range(0, 320, 32):
             trainer.step(digits.x_train[i:i + 32], digits.y_train[i:i + 32])
+
+
+def _steps_until_diverged(trainer, digits, steps=20):
+    """Runs steps until TrainingDiverged; returns it and whether the failing step kept the
+    parameters (it must not apply a diverged update)."""
+    params = list(trainer.model.parameters())
+    for i in range(0, 32 * steps, 32):
+        before = [p.detach().clone() for p in params]
+        try:
+            trainer.step(digits.x_train[i:i + 32], digits.y_train[i:i + 32])
+        except TrainingDiverged as error:
+            return error, all(torch.equal(b, p) for b, p in zip(before, params))
+    raise AssertionError(f"no TrainingDiverged in {steps} steps")
+
+
+def test_exploding_loss_is_divergence_before_it_reaches_inf(digits):
+    # lr = 1000 never makes a NaN or Inf: the loss climbs to ~1e4 and training goes on uselessly.
+    model = make("looped", digits)
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=1e3), beta=0.5)
+    error, kept = _steps_until_diverged(trainer, digits)
+    assert "max_loss_ratio = 1000" in str(error)
+    assert "lower the learning rate (now 1000.0)" in str(error)
+    assert kept
+    model = make("looped", digits)  # without the check the same run goes on, still finite
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=1e3), beta=0.5,
+                            max_loss_ratio=None)
+    losses = [trainer.step(digits.x_train[i:i + 32], digits.y_train[i:i + 32])["loss"]
+              for i in range(0, 128, 32)]
+    assert max(losses) > 1e3 * losses[0] and max(losses) < float("inf")
+
+
+def test_optimizer_overflow_is_divergence(digits):
+    # Adam's step size lr / (1 - beta1^t) does not fit float32: torch raises a bare RuntimeError.
+    model = make("ep", digits)
+    trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=1e38))
+    error, _ = _steps_until_diverged(trainer, digits)
+    assert "optimizer step overflowed" in str(error) and "lower the learning rate" in str(error)
+
+
+def test_non_finite_gradient_stops_before_the_update(digits):
+    model = make("looped", digits)
+    model.readout.weight.register_hook(lambda grad: grad * float("nan"))
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    error, kept = _steps_until_diverged(trainer, digits, steps=1)
+    assert "the gradient of readout.weight holds NaN or Inf" in str(error) and kept
+
+
+def test_huge_beta_is_divergence(digits):
+    # Up to float32's range a huge beta only saturates the nudged phase; beyond it the nudge
+    # cannot be represented (torch used to raise "value cannot be converted to type float").
+    model = make("ep", digits)
+    trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters()), beta=1e39)
+    error, kept = _steps_until_diverged(trainer, digits, steps=1)
+    assert "beta = 1e+39 overflows torch.float32" in str(error) and "lower beta" in str(error)
+    model = make("ep", digits)
+    trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters()),
+                            beta_schedule=lambda step: 0.5 * 1e20 ** step)
+    error, kept = _steps_until_diverged(trainer, digits, steps=5)
+    assert trainer.steps_done == 2 and "lower the betas of beta_schedule" in str(error) and kept
 
 
 def test_spectral_norm_keeps_looped_model_contracting(digits):

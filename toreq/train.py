@@ -16,14 +16,17 @@ import os
 import random
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from toreq.distributed import average_over_ranks, is_main_process, shard
 from toreq.nn import EquilibriumModel
 
 __all__ = [
@@ -37,9 +40,11 @@ class TrainingDiverged(RuntimeError):
 
 
 def _diverged(what: str, trainer: Any) -> TrainingDiverged:
-    hints = ["lower the learning rate"]
+    lrs = sorted({group["lr"] for group in trainer.optimizer.param_groups if "lr" in group})
+    hints = ["lower the learning rate" + (f" (now {', '.join(map(str, lrs))})" if lrs else "")]
     if isinstance(trainer, EqPropTrainer):
-        hints += [f"lower beta (now {trainer.beta})", "raise damping (e.g. 0.5)",
+        hints += [f"lower beta (now {trainer.beta})" if trainer.beta_schedule is None
+                  else "lower the betas of beta_schedule", "raise damping (e.g. 0.5)",
                   "keep spectral normalisation on (spectral_norm=True)"]
     return TrainingDiverged(f"training diverged: {what}. To fix it: " + "; ".join(hints) + ".")
 
@@ -63,21 +68,37 @@ class EqPropTrainer:
         tol, damping: override the model's relaxation tolerance and damping when given.
         loss: override the model's loss (``"cross_entropy"`` or ``"mse"``) when given.
         beta_schedule: optional ``step -> beta`` function (e.g. for annealing studies).
+        max_loss_ratio: a step whose loss exceeds this multiple of ``max(1, first step's loss)``
+            raises :class:`TrainingDiverged` (a blow-up that has not reached Inf yet, e.g. a
+            learning rate far too large); None turns the check off.
+        process_group: data-parallel training over this ``torch.distributed`` group (e.g.
+            ``torch.distributed.group.WORLD``): each rank passes its shard of the global batch
+            and the gradients are averaged over the global batch before the optimizer step
+            (see :mod:`toreq.distributed`; :func:`fit` shards the batches itself).
     """
 
     def __init__(self, model: EquilibriumModel, optimizer: torch.optim.Optimizer, *,
                  beta: float = 0.5, free_steps: int | None = None, nudged_steps: int = 10,
                  symmetric: bool = True, tol: float | None = None, damping: float | None = None,
                  loss: str | None = None,
-                 beta_schedule: Callable[[int], float] | None = None) -> None:
+                 beta_schedule: Callable[[int], float] | None = None,
+                 max_loss_ratio: float | None = 1e3,
+                 process_group: dist.ProcessGroup | None = None) -> None:
         if not isinstance(model, EquilibriumModel):
             raise TypeError(f"EqPropTrainer needs a toreq.nn.EquilibriumModel, got {type(model).__name__}")
         if not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta must be finite and > 0, got {beta}")
+        if max_loss_ratio is not None and not max_loss_ratio > 1:
+            raise ValueError(f"max_loss_ratio must be > 1 or None, got {max_loss_ratio}")
+        if process_group is not None and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group was given but torch.distributed is not initialised; "
+                             "call torch.distributed.init_process_group first (torchrun sets "
+                             "up the environment for it)")
         self.model, self.optimizer = model, optimizer
         self.beta, self.beta_schedule = beta, beta_schedule
         self.free_steps = model.max_steps if free_steps is None else free_steps
         self.nudged_steps, self.symmetric = nudged_steps, symmetric
+        self.max_loss_ratio, self.process_group = max_loss_ratio, process_group
         if tol is not None:
             model.tol = tol
         if damping is not None:
@@ -85,44 +106,117 @@ class EqPropTrainer:
         if loss is not None:
             model.loss_name = loss
         self.steps_done = 0
+        self._first_loss: float | None = None
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        model = self.model
+        """One EqProp step on the batch ``(x, y)``; with a process group, on this rank's shard.
+
+        Returns the batch's loss, accuracy and relaxation statistics (with a process group: over
+        the global batch, except ``free_steps_max``, which is this rank's). Raises
+        :class:`TrainingDiverged`, leaving the parameters as they were, when the relaxation, the
+        loss or a gradient is NaN or Inf or the loss exploded; and when the optimizer step
+        overflowed or made a parameter NaN or Inf.
+        """
+        model, group = self.model, self.process_group
         model.train()
         beta = self.beta if self.beta_schedule is None else self.beta_schedule(self.steps_done)
+        if x.is_floating_point() and not abs(beta) <= torch.finfo(x.dtype).max:
+            raise _diverged(f"beta = {beta} overflows {x.dtype}, so the nudge cannot be "
+                            "represented", self)
+        batch, free, failure = x.shape[0], None, None
+        # Batch sums of: loss, correct predictions, free steps, nudged steps, unconverged samples.
+        sums = torch.zeros(5, dtype=torch.float64, device=x.device)
+        self.optimizer.zero_grad(set_to_none=True)
         try:
+            # Built on every rank, an empty shard's too: it advances the spectral norm's power
+            # iteration, which must stay in step across ranks.
             net = model.network(x)
-            free = model.relax(x, net, max_steps=self.free_steps)
-            nudged = model.relax(x, net, states=free.states, beta=beta, target=y,
-                                 max_steps=self.nudged_steps)
-            if self.symmetric:
-                reference = model.relax(x, net, states=free.states, beta=-beta, target=y,
-                                        max_steps=self.nudged_steps)
-                contrast = 2 * beta
-            else:
-                reference, contrast = free, beta
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = model.eqprop_backward(x, y, net, free, nudged, reference, contrast)
+            if batch > 0:  # a shard is empty when the global batch is smaller than the world
+                free = model.relax(x, net, max_steps=self.free_steps)
+                nudged = model.relax(x, net, states=free.states, beta=beta, target=y,
+                                     max_steps=self.nudged_steps)
+                if self.symmetric:
+                    reference = model.relax(x, net, states=free.states, beta=-beta, target=y,
+                                            max_steps=self.nudged_steps)
+                    contrast = 2 * beta
+                else:
+                    reference, contrast = free, beta
+                loss = model.eqprop_backward(x, y, net, free, nudged, reference, contrast)
+                with torch.no_grad():
+                    correct = model.output(free.states, net).argmax(dim=1) == y
+                    unconverged = (free.residual >= model.tol if model.tol > 0
+                                   else torch.zeros_like(free.steps))
+                    sums = torch.stack([loss.double() * batch, correct.sum(), free.steps.sum(),
+                                        nudged.steps.sum(), unconverged.sum()]).double()
         except RuntimeError as error:
-            if "NaN or Inf" in str(error) or "diverged" in str(error):
-                raise _diverged(f"the relaxation blew up ({error})", self) from error
-            raise
-        if not torch.isfinite(loss):
-            raise _diverged(f"the loss is {float(loss)}", self)
-        self.optimizer.step()
+            if "NaN or Inf" not in str(error) and "diverged" not in str(error):
+                raise
+            failure = _diverged(f"the relaxation blew up ({error})", self)
+            failure.__cause__ = error
+        total = batch
+        if group is not None:
+            # Every rank learns of a failure anywhere before the gradient all-reduce, where the
+            # healthy ranks would otherwise wait forever.
+            status = torch.cat([sums, sums.new_tensor([batch, failure is not None])])
+            dist.all_reduce(status, group=group)
+            sums, total = status[:5], int(status[5])
+            if bool(status[6]) and failure is None:
+                failure = _diverged("the relaxation blew up on another rank", self)
+        if failure is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise failure
+        if total == 0:
+            raise ValueError("x is an empty batch; EqProp averages its gradients over the batch")
+        loss_sum, correct_sum, free_sum, nudged_sum, unconverged_sum = sums.tolist()
+        mean_loss = loss_sum / total
+        if not math.isfinite(mean_loss):
+            raise _diverged(f"the loss is {mean_loss}", self)
+        if self._first_loss is None:
+            self._first_loss = mean_loss
+        if (self.max_loss_ratio is not None
+                and mean_loss > self.max_loss_ratio * max(1.0, self._first_loss)):
+            raise _diverged(f"the loss grew to {mean_loss:.4g}, more than max_loss_ratio = "
+                            f"{self.max_loss_ratio:g} times max(1, the first step's loss "
+                            f"{self._first_loss:.4g})", self)
+        if group is None:
+            named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+        else:  # the same tensors on every rank, an empty shard's included
+            named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+            for _, p in named:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            average_over_ranks([p.grad for _, p in named], batch, total, group)
+        _check_finite(named, "the gradient of", lambda p: p.grad, self)
+        try:
+            self.optimizer.step()
+        except RuntimeError as error:  # e.g. Adam with a learning rate beyond float range
+            if "overflow" not in str(error):
+                raise
+            raise _diverged(f"the optimizer step overflowed ({error})", self) from error
+        _check_finite(named, "after the optimizer step, parameter", lambda p: p, self)
         self.steps_done += 1
-        model._remember(free)
-        with torch.no_grad():
-            output = model.output(free.states, net)
+        if free is not None:
+            model._remember(free)
         return {
-            "loss": float(loss),
-            "accuracy": _accuracy(output, y),
-            "free_steps_mean": float(free.steps.float().mean()),
-            "free_steps_max": int(free.steps.max()),
-            "nudged_steps_mean": float(nudged.steps.float().mean()),
-            "unconverged": float((free.residual >= model.tol).float().mean()) if model.tol > 0 else 0.0,
+            "loss": mean_loss,
+            "accuracy": correct_sum / total,
+            "free_steps_mean": free_sum / total,
+            "free_steps_max": int(free.steps.max()) if free is not None else 0,
+            "nudged_steps_mean": nudged_sum / total,
+            "unconverged": unconverged_sum / total,
             "beta": beta,
         }
+
+
+def _check_finite(named: list[tuple[str, Tensor]], what: str, tensor: Callable[[Tensor], Tensor],
+                  trainer: Any) -> None:
+    """Raises TrainingDiverged naming the first tensor with NaN or Inf (one device sync)."""
+    if not named:
+        return
+    finite = torch.stack([torch.isfinite(tensor(p)).all() for _, p in named])
+    if not bool(finite.all()):
+        name = named[int((~finite).nonzero()[0])][0]
+        raise _diverged(f"{what} {name} holds NaN or Inf", trainer)
 
 
 class BPTTTrainer:
@@ -225,24 +319,42 @@ def save_checkpoint(path: str | os.PathLike, trainer: Any, epoch: int,
 
 
 def load_checkpoint(path: str | os.PathLike, trainer: Any) -> dict[str, Any]:
-    """Restores model, optimizer, RNGs and trainer counters; returns the checkpoint dict."""
+    """Restores model, optimizer, RNGs and trainer counters; returns the checkpoint dict.
+
+    The file is verified before it is unpickled: ``torch.save`` writes a zip archive holding a
+    CRC-32 of every record, and ``torch.load`` does not check them, so a flipped byte in a
+    tensor would otherwise load as silently damaged weights. A truncated or corrupt file, or a
+    checkpoint that does not fit ``trainer``, raises a ``RuntimeError`` that says so.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()  # reads every record and checks its CRC-32
+        if damaged is not None:
+            raise ValueError(f"record {damaged} fails its CRC-32 check")
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for damaged files
+    except Exception as error:  # zipfile and torch raise several types for damaged files
         raise RuntimeError(
             f"cannot read checkpoint {path}: the file is corrupt or truncated ({error}). Delete "
             "it or point --resume at another checkpoint."
         ) from error
     if not isinstance(state, dict) or state.get("format") != "toreq-checkpoint-1":
         raise RuntimeError(f"{path} is not a toreq checkpoint (no 'toreq-checkpoint-1' format tag)")
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    if hasattr(trainer, "steps_done"):
-        trainer.steps_done = state["trainer_steps"]
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
+    try:
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(trainer, "steps_done"):
+            trainer.steps_done = state["trainer_steps"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise RuntimeError(
+            f"checkpoint {path} does not fit this trainer ({type(error).__name__}: {error}); "
+            "was it written for another model, optimizer or toreq version?"
+        ) from error
     return state
 
 
@@ -258,9 +370,16 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
     checkpoint of epoch ``e`` (``checkpoint=..., resume=True``) reproduces the uninterrupted
     run's losses exactly. With ``log_dir``, metrics go to ``metrics.jsonl`` and
     ``metrics.csv`` there. A TrainingDiverged error stops training with advice.
+
+    With a data-parallel trainer (``EqPropTrainer(..., process_group=...)``) ``batch_size`` is
+    the global batch: every rank draws the same batches and trains on its shard of each
+    (:func:`toreq.distributed.shard`), so the run matches one process on the same batches; only
+    rank 0 shows progress, writes logs and saves checkpoints.
     """
     from tqdm.auto import tqdm
 
+    group = getattr(trainer, "process_group", None)
+    main = is_main_process(group)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume and checkpoint is not None and Path(checkpoint).exists():
@@ -268,7 +387,7 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         history, start_epoch = state["history"], state["epoch"]
         if scheduler is not None and "scheduler" in state["extra"]:
             scheduler.load_state_dict(state["extra"]["scheduler"])
-    log = Path(log_dir) if log_dir is not None else None
+    log = Path(log_dir) if log_dir is not None and main else None
     if log is not None:
         log.mkdir(parents=True, exist_ok=True)
     n = x_train.shape[0]
@@ -277,9 +396,12 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         started = time.perf_counter()
         sums: dict[str, float] = {}
         batches = range(0, n, batch_size)
-        bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not (progress and main),
+                   leave=False)
         for count, start in enumerate(bar, 1):
             idx = order[start:start + batch_size]
+            if group is not None:
+                idx = shard(idx, group)
             metrics = trainer.step(x_train[idx], y_train[idx])
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -294,7 +416,7 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         history.append(record)
         if log is not None:
             _append_metrics(log, record)
-        if checkpoint is not None:
+        if checkpoint is not None and main:
             extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else None
             save_checkpoint(checkpoint, trainer, epoch + 1, history, extra)
     return history

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 namespace toreq {
 
@@ -86,6 +87,11 @@ void hebbian_update_into(const at::Tensor& post_nudged, const at::Tensor& pre_nu
   const Activation pre_act = parse_activation(pre_activation, kOp, "pre_activation", true);
 
   const double scale = -1.0 / (beta * static_cast<double>(batch));
+  const double largest = dtype == at::kFloat ? std::numeric_limits<float>::max()
+                                             : std::numeric_limits<double>::max();
+  TORCH_CHECK(std::isfinite(scale) && std::abs(scale) <= largest, kOp, ": beta = ", beta,
+              " is so small that the update's scale 1 / (beta * batch) = 1 / (", beta, " * ",
+              batch, ") overflows ", dtype, "; use a larger beta");
   at::Tensor& out = const_cast<at::Tensor&>(grad_weight);
   const auto options = post_nudged.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor post_sum;  // sum over the batch of act(post_nudged) - act(post_free)

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace toreq {
@@ -116,6 +117,17 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
   TORCH_CHECK(std::isfinite(tol) && tol >= 0.0, kOp,
               ": tol must be finite and >= 0 (0 runs every step), got ", tol);
   TORCH_CHECK(std::isfinite(beta), kOp, ": beta must be finite, got ", beta);
+  // beta scales the nudge in the states' dtype: it must neither overflow it nor round to 0
+  // there (which would silently run a free phase).
+  const bool is_float = first.scalar_type() == at::kFloat;
+  const double largest = is_float ? std::numeric_limits<float>::max()
+                                  : std::numeric_limits<double>::max();
+  const double smallest = is_float ? std::numeric_limits<float>::min()
+                                   : std::numeric_limits<double>::min();
+  TORCH_CHECK(beta == 0.0 || (std::abs(beta) >= smallest && std::abs(beta) <= largest), kOp,
+              ": beta = ", beta, " is outside the range of ", first.scalar_type(), " ([",
+              smallest, ", ", largest, "] in magnitude), so the nudge -beta * dloss/ds "
+              "overflows or vanishes; choose beta inside it (or 0 for a free phase)");
   p.damping = damping;
   p.max_steps = max_steps;
   p.tol = tol;

@@ -8,6 +8,7 @@ from toreq.ops.hebbian import hebbian_update, hebbian_update_reference
 from toreq.ops.relax import (
     Coupling,
     RelaxResult,
+    iterate_per_sample,
     layered_couplings,
     relax,
     relax_reference,
@@ -19,6 +20,7 @@ __all__ = [
     "RelaxResult",
     "hebbian_update",
     "hebbian_update_reference",
+    "iterate_per_sample",
     "layered_couplings",
     "relax",
     "relax_reference",

@@ -30,6 +30,7 @@ default, for states that are already activities), ``"hard_sigmoid"``, ``"tanh"``
 
 from __future__ import annotations
 
+
 import torch
 from torch import Tensor
 
@@ -57,16 +58,21 @@ def hebbian_update(
         post_nudged, pre_nudged: ``(batch, n_post)`` and ``(batch, n_pre)`` activities of the
             nudged phase.
         post_free, pre_free: the same for the reference phase (free, or ``-beta``).
-        beta: the nudging strength of the nudged phase minus that of the reference phase.
+        beta: the nudging strength of the nudged phase minus that of the reference phase;
+            ``1 / (beta * batch)`` must fit the inputs' dtype (a ValueError says so).
         post_activation, pre_activation: the activation applied to each side.
         grad_weight, grad_bias: when ``grad_weight`` is given, the update is *added* to it (and
-            to ``grad_bias`` if given) in place, e.g. into ``weight.grad``.
+            to ``grad_bias`` if given) in place, e.g. into ``weight.grad``. NaN or Inf in the
+            activities propagate into the update, as in any matrix product.
 
     Returns:
         ``(grad_weight, grad_bias)``: new tensors of shapes ``(n_post, n_pre)`` and
         ``(n_post,)``, or the accumulated ones that were passed in.
     """
     tensors = [t.detach() for t in (post_nudged, pre_nudged, post_free, pre_free)]
+    if grad_bias is not None and grad_weight is None:
+        raise ValueError("toreq.hebbian_update: grad_bias was given without grad_weight; pass "
+                         "both to accumulate in place, or neither for new tensors")
     if pre_free is pre_nudged:  # keep the identity the single-GEMM path looks for
         tensors[3] = tensors[1]
     use_kernel = has_kernel("hebbian_update", tensors[0].device.type)

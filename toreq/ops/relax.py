@@ -54,7 +54,7 @@ returned. No autograd graph is built: gradients come from :func:`hebbian_update`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -63,7 +63,8 @@ from torch import Tensor
 from toreq.ops._dispatch import has_kernel
 
 __all__ = [
-    "Coupling", "RelaxResult", "layered_couplings", "relax", "relax_reference", "relax_step",
+    "Coupling", "RelaxResult", "iterate_per_sample", "layered_couplings", "relax",
+    "relax_reference", "relax_step",
 ]
 
 ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid")
@@ -129,6 +130,13 @@ def _labels_to_rows(target: Tensor, loss: str, num_outputs: int, dtype: torch.dt
         raise ValueError(
             f"integer class labels in target must have shape (batch,), got {tuple(target.shape)}"
         )
+    # Checked in eager mode only: reading the labels' range would break a compiled graph.
+    if (not torch.compiler.is_compiling() and target.numel()
+            and not (0 <= int(target.min()) and int(target.max()) < num_outputs)):
+        raise ValueError(
+            f"class labels in target must lie in [0, {num_outputs}) for {num_outputs} outputs, "
+            f"got values in [{int(target.min())}, {int(target.max())}]"
+        )
     rows = torch.zeros(target.shape[0], num_outputs, dtype=dtype, device=target.device)
     return rows.scatter_(1, target.long().unsqueeze(1), 1.0)
 
@@ -161,7 +169,9 @@ def relax(
         max_steps: the most updates a sample receives.
         tol: a sample stops once its largest state change in a step is below ``tol``.
         schedule: ``"sync"`` (Jacobi) or ``"async"`` (even layers, then odd layers).
-        beta: signed nudging strength; 0 for the free phase.
+        beta: signed nudging strength; 0 for the free phase. Otherwise its magnitude must
+            lie in the states' dtype's normal range (a ValueError says so), since the nudge
+            is computed in that dtype.
         loss: ``"mse"``, ``"cross_entropy"`` or ``"gradient"`` (see the module docstring).
         target: with ``beta != 0``, the target ``(batch, n_out)`` (rows of values or class
             probabilities; int64 class labels ``(batch,)`` are turned into one-hot rows), or for
@@ -173,6 +183,8 @@ def relax(
         :class:`RelaxResult` with the final states, per-sample step counts and residuals.
     """
     states = [s.detach() for s in states]
+    if not states:
+        raise ValueError("toreq.relax: states must hold at least one layer's state")
     if readout_weight is not None:
         readout_weight = readout_weight.detach()
     if readout_bias is not None:
@@ -269,6 +281,54 @@ def relax_step(
     return s
 
 
+def iterate_per_sample(
+    step: Callable[[list[Tensor]], list[Tensor]],
+    states: Sequence[Tensor],
+    *,
+    max_steps: int,
+    tol: float,
+    what: str = "toreq.relax",
+) -> RelaxResult:
+    """Iterates ``s <- step(s)`` without a graph, each sample stopping at its own convergence.
+
+    The contract of :func:`relax`, for any map ``step`` of a list of ``(batch, ...)`` states
+    that treats samples independently: a sample whose largest state change in a step falls below
+    ``tol`` keeps its state from then on, ``steps[b]`` counts its updates, and a new state that
+    is NaN or Inf in a sample still relaxing raises ``RuntimeError`` (prefixed with ``what``).
+    Since samples never interact, masking whole steps gives the same per-sample result as the
+    kernels' masked updates. :func:`relax_reference` and the models whose step is PyTorch code
+    (:class:`toreq.nn.SteppedEquilibriumModel`) relax through it.
+    """
+    with torch.no_grad():
+        s = [x.detach().clone() for x in states]
+        batch, like = s[0].shape[0], s[0]
+        active = torch.ones(batch, dtype=torch.bool, device=like.device)
+        steps = torch.zeros(batch, dtype=torch.long, device=like.device)
+        residual = torch.full((batch,), float("inf"), dtype=like.dtype, device=like.device)
+        for count in range(1, max_steps + 1):
+            if not bool(active.any()):
+                break
+            new = step(s)
+            change = torch.zeros(batch, dtype=like.dtype, device=like.device)
+            nonfinite = torch.zeros(batch, dtype=torch.bool, device=like.device)
+            for old, fresh in zip(s, new):
+                if old.shape[1:].numel() > 0:  # a layer of width 0 has nothing to compare
+                    change = torch.maximum(change, (fresh - old).abs().flatten(1).amax(dim=1))
+                    nonfinite |= ~torch.isfinite(fresh).flatten(1).all(dim=1)
+            bad = int((nonfinite & active).sum())
+            if bad:
+                raise RuntimeError(
+                    f"{what}: the state became NaN or Inf at step {count} in {bad} of {batch} "
+                    "samples"
+                )
+            s = [torch.where(active.view(-1, *[1] * (old.dim() - 1)), fresh, old)
+                 for old, fresh in zip(s, new)]
+            residual = torch.where(active, change, residual)
+            steps = torch.where(active, torch.full_like(steps, count), steps)
+            active = active & ~(change < tol)
+        return RelaxResult(s, steps, residual)
+
+
 def relax_reference(
     states: Sequence[Tensor],
     couplings: Sequence[Coupling],
@@ -282,36 +342,10 @@ def relax_reference(
 
     Takes the same arguments as :func:`relax`. Used by the tests, and where no compiled kernel
     exists for the device. It expects valid arguments (the compiled op checks them) and
-    ``target`` as rows, not labels. Samples never interact, so masking whole steps gives the
-    same per-sample result as the kernels' masked updates.
+    ``target`` as rows, not labels.
     """
-    with torch.no_grad():
-        s = [x.clone() for x in states]
-        batch, like = s[0].shape[0], s[0]
-        active = torch.ones(batch, dtype=torch.bool, device=like.device)
-        steps = torch.zeros(batch, dtype=torch.long, device=like.device)
-        residual = torch.full((batch,), float("inf"), dtype=like.dtype, device=like.device)
-        for step in range(1, max_steps + 1):
-            if not bool(active.any()):
-                break
-            new = relax_step(s, couplings, drives, **dynamics)
-            change = torch.zeros(batch, dtype=like.dtype, device=like.device)
-            nonfinite = torch.zeros(batch, dtype=torch.bool, device=like.device)
-            for layer in range(len(s)):
-                if s[layer].shape[1] > 0:
-                    change = torch.maximum(change, (new[layer] - s[layer]).abs().amax(dim=1))
-                    nonfinite |= ~torch.isfinite(new[layer]).all(dim=1)
-                s[layer] = torch.where(active.unsqueeze(1), new[layer], s[layer])
-            bad = int((nonfinite & active).sum())
-            if bad:
-                raise RuntimeError(
-                    f"toreq.relax: the state became NaN or Inf at step {step} in {bad} of "
-                    f"{batch} samples"
-                )
-            residual = torch.where(active, change, residual)
-            steps = torch.where(active, torch.full_like(steps, step), steps)
-            active = active & ~(change < tol)
-        return RelaxResult(s, steps, residual)
+    return iterate_per_sample(lambda s: relax_step(s, couplings, drives, **dynamics), states,
+                              max_steps=max_steps, tol=tol)
 
 
 @torch.library.register_fake("toreq::relax")
