@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from machine import machine_info
+from machine import machine_info, write_results
 from toreq.data import load_classification
 from toreq.presets import PRESETS, build_trainer
 from toreq.train import fit
@@ -163,13 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "summary": summary, "pass": ok, "verdict": verdict,
                                    "runs": runs})
     report["seconds"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (out / "accuracy.md").write_text(table)
-    print("\n" + table)
-    print(f"wrote {out / 'accuracy.json'} and {out / 'accuracy.md'}")
+    write_results(args.out, "accuracy", report, markdown(report))
+    print(f"wrote accuracy.json and accuracy.md into {args.out}")
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch  # before toreq: loading toreq._C needs torch's shared libraries
 
-from machine import machine_info
+from machine import machine_info, write_results
 from toreq.ops import (
     Coupling,
     hebbian_update,
@@ -669,18 +668,14 @@ def main(argv: list[str] | None = None) -> int:
 
     targets = evaluate_targets(relax_rows, hebbian_rows)
     md = markdown(info, relax_rows, tol_rows, hebbian_rows, targets, elapsed, args.quick)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     record = dict(
         machine=info, quick=args.quick, elapsed_s=elapsed, grid=grid,
         check=dict(rtol=RTOL, atol=ATOL),
         targets=[dict(target=name, passed=ok, failing=fails) for name, ok, fails in targets],
         relax=relax_rows, steps_to_tolerance=tol_rows, hebbian=hebbian_rows,
     )
-    (out_dir / "bench_ops.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out_dir / "bench_ops.md").write_text(md)
-    print(md)
-    log(f"wrote {out_dir / 'bench_ops.json'} and {out_dir / 'bench_ops.md'} in {elapsed:.0f} s")
+    write_results(args.out, "bench_ops", record, md)
+    log(f"wrote bench_ops.json and bench_ops.md into {args.out} in {elapsed:.0f} s")
     return 0
 
 

@@ -1,8 +1,9 @@
-"""What every benchmark records about the run: the command, the machine and the software."""
+"""What every benchmark records about its run (command, machine, software) and how it writes it."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -46,3 +47,12 @@ def machine_info(device: torch.device, threads: int, default_threads: int) -> di
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def write_results(out_dir: str | os.PathLike, name: str, record: dict, markdown: str) -> None:
+    """Writes ``<name>.json`` and ``<name>.md`` into ``out_dir`` and prints the table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / f"{name}.md").write_text(markdown)
+    print(markdown)

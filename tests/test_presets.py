@@ -66,3 +66,19 @@ def test_accuracy_benchmark_quick_run(tmp_path, monkeypatch):
     table = (tmp_path / "accuracy.md").read_text()
     assert "| digits | digits-looped | eqprop |" in table and "(quick)" in table
     assert (tmp_path / "accuracy.json").exists()
+
+
+def test_command_line_options_override_the_preset(capsys):
+    import json
+
+    from toreq.cli import main
+
+    assert main(["train", "--epochs", "1", "--hidden", "16", "--beta", "0.3", "--one-sided",
+                 "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    preset = report["preset"]
+    assert preset["name"] == "digits-looped" and preset["epochs"] == 1
+    assert preset["hidden"] == 16 and preset["beta"] == 0.3
+    assert preset["symmetric_nudging"] is False
+    assert preset["lr"] == get_preset("digits-looped").lr  # not given: the preset's
+    assert report["results"][0]["parameters"] == 64 * 16 + 16 + 16 * 16 + 16 * 10 + 10

@@ -4,58 +4,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
 
 import torch
 
-MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp")
 DATASETS = ("digits", "mnist", "fashion_mnist")
 
 
-def build_model(name: str, input_dim: int, output_dim: int, hidden: int, *, layers: int = 1,
-                activation: str | None = None, max_steps: int | None = None) -> torch.nn.Module:
-    """An equilibrium model by its command-line name."""
-    from toreq.nn import EPMLP, LoopedMLP, ToroidalMLP
-
-    options = {k: v for k, v in dict(activation=activation, max_steps=max_steps).items()
-               if v is not None}
-    if name == "looped_mlp":
-        return LoopedMLP(input_dim, hidden, output_dim, **options)
-    if name == "toroidal_mlp":
-        return ToroidalMLP(input_dim, hidden, output_dim, num_layers=max(layers, 2), **options)
-    if name == "ep_mlp":
-        return EPMLP(input_dim, [hidden] * layers, output_dim, **options)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+def _channels(text: str) -> list[int]:
+    try:
+        channels = [int(c) for c in text.split(",")]
+    except ValueError:
+        channels = []
+    if not channels or min(channels) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, "
+                                         f"e.g. 16,32; got {text!r}")
+    return channels
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from toreq.presets import MODELS, PRESETS
+
     p = sub.add_parser(
         "train", help="train an EqProp model (and optionally a baseline) on a data set",
         description="Train an equilibrium model with Equilibrium Propagation and report its test "
-                    "accuracy, optionally next to a baseline trained on the same data.",
+                    "accuracy, optionally next to a baseline trained on the same data. The "
+                    "hyper-parameters come from a preset (toreq.presets: by default the data "
+                    "set's, whose measured accuracy the README reports); every option given "
+                    "overrides the preset's value.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="looped_mlp", help="the EqProp model")
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits is embedded (scikit-learn); MNIST and Fashion-MNIST are read from "
                         "--data-dir or $TOREQ_DATA, or downloaded")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the configuration to start from (default: the data set's preset)")
     p.add_argument("--data-dir", default=None, help="folder holding mnist/ and fashion-mnist/")
-    p.add_argument("--hidden", type=int, default=256, help="units per hidden layer")
-    p.add_argument("--layers", type=int, default=1, help="hidden layers (ep_mlp, toroidal_mlp)")
-    p.add_argument("--activation", choices=("hard_sigmoid", "tanh", "sigmoid"), default=None,
-                   help="hidden activation (default: the model's own)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--beta", type=float, default=0.5, help="nudging strength")
-    p.add_argument("--free-steps", type=int, default=30, help="step cap of the free phase")
-    p.add_argument("--nudged-steps", type=int, default=10, help="step cap of the nudged phase")
-    p.add_argument("--one-sided", action="store_true",
-                   help="contrast +beta with the free phase instead of +beta with -beta")
     p.add_argument("--compare", choices=("none", "backprop", "bptt"), default="none",
                    help="also train a baseline on the same data: a feedforward MLP of the same "
-                        "size by backprop, or the same model by backprop through time")
+                        "width by backprop, or the same model by backprop through time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-dir", default=None, help="write metrics.jsonl and metrics.csv here")
@@ -63,54 +52,65 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
     p.add_argument("--json", action="store_true", help="print the final results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    h = p.add_argument_group("hyper-parameters (default: the preset's)")
+    keep = argparse.SUPPRESS  # absent unless given, so the preset's value stands
+    h.add_argument("--model", choices=MODELS, default=keep, help="the EqProp model")
+    h.add_argument("--hidden", type=int, default=keep, help="units per hidden layer")
+    h.add_argument("--layers", type=int, default=keep, help="hidden layers (ep_mlp, toroidal_mlp)")
+    h.add_argument("--channels", type=_channels, default=keep,
+                   help="conv_ep: output channels of each convolutional layer, comma-separated")
+    h.add_argument("--activation", choices=("hard_sigmoid", "tanh", "sigmoid"), default=keep,
+                   help="hidden activation")
+    h.add_argument("--epochs", type=int, default=keep)
+    h.add_argument("--batch-size", type=int, default=keep)
+    h.add_argument("--lr", type=float, default=keep,
+                   help="AdamW learning rate, annealed to 0 by a cosine schedule")
+    h.add_argument("--beta", type=float, default=keep, help="nudging strength")
+    h.add_argument("--free-steps", type=int, default=keep, help="step cap of the free phase")
+    h.add_argument("--nudged-steps", type=int, default=keep, help="step cap of the nudged phase")
+    h.add_argument("--one-sided", dest="symmetric_nudging", action="store_false", default=keep,
+                   help="contrast +beta with the free phase instead of +beta with -beta")
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from toreq.data import load_classification
-    from toreq.nn import FeedforwardMLP
-    from toreq.train import BackpropTrainer, BPTTTrainer, EqPropTrainer, fit
+    from toreq.presets import PRESETS, build_trainer, get_preset
+    from toreq.train import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.preset is None:
+        preset = next(p for p in PRESETS.values() if p.dataset == args.dataset)
+    else:
+        preset = get_preset(args.preset)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(preset)
+                 if hasattr(args, f.name) and f.name not in ("name", "dataset")}
+    if "model" in overrides and "activation" not in overrides:
+        overrides["activation"] = None  # another model: its own activation
+    preset = dataclasses.replace(preset, **overrides)
     data = load_classification(args.dataset, root=args.data_dir)
-    in_dim, classes = data.x_train.shape[1], data.num_classes
-    common = dict(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+    common = dict(epochs=preset.epochs, batch_size=preset.batch_size, seed=args.seed,
                   progress=not args.no_progress)
+    names = {"eqprop": f"{preset.model} (EqProp)", "backprop": "feedforward MLP (backprop)",
+             "bptt": f"{preset.model} (BPTT)"}
     results = []
-
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, in_dim, classes, args.hidden, layers=args.layers,
-                        activation=args.activation, max_steps=args.free_steps)
-    trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=args.lr),
-                            beta=args.beta, free_steps=args.free_steps,
-                            nudged_steps=args.nudged_steps, symmetric=not args.one_sided)
-    results.append(_timed(f"{args.model} (EqProp)", model, lambda: fit(
-        trainer, data.x_train, data.y_train, data.x_test, data.y_test, log_dir=args.log_dir,
-        checkpoint=args.checkpoint, resume=args.resume, desc="EqProp", **common)))
-
-    if args.compare != "none":
-        torch.manual_seed(args.seed)
-        if args.compare == "backprop":
-            baseline = FeedforwardMLP(in_dim, [args.hidden] * args.layers, classes,
-                                      activation=args.activation or "tanh")
-            base_trainer = BackpropTrainer(baseline, torch.optim.Adam(baseline.parameters(), lr=args.lr))
-            name = "feedforward MLP (backprop)"
-        else:
-            baseline = build_model(args.model, in_dim, classes, args.hidden, layers=args.layers,
-                                   activation=args.activation, max_steps=args.free_steps)
-            base_trainer = BPTTTrainer(baseline, torch.optim.Adam(baseline.parameters(), lr=args.lr),
-                                       steps=args.free_steps)
-            name = f"{args.model} (BPTT)"
-        results.append(_timed(name, baseline, lambda: fit(
-            base_trainer, data.x_train, data.y_train, data.x_test, data.y_test,
-            desc=args.compare, **common)))
+    for method in ["eqprop"] + ([args.compare] if args.compare != "none" else []):
+        model, trainer, scheduler = build_trainer(preset, data.input_dim, data.num_classes,
+                                                  method=method, seed=args.seed,
+                                                  image_shape=data.image_shape)
+        logging = dict(log_dir=args.log_dir, checkpoint=args.checkpoint,
+                       resume=args.resume) if method == "eqprop" else {}
+        results.append(_timed(names[method], model, lambda: fit(
+            trainer, data.x_train, data.y_train, data.x_test, data.y_test, scheduler=scheduler,
+            desc=method, **logging, **common)))
 
     if args.json:
-        print(json.dumps({"dataset": args.dataset, "results": results}, indent=2))
+        print(json.dumps({"dataset": args.dataset, "preset": preset.as_dict(),
+                          "results": results}, indent=2))
     else:
         print(f"\n{data.name}: {data.x_train.shape[0]} training and {data.x_test.shape[0]} test "
-              f"samples, {args.epochs} epochs")
+              f"samples, {preset.epochs} epochs (preset {preset.name})")
         print(f"{'model':<32} {'params':>9} {'test acc':>9} {'train acc':>10} {'time (s)':>9}")
         for r in results:
             print(f"{r['model']:<32} {r['parameters']:>9,} {100 * r['test_accuracy']:>8.2f}% "

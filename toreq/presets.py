@@ -9,9 +9,45 @@ configuration that produced it never drift apart.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["PRESETS", "Preset", "build_trainer", "get_preset"]
+import torch
+
+__all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "get_preset"]
+
+MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp", "modern_eqprop", "conv_ep")
+
+
+def build_model(name: str, input_dim: int, output_dim: int, hidden: int, *, layers: int = 1,
+                activation: str | None = None, max_steps: int | None = None,
+                image_shape: Sequence[int] | None = None,
+                channels: Sequence[int] = (16, 32)) -> torch.nn.Module:
+    """An equilibrium model by its name in :data:`MODELS` (the command line's ``--model``).
+
+    ``conv_ep`` reads its flattened input as images of ``image_shape`` ``(C, H, W)`` and has one
+    convolutional layer per entry of ``channels``; ``hidden`` and ``layers`` size the other
+    models. ``activation`` and ``max_steps`` left as None keep the model's own defaults.
+    """
+    from toreq.nn import EPMLP, ConvEP, LoopedMLP, ModernEqProp, ToroidalMLP
+
+    options = {k: v for k, v in dict(activation=activation, max_steps=max_steps).items()
+               if v is not None}
+    if name == "looped_mlp":
+        return LoopedMLP(input_dim, hidden, output_dim, **options)
+    if name == "toroidal_mlp":
+        return ToroidalMLP(input_dim, hidden, output_dim, num_layers=max(layers, 2), **options)
+    if name == "ep_mlp":
+        return EPMLP(input_dim, [hidden] * layers, output_dim, **options)
+    if name == "modern_eqprop":
+        return ModernEqProp(input_dim, hidden, output_dim, **options)
+    if name == "conv_ep":
+        if image_shape is None or math.prod(image_shape) != input_dim:
+            raise ValueError(f"conv_ep needs image_shape (C, H, W) with C*H*W = input_dim "
+                             f"({input_dim}), got {image_shape}")
+        return ConvEP(image_shape, channels, output_dim, **options)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
 @dataclass(frozen=True)
@@ -20,6 +56,7 @@ class Preset:
 
     ``lr`` is AdamW's learning rate, annealed to 0 by a cosine schedule over ``epochs``; the
     backprop baseline of the same width uses the same optimiser, schedule and batches.
+    ``activation`` None keeps the model's own; ``channels`` sizes ``conv_ep`` only.
     ``result`` is the measured figure in words (with its seeds), ``command`` what produced it.
     """
 
@@ -34,7 +71,8 @@ class Preset:
     free_steps: int
     nudged_steps: int
     layers: int = 1
-    activation: str = "tanh"
+    channels: tuple[int, ...] = (16, 32)
+    activation: str | None = "tanh"
     symmetric_nudging: bool = True
     result: str = ""
     command: str = ""
@@ -66,28 +104,27 @@ PRESETS: dict[str, Preset] = {
 
 
 def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: str = "eqprop",
-                  seed: int = 0):
+                  seed: int = 0, image_shape: Sequence[int] | None = None):
     """The model, trainer and LR scheduler of ``preset`` for one training run.
 
     ``method`` is ``"eqprop"`` (the preset's model trained by EqProp), ``"bptt"`` (the same model
     trained by backprop through ``free_steps`` unrolled steps) or ``"backprop"`` (a feedforward
     MLP of the same width). Every method gets AdamW with the preset's learning rate, annealed to
     0 over ``preset.epochs`` by a cosine schedule. The parameters are initialised from ``seed``.
+    ``image_shape`` is the data's ``(C, H, W)``, which ``conv_ep`` needs.
     """
-    import torch
-
     from toreq.nn import FeedforwardMLP
-    from toreq.cli import build_model
     from toreq.train import BackpropTrainer, BPTTTrainer, EqPropTrainer
 
     torch.manual_seed(seed)
     if method == "backprop":
         model = FeedforwardMLP(input_dim, [preset.hidden] * preset.layers, num_classes,
-                               activation=preset.activation)
+                               activation=preset.activation or "tanh")
     elif method in ("eqprop", "bptt"):
         model = build_model(preset.model, input_dim, num_classes, preset.hidden,
                             layers=preset.layers, activation=preset.activation,
-                            max_steps=preset.free_steps)
+                            max_steps=preset.free_steps, image_shape=image_shape,
+                            channels=preset.channels)
     else:
         raise ValueError(f"method must be 'eqprop', 'bptt' or 'backprop', got {method!r}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr)

@@ -44,31 +44,29 @@ def lipschitz(model, x: Tensor, iterations: int = 30) -> float:
     """An estimate of the contraction constant of a model's dynamics at its free equilibrium.
 
     Returns the largest, over the batch ``x``, spectral norm of the Jacobian ``dF/ds`` of one
-    relaxation step at the free fixed point, found by power iteration on ``J^T J`` with
-    forward- and reverse-mode products. Below 1 the dynamics contract near the equilibrium.
+    relaxation step (``model.step``, all layers' states together) at the free fixed point,
+    found by power iteration on ``J^T J`` with forward- and reverse-mode products. Below 1 the
+    dynamics contract near the equilibrium. Works for every :class:`toreq.nn.EquilibriumModel`,
+    whatever the shapes of its states (convolutional states included).
     """
-    from toreq.ops import relax_step
-
     with torch.no_grad():
         net = model.network(x)
         states = model.relax(x, net).states
-    couplings = [c._replace(weight=c.weight.detach()) for c in net.couplings]
-    drives = [None if d is None else d.detach() for d in net.drives]
 
     def step(*s: Tensor) -> tuple[Tensor, ...]:
-        return tuple(relax_step(list(s), couplings, drives, activation=model.activation,
-                                damping=model.damping, schedule=model.schedule))
+        return tuple(model.step(x, list(s), net))
 
     def per_sample_norm(vs) -> Tensor:
-        return torch.sqrt(sum(v.pow(2).sum(dim=1) for v in vs)).clamp_min(1e-30)
+        return torch.sqrt(sum(v.pow(2).flatten(1).sum(dim=1) for v in vs)).clamp_min(1e-30)
 
     vs = [torch.randn_like(s) for s in states]
     sigma = torch.zeros(x.shape[0], dtype=x.dtype)
     for _ in range(iterations):
         norm = per_sample_norm(vs)
-        vs = [v / norm[:, None] for v in vs]
+        vs = [v / norm.view(-1, *[1] * (v.dim() - 1)) for v in vs]
         _, jv = torch.func.jvp(step, tuple(states), tuple(vs))
-        sigma = per_sample_norm(jv)
+        sigma = per_sample_norm(jv).detach()
         _, vjp = torch.func.vjp(step, *states)
-        vs = list(vjp(tuple(jv)))
+        # a model's net may hold parameters themselves (biases): cut their graph every round
+        vs = [v.detach() for v in vjp(tuple(jv))]
     return float(sigma.max())

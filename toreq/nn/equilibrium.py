@@ -78,13 +78,18 @@ class EquilibriumModel(nn.Module):
             readout_bias=net.readout_bias,
         )
 
+    def step(self, x: Tensor, states: list[Tensor], net: Network) -> list[Tensor]:
+        """One free step ``s <- F(x, s)``, differentiable: what BPTT unrolls and
+        :func:`toreq.utils.lipschitz` linearises."""
+        return relax_step(states, net.couplings, net.drives, activation=self.activation,
+                          damping=self.damping, schedule=self.schedule)
+
     def unrolled(self, x: Tensor, steps: int, net: Network | None = None) -> list[Tensor]:
         """The free dynamics unrolled for ``steps`` steps *with* an autograd graph (for BPTT)."""
         net = self.network(x) if net is None else net
         states = self.init_states(x, net)
         for _ in range(steps):
-            states = relax_step(states, net.couplings, net.drives, activation=self.activation,
-                                damping=self.damping, schedule=self.schedule)
+            states = self.step(x, states, net)
         return states
 
     def output(self, states: list[Tensor], net: Network) -> Tensor:
