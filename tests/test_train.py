@@ -223,3 +223,19 @@ def test_spectral_norm_keeps_looped_model_contracting(digits):
     model.eval()
     assert lipschitz(model, digits.x_test[:32]) < 1.0
     assert evaluate(model, digits.x_test, digits.y_test)["steps_mean"] < model.max_steps
+
+
+def test_deterministic_runs_are_identical(digits):
+    def run():
+        torch.manual_seed(3)
+        model = LoopedMLP(64, 32, 10)
+        trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=2e-3), beta=0.2)
+        history = fit(trainer, digits.x_train[:256], digits.y_train[:256], epochs=2,
+                      batch_size=32, seed=5, progress=False, deterministic=True)
+        return [h["train_loss"] for h in history], [p.detach().clone() for p in model.parameters()]
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    (losses_a, params_a), (losses_b, params_b) = run(), run()
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after fit
+    assert losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))

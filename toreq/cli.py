@@ -45,7 +45,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", choices=("none", "backprop", "bptt"), default="none",
                    help="also train a baseline on the same data: a feedforward MLP of the same "
                         "width by backprop, or the same model by backprop through time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights and the batch order of every model")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms while training: identical runs "
+                        "for identical seeds, or an error naming the op that cannot be")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-dir", default=None, help="write metrics.jsonl and metrics.csv here")
     p.add_argument("--checkpoint", default=None, help="checkpoint file, written every epoch")
@@ -91,7 +95,7 @@ def _run_train(args: argparse.Namespace) -> int:
     preset = dataclasses.replace(preset, **overrides)
     data = load_classification(args.dataset, root=args.data_dir)
     common = dict(epochs=preset.epochs, batch_size=preset.batch_size, seed=args.seed,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, deterministic=args.deterministic)
     names = {"eqprop": f"{preset.model} (EqProp)", "backprop": "feedforward MLP (backprop)",
              "bptt": f"{preset.model} (BPTT)"}
     results = []

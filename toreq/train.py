@@ -18,6 +18,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -363,13 +364,19 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         y_test: Tensor | None = None, *, epochs: int = 10, batch_size: int = 64, seed: int = 0,
         log_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
         resume: bool = False, progress: bool = True, desc: str = "train",
-        scheduler: Any = None) -> list[dict[str, Any]]:
+        scheduler: Any = None, deterministic: bool = False) -> list[dict[str, Any]]:
     """Trains for ``epochs`` epochs and returns one metrics dict per epoch.
 
     The batch order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed from the
     checkpoint of epoch ``e`` (``checkpoint=..., resume=True``) reproduces the uninterrupted
     run's losses exactly. With ``log_dir``, metrics go to ``metrics.jsonl`` and
     ``metrics.csv`` there. A TrainingDiverged error stops training with advice.
+    ``deterministic=True`` runs the epochs under ``torch.use_deterministic_algorithms(True)``
+    (restored afterwards): an op without a deterministic implementation raises instead of
+    varying silently, so two runs with the same seeds give identical results (CUDA also needs
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment; see PyTorch's reproducibility notes).
+    Parameters are initialised by the caller: seed with ``torch.manual_seed`` before building
+    the model.
 
     With a data-parallel trainer (``EqPropTrainer(..., process_group=...)``) ``batch_size`` is
     the global batch: every rank draws the same batches and trains on its shard of each
@@ -390,36 +397,48 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
     log = Path(log_dir) if log_dir is not None and main else None
     if log is not None:
         log.mkdir(parents=True, exist_ok=True)
-    n = x_train.shape[0]
-    for epoch in range(start_epoch, epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        started = time.perf_counter()
-        sums: dict[str, float] = {}
-        batches = range(0, n, batch_size)
-        bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not (progress and main),
-                   leave=False)
-        for count, start in enumerate(bar, 1):
-            idx = order[start:start + batch_size]
-            if group is not None:
-                idx = shard(idx, group)
-            metrics = trainer.step(x_train[idx], y_train[idx])
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{sums['accuracy'] / count:.3f}")
-        if scheduler is not None:
-            scheduler.step()
-        record: dict[str, Any] = {"epoch": epoch + 1,
-                                  **{f"train_{k}": v / len(batches) for k, v in sums.items()},
-                                  "seconds": time.perf_counter() - started}
-        if x_test is not None:
-            record.update({f"test_{k}": v for k, v in evaluate(trainer.model, x_test, y_test).items()})
-        history.append(record)
-        if log is not None:
-            _append_metrics(log, record)
-        if checkpoint is not None and main:
-            extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else None
-            save_checkpoint(checkpoint, trainer, epoch + 1, history, extra)
+    with _deterministic_algorithms(deterministic):
+        n = x_train.shape[0]
+        for epoch in range(start_epoch, epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+            started = time.perf_counter()
+            sums: dict[str, float] = {}
+            batches = range(0, n, batch_size)
+            bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not (progress and main),
+                       leave=False)
+            for count, start in enumerate(bar, 1):
+                idx = order[start:start + batch_size]
+                if group is not None:
+                    idx = shard(idx, group)
+                metrics = trainer.step(x_train[idx], y_train[idx])
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{sums['accuracy'] / count:.3f}")
+            if scheduler is not None:
+                scheduler.step()
+            record: dict[str, Any] = {"epoch": epoch + 1,
+                                      **{f"train_{k}": v / len(batches) for k, v in sums.items()},
+                                      "seconds": time.perf_counter() - started}
+            if x_test is not None:
+                record.update({f"test_{k}": v for k, v in evaluate(trainer.model, x_test, y_test).items()})
+            history.append(record)
+            if log is not None:
+                _append_metrics(log, record)
+            if checkpoint is not None and main:
+                extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else None
+                save_checkpoint(checkpoint, trainer, epoch + 1, history, extra)
     return history
+
+
+@contextmanager
+def _deterministic_algorithms(enabled: bool):
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _append_metrics(log: Path, record: dict[str, Any]) -> None:
