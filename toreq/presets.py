@@ -87,17 +87,20 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="digits-looped", dataset="digits", model="looped_mlp", hidden=256, epochs=30,
             batch_size=32, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=30,
-            command="python benchmarks/accuracy.py --datasets digits",
+            result="EqProp 97.22 ± 0.28% test accuracy, backprop of the same width 97.22 ± 0.28% (3 seeds, 6 s per run on one CPU thread)",
+            command="python benchmarks/accuracy.py --datasets digits --threads 1",
         ),
         Preset(
             name="mnist-looped", dataset="mnist", model="looped_mlp", hidden=512, epochs=10,
             batch_size=128, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=20,
-            command="python benchmarks/accuracy.py --datasets mnist",
+            result="EqProp 98.25 ± 0.04% test accuracy, backprop of the same width 98.24 ± 0.12% (3 seeds, 115 s per run on one CPU thread)",
+            command="python benchmarks/accuracy.py --datasets mnist --threads 1",
         ),
         Preset(
             name="fashion_mnist-looped", dataset="fashion_mnist", model="looped_mlp", hidden=512,
             epochs=10, batch_size=128, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=20,
-            command="python benchmarks/accuracy.py --datasets fashion_mnist",
+            result="EqProp 89.37 ± 0.06% test accuracy, backprop of the same width 89.06 ± 0.16% (3 seeds, 114 s per run on one CPU thread)",
+            command="python benchmarks/accuracy.py --datasets fashion_mnist --threads 1",
         ),
     )
 }
