@@ -122,9 +122,11 @@ class ClassificationData:
 
     Attributes:
         name: the data set (``"digits"``, ``"mnist"``, ``"fashion_mnist"``).
-        x_train, x_test: ``float32`` inputs of shape ``(N, D)``, ``D = C * H * W``, each image
+        x_train: ``float32`` inputs of shape ``(N, D)``, ``D = C * H * W``, each image
             flattened in ``(C, H, W)`` order, values in ``[0, 1]``.
-        y_train, y_test: ``int64`` labels of shape ``(N,)`` in ``0 .. num_classes - 1``.
+        y_train: ``int64`` labels of shape ``(N,)`` in ``0 .. num_classes - 1``.
+        x_test: the test inputs, as ``x_train``.
+        y_test: the test labels, as ``y_train``.
         num_classes: number of classes.
         image_shape: ``(C, H, W)``, so that a model can do ``x.view(-1, *image_shape)``.
 

@@ -361,13 +361,17 @@ def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, beta: float = 1e-4
     Args:
         model: an :class:`EquilibriumModel`, or any module containing :class:`EquilibriumBlock` s
             (every block is switched between the estimators; its other options are kept).
-        x, y: a batch (use float64 for tight comparisons).
-        beta, symmetric: EqProp's nudging.
+        x: the batch's inputs (use float64 for tight comparisons).
+        y: the batch's targets.
+        beta: EqProp's nudging strength.
+        symmetric: contrast ``+beta`` with ``-beta`` (else ``+beta`` with the free phase).
         loss_fn: for modules with blocks, ``loss_fn(model(x), y)`` (default: cross-entropy for
             integer ``y``, else squared error).
-        max_steps, tol: every relaxation's budget and tolerance.
-        fd_entries, fd_eps: finite differences of the ``fd_entries`` largest-gradient entries of
-            each tensor (0: none), with step ``fd_eps``.
+        max_steps: every relaxation's budget.
+        tol: every relaxation's tolerance.
+        fd_entries: finite differences of the ``fd_entries`` largest-gradient entries of each
+            tensor (0: none).
+        fd_eps: the finite differences' step.
         gdd_steps: the GDD curve for ``k = 1 .. gdd_steps`` (0: none).
 
     Returns:

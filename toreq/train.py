@@ -62,11 +62,12 @@ class EqPropTrainer:
         optimizer: any ``torch.optim`` optimizer over ``model.parameters()``.
         beta: nudging strength (fixed by default; the earlier prototype found annealing it
             unstable).
-        free_steps, nudged_steps: step caps of the two phases (``None``: the model's
-            ``max_steps`` for the free phase, 10 for the nudged one).
+        free_steps: the free phase's step cap (``None``: the model's ``max_steps``).
+        nudged_steps: each nudged phase's step cap.
         symmetric: contrast a ``+beta`` and a ``-beta`` phase (bias O(beta^2) instead of
             O(beta)); otherwise contrast ``+beta`` with the free phase.
-        tol, damping: override the model's relaxation tolerance and damping when given.
+        tol: overrides the model's relaxation tolerance when given.
+        damping: overrides the model's damping when given.
         loss: override the model's loss (``"cross_entropy"`` or ``"mse"``) when given.
         beta_schedule: optional ``step -> beta`` function (e.g. for annealing studies).
         max_loss_ratio: a step whose loss exceeds this multiple of ``max(1, first step's loss)``

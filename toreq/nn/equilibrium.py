@@ -41,7 +41,10 @@ class EquilibriumModel(nn.Module):
     Args:
         activation: ``"hard_sigmoid"``, ``"tanh"`` or ``"sigmoid"``.
         loss: ``"cross_entropy"`` (through a readout) or ``"mse"`` (``1/2 |o - onehot(y)|^2``).
-        max_steps, tol, damping, schedule: the free phase's relaxation (see ``toreq.ops.relax``).
+        max_steps: the free phase's step cap (see ``toreq.ops.relax``).
+        tol: the free phase's tolerance.
+        damping: the free phase's damping.
+        schedule: the free phase's schedule, ``"sync"`` or ``"async"``.
     """
 
     def __init__(self, *, activation: str, loss: str, max_steps: int, tol: float,

@@ -24,13 +24,17 @@ class LoopedMLP(EquilibriumModel):
     without it, it is an approximation whose quality falls as ``W`` departs from symmetry.
 
     Args:
-        input_dim, hidden_dim, output_dim: layer sizes.
+        input_dim: size of ``x``.
+        hidden_dim: size of ``h``.
+        output_dim: size of ``o``.
         activation: the hidden activation rho.
         symmetric: parametrize ``W`` symmetric.
         spectral_norm: normalise ``W`` to spectral norm 1 before scaling.
         recurrent_scale: the spectral norm the recurrent weight is scaled to.
         loss: ``"cross_entropy"`` or ``"mse"`` on the readout.
-        max_steps, tol, damping: the free relaxation.
+        max_steps: the free relaxation's step cap.
+        tol: the free relaxation's tolerance.
+        damping: the free relaxation's damping ``gamma``.
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, *,

@@ -132,14 +132,18 @@ class ModernEqProp(SteppedEquilibriumModel):
     ``J = c W_2 diag(rho') W_1 J_LN`` is not in general.
 
     Args:
-        input_dim, hidden_dim, output_dim: sizes of ``x``, ``h`` and ``o``.
+        input_dim: size of ``x``.
+        hidden_dim: size of ``h``.
+        output_dim: size of ``o``.
         ffn_dim: width of the block's inner layer (default ``2 * hidden_dim``).
         activation: rho, ``"tanh"`` (default), ``"sigmoid"`` or ``"hard_sigmoid"``.
         spectral_norm: normalise ``W_1`` and ``W_2`` to spectral norm 1.
         recurrent_scale: ``c``, in ``(0, 1)`` for a guaranteed contraction.
         norm_eps: ``eps`` of the normalisation, > 0.
         loss: ``"cross_entropy"`` or ``"mse"`` on the readout.
-        max_steps, tol, damping: the free relaxation; ``damping`` is ``gamma``, in ``[0, 1)``.
+        max_steps: the free relaxation's step cap.
+        tol: the free relaxation's tolerance.
+        damping: the free relaxation's damping ``gamma``, in ``[0, 1)``.
     """
 
     gradient_regime = "approximate"
@@ -267,12 +271,16 @@ class ConvEP(SteppedEquilibriumModel):
         channels: output channels of each convolutional layer (at least one layer).
         output_dim: classes.
         hidden_dims: widths of dense hidden layers after the convolutions (default none).
-        kernel_size, padding, pool_size: every convolutional layer's kernel, zero padding
-            (default ``kernel_size // 2``) and max-pooling window (= stride; 1: no pooling).
+        kernel_size: every convolutional layer's kernel size.
+        padding: every convolutional layer's zero padding (default ``kernel_size // 2``).
+        pool_size: every convolutional layer's max-pooling window (= stride; 1: no pooling).
         activation: rho, ``"hard_sigmoid"`` (default) or ``"sigmoid"``; ``"tanh"`` only with
             ``pool_size=1`` (negative states make max-pooling's argmax alternate).
         loss: ``"cross_entropy"`` (readout) or ``"mse"`` (output layer).
-        max_steps, tol, damping, schedule: the free relaxation.
+        max_steps: the free relaxation's step cap.
+        tol: the free relaxation's tolerance.
+        damping: the free relaxation's damping.
+        schedule: the free relaxation's schedule.
     """
 
     gradient_regime = "exact"

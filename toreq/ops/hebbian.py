@@ -55,15 +55,18 @@ def hebbian_update(
     """Weight and bias gradients of one coupling from two phases (see the module docstring).
 
     Args:
-        post_nudged, pre_nudged: ``(batch, n_post)`` and ``(batch, n_pre)`` activities of the
-            nudged phase.
-        post_free, pre_free: the same for the reference phase (free, or ``-beta``).
+        post_nudged: ``(batch, n_post)`` activities of the nudged phase.
+        pre_nudged: ``(batch, n_pre)`` activities of the nudged phase.
+        post_free: ``(batch, n_post)`` activities of the reference phase (free, or ``-beta``).
+        pre_free: ``(batch, n_pre)`` activities of the reference phase.
         beta: the nudging strength of the nudged phase minus that of the reference phase;
             ``1 / (beta * batch)`` must fit the inputs' dtype (a ValueError says so).
-        post_activation, pre_activation: the activation applied to each side.
-        grad_weight, grad_bias: when ``grad_weight`` is given, the update is *added* to it (and
-            to ``grad_bias`` if given) in place, e.g. into ``weight.grad``. NaN or Inf in the
-            activities propagate into the update, as in any matrix product.
+        post_activation: the activation applied to the post side.
+        pre_activation: the activation applied to the pre side.
+        grad_weight: when given, the update is *added* to it in place, e.g. into
+            ``weight.grad``. NaN or Inf in the activities propagate into the update, as in any
+            matrix product.
+        grad_bias: with ``grad_weight``, the bias update is added to it in place.
 
     Returns:
         ``(grad_weight, grad_bias)``: new tensors of shapes ``(n_post, n_pre)`` and

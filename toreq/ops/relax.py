@@ -176,8 +176,9 @@ def relax(
         target: with ``beta != 0``, the target ``(batch, n_out)`` (rows of values or class
             probabilities; int64 class labels ``(batch,)`` are turned into one-hot rows), or for
             ``loss="gradient"`` the gradient of the loss with respect to the last layer.
-        readout_weight, readout_bias: an optional feedforward readout ``o = s R^T + c`` of the
-            last layer that the loss is measured on.
+        readout_weight: ``R`` of an optional feedforward readout ``o = s R^T + c`` of the last
+            layer that the loss is measured on.
+        readout_bias: ``c`` of that readout.
 
     Returns:
         :class:`RelaxResult` with the final states, per-sample step counts and residuals.

@@ -1,0 +1,139 @@
+"""Every benchmark into one results folder, with an index: ``python -m benchmarks``.
+
+    python -m benchmarks [--quick] [--out results] [--only NAME ...] [--threads N]
+
+Runs ``bench_ops.py``, ``memory.py`` and ``accuracy.py`` (see ``README.md`` beside this file),
+each in its own subprocess with ``--out <out>/<name>`` and ``--quick`` and ``--threads`` passed
+on: the scripts import one another as top-level modules of this folder and time themselves, so
+a fresh process per benchmark keeps one from perturbing the next. A benchmark that fails does
+not stop the others. Then, from each benchmark's JSON record, it draws ``<out>/<name>/<name>.png``
+(with a printed note instead where matplotlib is not installed) and writes ``<out>/README.md``:
+the command, the machine, each benchmark's status, command and time, its plot and its Markdown
+tables. Exits with 1 when a benchmark failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the benchmarks' own modules are top-level modules of this folder
+
+from plots import write_plots  # noqa: E402
+
+BENCHMARKS = ("bench_ops", "memory", "accuracy")
+
+
+@dataclass
+class Run:
+    """One benchmark's subprocess: its command, exit code, wall time and what it wrote."""
+
+    name: str
+    command: list[str]
+    returncode: int
+    seconds: float
+    record: dict | None
+    markdown: str
+    plots: list[Path]
+
+    @property
+    def status(self) -> str:
+        if self.returncode != 0:
+            return f"failed (exit code {self.returncode})"
+        return "ok" if self.record is not None else f"no {self.name}.json written"
+
+
+def run_benchmark(name: str, out: Path, quick: bool, threads: int) -> Run:
+    """Runs ``<name>.py`` into ``out/<name>``, then draws its record's plot."""
+    folder = out / name
+    command = [sys.executable, str(HERE / f"{name}.py"), "--out", str(folder),
+               "--threads", str(threads)] + (["--quick"] if quick else [])
+    print(f"== {name}: {shlex.join(command)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    returncode = subprocess.run(command).returncode
+    seconds = time.perf_counter() - started
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
+    record = markdown = None
+    plots: list[Path] = []
+    if returncode == 0 and json_path.exists():  # a failed run may have left an older record
+        record = json.loads(json_path.read_text())
+        markdown = md_path.read_text() if md_path.exists() else ""
+        plots = write_plots(name, record, folder)
+    return Run(name, command, returncode, seconds, record, markdown or "", plots)
+
+
+def machine_line(runs: list[Run]) -> str:
+    """The machine, from the first record (every benchmark records the one it ran on)."""
+    info = next((r.record["machine"] for r in runs if r.record is not None), None)
+    if info is None:
+        return "Machine: unknown (no benchmark finished)."
+    gpu = f", GPU {info['gpu']} (CUDA {info.get('cuda')})" if "gpu" in info else ""
+    return (f"Machine: CPU {info['cpu_model']} ({info['logical_cpus']} logical CPUs){gpu}; "
+            f"torch {info['torch']}, toreq {info['toreq']}, Python {info['python']}, "
+            f"{info['platform']}; git commit `{info['git_commit'] or 'unknown'}`.")
+
+
+def index(runs: list[Run], command: str, quick: bool, seconds: float) -> str:
+    """``README.md`` of the results folder: command, machine, a status table, then each
+    benchmark's own Markdown (headings one level down) with its plot under its title."""
+    lines = ["# toreq benchmark results", "",
+             f"`{command}` ({'quick runs' if quick else 'full runs'}, {seconds:.0f} s in all).",
+             "", machine_line(runs), "",
+             "| benchmark | status | time | command | files |", "|---|---|---:|---|---|"]
+    for r in runs:
+        files = ([f"[{name}]({r.name}/{name})" for name in
+                  [f"{r.name}.json", f"{r.name}.md", *(p.name for p in r.plots)]]
+                 if r.record is not None else ["-"])
+        shown = shlex.join(["python", f"benchmarks/{r.name}.py", *r.command[2:]])
+        lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} s | `{shown}` | "
+                     f"{', '.join(files)} |")
+    for r in runs:
+        if r.record is None:
+            lines += ["", f"## {r.name}", "", f"No results: {r.status}."]
+            continue
+        own = ["#" + line if line.startswith("#") else line
+               for line in r.markdown.strip().splitlines()]
+        title, body = ((own[0], own[1:]) if own and own[0].startswith("## ")
+                       else (f"## {r.name}", own))
+        lines += ["", title, "", *(f"![{r.name}]({r.name}/{p.name})" for p in r.plots), *body]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="each benchmark's --quick mode (CI-sized runs)")
+    parser.add_argument("--out", default="results", help="results folder (default: results)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS),
+                        help="run only these benchmarks")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads of every benchmark (default 1: on a shared "
+                             "machine multi-threaded small matrix products stall whenever "
+                             "another process holds a core; see memory.py)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "benchmarks",
+                          *(sys.argv[1:] if argv is None else argv)])
+    started = time.perf_counter()
+    runs = [run_benchmark(name, out, args.quick, args.threads) for name in args.only]
+    (out / "README.md").write_text(index(runs, command, args.quick,
+                                         time.perf_counter() - started))
+    for r in runs:
+        print(f"{r.name:<10} {r.status} ({r.seconds:.0f} s)", file=sys.stderr)
+    print(f"wrote {out / 'README.md'}", file=sys.stderr)
+    return 0 if all(r.status == "ok" for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
