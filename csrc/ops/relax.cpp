@@ -10,7 +10,7 @@
 
 #include <cmath>
 #include <limits>
-#include <sstream>
+#include <ostream>
 
 namespace toreq {
 
@@ -27,18 +27,25 @@ namespace {
 
 constexpr const char* kOp = "toreq.relax";
 
-void check_like(const at::Tensor& t, const std::string& name, const at::Tensor& like) {
+// An argument's name in error messages ("weights[2]", "target"), formatted only when a check
+// fails: building it eagerly costs more than the whole call on small problems.
+struct ArgName {
+  const char* name;
+  int64_t index = -1;
+};
+
+std::ostream& operator<<(std::ostream& out, const ArgName& arg) {
+  out << arg.name;
+  if (arg.index >= 0) out << "[" << arg.index << "]";
+  return out;
+}
+
+void check_like(const at::Tensor& t, const ArgName& name, const at::Tensor& like) {
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), kOp, ": ", name, " has dtype ",
               t.scalar_type(), " but states[0] has ", like.scalar_type(),
               "; all tensors must share one dtype");
   TORCH_CHECK(t.device() == like.device(), kOp, ": ", name, " is on ", t.device(),
               " but states[0] is on ", like.device(), "; all tensors must be on one device");
-}
-
-std::string indexed(const char* name, size_t i) {
-  std::ostringstream s;
-  s << name << "[" << i << "]";
-  return s.str();
 }
 
 bool all_finite(const at::Tensor& t) { return !t.defined() || at::isfinite(t).all().item<bool>(); }
@@ -64,7 +71,7 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
     const at::Tensor& s = states[l];
     TORCH_CHECK(s.dim() == 2, kOp, ": states[", l, "] must be 2-D (batch, units), got shape ",
                 s.sizes());
-    check_like(s, indexed("states", l), first);
+    check_like(s, {"states", static_cast<int64_t>(l)}, first);
     TORCH_CHECK(s.size(0) == first.size(0), kOp, ": states[", l, "] has batch ", s.size(0),
                 " but states[0] has batch ", first.size(0));
     widths[l] = s.size(1);
@@ -78,7 +85,7 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
   for (size_t l = 0; l < drives.size(); ++l) {
     const std::optional<at::Tensor> d = drives.get(l);
     if (!d.has_value() || !d->defined()) continue;
-    check_like(*d, indexed("drives", l), first);
+    check_like(*d, {"drives", static_cast<int64_t>(l)}, first);
     const bool per_sample = d->dim() == 2 && d->size(0) == p.batch && d->size(1) == widths[l];
     const bool shared = d->dim() == 1 && d->size(0) == widths[l];
     TORCH_CHECK(per_sample || shared, kOp, ": drives[", l, "] must have shape (", p.batch, ", ",
@@ -99,7 +106,7 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
                 " is not a layer index in [0, ", num_layers, ")");
     TORCH_CHECK(s >= 0 && s < static_cast<int64_t>(num_layers), kOp, ": sources[", c, "] = ", s,
                 " is not a layer index in [0, ", num_layers, ")");
-    check_like(w, indexed("weights", c), first);
+    check_like(w, {"weights", static_cast<int64_t>(c)}, first);
     const bool is_transposed = transposed.get(c);
     const int64_t rows = is_transposed ? widths[s] : widths[t];
     const int64_t cols = is_transposed ? widths[t] : widths[s];
@@ -167,14 +174,14 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
                 ": loss='gradient' nudges the last layer with the given gradient directly, so "
                 "readout_weight must be None");
     const at::Tensor& r = *readout_weight;
-    check_like(r, "readout_weight", first);
+    check_like(r, {"readout_weight"}, first);
     TORCH_CHECK(r.dim() == 2 && r.size(1) == n_last, kOp,
                 ": readout_weight must have shape (outputs, ", n_last,
                 ") to read the last layer, got ", r.sizes());
     n_out = r.size(0);
     p.readout_weight = r;
     if (readout_bias.has_value() && readout_bias->defined()) {
-      check_like(*readout_bias, "readout_bias", first);
+      check_like(*readout_bias, {"readout_bias"}, first);
       TORCH_CHECK(readout_bias->dim() == 1 && readout_bias->size(0) == n_out, kOp,
                   ": readout_bias must have shape (", n_out, ",), got ", readout_bias->sizes());
       p.readout_bias = *readout_bias;
@@ -186,7 +193,7 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
   TORCH_CHECK(target.has_value() && target->defined(), kOp,
               ": beta != 0 nudges the output, so target is required (shape (", p.batch, ", ",
               n_out, "))");
-  check_like(*target, "target", first);
+  check_like(*target, {"target"}, first);
   TORCH_CHECK(target->dim() == 2 && target->size(0) == p.batch && target->size(1) == n_out, kOp,
               ": target must have shape (", p.batch, ", ", n_out, ") ",
               p.loss == NudgeLoss::Gradient ? "(the gradient of the loss with respect to the last "
@@ -255,8 +262,8 @@ void report_nonfinite_state(const RelaxProblem& p, at::TensorList states, int64_
                             int64_t rows) {
   std::string culprit;
   for (size_t l = 0; l < states.size() && culprit.empty(); ++l) {
-    if (!all_finite(states[l])) culprit = indexed("states", l);
-    if (culprit.empty() && !all_finite(p.drives[l])) culprit = indexed("drives", l);
+    if (!all_finite(states[l])) culprit = c10::str(ArgName{"states", static_cast<int64_t>(l)});
+    if (culprit.empty() && !all_finite(p.drives[l])) culprit = c10::str(ArgName{"drives", static_cast<int64_t>(l)});
     for (const Incoming& c : p.incoming[l]) {
       if (culprit.empty() && !all_finite(c.matrix)) culprit = "a weight coupling into layer " +
                                                               std::to_string(l);
