@@ -2,11 +2,15 @@
 
 from toreq.nn.block import ConvergenceWarning, EquilibriumBlock
 from toreq.nn.equilibrium import EquilibriumModel, Network
+from toreq.nn.lm import CharTransformerLM, count_parameters
 from toreq.nn.models import EPMLP, FeedforwardMLP, LoopedMLP, ToroidalMLP
 from toreq.nn.stepped import ConvEP, ModernEqProp, SteppedEquilibriumModel
+from toreq.nn.transformer import (CausalSelfAttention, EqPropAttention, EqPropFeedForward,
+                                  TransformerBlock)
 
 __all__ = [
-    "ConvEP", "ConvergenceWarning", "EPMLP", "EquilibriumBlock", "EquilibriumModel",
-    "FeedforwardMLP", "LoopedMLP", "ModernEqProp", "Network",
-    "SteppedEquilibriumModel", "ToroidalMLP",
+    "CausalSelfAttention", "CharTransformerLM", "ConvEP", "ConvergenceWarning", "EPMLP",
+    "EqPropAttention", "EqPropFeedForward", "EquilibriumBlock", "EquilibriumModel",
+    "FeedforwardMLP", "LoopedMLP", "ModernEqProp", "Network", "SteppedEquilibriumModel",
+    "ToroidalMLP", "TransformerBlock", "count_parameters",
 ]

@@ -1,0 +1,183 @@
+"""EqProp transformer blocks and the character LM: shapes, parameter counts, causality, EqProp
+gradients against BPTT and implicit differentiation, bad input, and learning Tiny Shakespeare."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from toreq.data import load_tiny_shakespeare
+from toreq.diagnostics import compare, estimator_gradients
+from toreq.nn.lm import (CharTransformerLM, count_parameters, perplexity, random_windows,
+                         unigram_perplexity)
+from toreq.nn.transformer import EqPropAttention, EqPropFeedForward, TransformerBlock
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB, D, HEADS, T = 11, 8, 2, 6
+
+
+def tiny_lm(eqprop="both", **options) -> CharTransformerLM:
+    torch.manual_seed(0)
+    return CharTransformerLM(VOCAB, D, 2, HEADS, T, eqprop=eqprop, d_ff=12, **options)
+
+
+def tokens(batch=3, length=T, seed=0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def cubic_loss(o, _):
+    return o.pow(3).sum() / o.shape[0]  # a loss whose gradient differs from entry to entry
+
+
+def all_three(module, x, y=None, loss_fn=cubic_loss):
+    return {m: estimator_gradients(module, x, y, m, loss_fn=loss_fn)
+            for m in ("eqprop", "bptt", "implicit")}
+
+
+@pytest.mark.parametrize("eqprop", ["none", "attention", "ffn", "both"])
+@pytest.mark.parametrize("mode", ["symmetric", "nonsymmetric"])
+def test_shapes_and_parameter_counts(eqprop, mode):
+    lm = tiny_lm(eqprop, attention_mode=mode)
+    for length in (T, 3):  # the full context and a shorter one
+        assert lm(tokens(length=length)).shape == (3, length, VOCAB)
+    d_ff, layers = 12, 2
+    extra = 0  # EqProp's additions to the backprop block of the same shape
+    if eqprop in ("attention", "both"):  # the state's bias, and W (symmetric mode)
+        extra += D + (D * D if mode == "symmetric" else 0)
+    if eqprop in ("ffn", "both"):  # W; the cell's bias replaces the hidden layer's
+        extra += d_ff * d_ff
+    assert count_parameters(lm) == count_parameters(tiny_lm("none")) + layers * extra
+    embeddings = VOCAB * D + T * D
+    backprop_block = 4 * D + (4 * D * D + 4 * D) + (2 * D * d_ff + d_ff + D)
+    assert count_parameters(tiny_lm("none")) == (embeddings + layers * backprop_block + 2 * D
+                                                 + D * VOCAB + VOCAB)
+
+
+@pytest.mark.parametrize("options", [
+    dict(eqprop="none", attention="linear"), dict(eqprop="none", attention="softmax"),
+    dict(eqprop="both"),
+    # a whole sequence relaxes until all its positions converged: causal exactly with tol=0
+    dict(eqprop="both", attention_mode="nonsymmetric", block_options=dict(tol=0.0)),
+])
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(options):
+    lm = tiny_lm(**options).eval()
+    idx = tokens()
+    changed = idx.clone()
+    changed[:, 4] = (changed[:, 4] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = lm(idx), lm(changed)
+    torch.testing.assert_close(after[:, :4], before[:, :4], rtol=0, atol=1e-6)
+    assert (after[:, 4] - before[:, 4]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sublayer", ["attention", "ffn"])
+def test_symmetric_sublayers_match_bptt_and_implicit(sublayer):
+    torch.manual_seed(0)
+    module = (EqPropAttention(D, HEADS, T) if sublayer == "attention"
+              else EqPropFeedForward(D, 12)).double().eval()
+    assert module.gradient_regime == "exact"
+    u = torch.randn(3, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = all_three(module, u)
+    for name, ep in grads["eqprop"].items():
+        bptt = grads["bptt"][name]
+        assert bptt.abs().max() > 0, name
+        assert compare(grads["implicit"][name], bptt).relative_error < 1e-9, name
+        assert compare(ep, bptt).relative_error < 1e-6, name
+
+
+def test_nonsymmetric_attention_is_an_approximation():
+    u = torch.randn(3, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cosines = {}
+    for mode in ("symmetric", "nonsymmetric"):
+        torch.manual_seed(0)
+        module = EqPropAttention(D, HEADS, T, mode=mode).double().eval()
+        grads = all_three(module, u)
+        implicit = torch.cat([g.flatten() for g in grads["implicit"].values()])
+        bptt = torch.cat([g.flatten() for g in grads["bptt"].values()])
+        eqprop = torch.cat([g.flatten() for g in grads["eqprop"].values()])
+        assert compare(implicit, bptt).relative_error < 1e-9  # the cell is fine either way
+        cosines[mode] = compare(eqprop, bptt).cosine
+    assert EqPropAttention(D, HEADS, T, mode="nonsymmetric").gradient_regime == "approximate"
+    # (I - J)^-1 in place of (I - J^T)^-1: close to the gradient, not equal to it
+    assert 0.5 < cosines["nonsymmetric"] < 1 - 1e-4 < 1 - 1e-12 < cosines["symmetric"], cosines
+
+
+def test_lm_eqprop_gradients_match_bptt():
+    # every parameter of the LM: EqProp's inside the blocks, autograd's outside, fed by EqProp's
+    # input gradients
+    lm = tiny_lm("both").double().eval()
+
+    def cross_entropy(logits, y):
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    grads = {m: estimator_gradients(lm, tokens(), tokens(seed=1), m, loss_fn=cross_entropy)
+             for m in ("eqprop", "bptt")}
+    assert len(grads["eqprop"]) == len(list(lm.parameters()))
+    for name, ep in grads["eqprop"].items():
+        assert grads["bptt"][name].abs().max() > 0, name
+        assert compare(ep, grads["bptt"][name]).relative_error < 1e-6, name
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="eqprop must be one of"):
+        TransformerBlock(D, HEADS, T, eqprop="all")
+    with pytest.raises(ValueError, match="eqprop must be one of .* n_layers=2"):
+        CharTransformerLM(VOCAB, D, 2, HEADS, T, eqprop=["both"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        EqPropAttention(D, HEADS, T, mode="tied")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TransformerBlock(D, HEADS, T, attention="flash")
+    with pytest.raises(ValueError, match=r"d_model \(8\) must be divisible by n_heads \(3\)"):
+        TransformerBlock(D, 3, T)
+    with pytest.raises(ValueError, match="recurrent_scale must be in"):
+        EqPropFeedForward(D, 12, recurrent_scale=1.0)
+    with pytest.raises(ValueError, match="block_options must not set activation"):
+        EqPropFeedForward(D, 12, block_options=dict(activation="sigmoid"))
+    with pytest.raises(ValueError, match="d_model must be a positive int"):
+        CharTransformerLM(VOCAB, 0, 1, 1, T)
+    lm = tiny_lm()
+    with pytest.raises(ValueError, match="idx must be an integer tensor"):
+        lm(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="1..seq_len=6 positions, got 7"):
+        lm(tokens(length=7))
+    with pytest.raises(ValueError, match="token ids in 0..10, got 0..11"):
+        lm(torch.tensor([[0, 11]]))
+    with pytest.raises(ValueError, match="more than seq_len=6"):
+        EqPropAttention(D, HEADS, T, mode="nonsymmetric")(torch.randn(1, 7, D))
+
+
+@pytest.fixture(scope="module")
+def shakespeare():
+    shared = Path(os.environ.get("TOREQ_DATA") or REPO.parent / "shared" / "data")
+    if not (shared / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip(f"no local copy of tinyshakespeare/input.txt in {shared} (set TOREQ_DATA to "
+                    "a folder with it)")
+    return load_tiny_shakespeare(shared, download=False)
+
+
+@pytest.mark.parametrize("eqprop", ["none", "both"])
+def test_tiny_lm_beats_the_unigram_perplexity(shakespeare, eqprop):
+    train, val = shakespeare.train[:200_000], shakespeare.val[:8_000]
+    unigram = unigram_perplexity(train, val, shakespeare.vocab_size)
+    torch.manual_seed(0)
+    seq_len = 16
+    lm = CharTransformerLM(shakespeare.vocab_size, 32, 1, 2, seq_len, eqprop=eqprop)
+    optimizer = torch.optim.Adam(lm.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    before = perplexity(lm, val, seq_len)
+    for _ in range(150):
+        x, y = random_windows(train, 32, seq_len, generator)
+        loss = F.cross_entropy(lm(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = perplexity(lm, val, seq_len)
+    print(f"eqprop={eqprop}: {count_parameters(lm)} parameters, validation perplexity "
+          f"{before:.2f} -> {after:.2f}, unigram {unigram:.2f}")
+    assert after < 0.6 * unigram < before, (before, after, unigram)
