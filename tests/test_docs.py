@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-API_PAGES = ["ops", "nn", "train", "data", "diagnostics", "presets", "utils", "distributed"]
+API_PAGES = ["ops", "nn", "train", "data", "diagnostics", "presets", "utils", "distributed",
+             "export"]
 
 
 @pytest.fixture(scope="module")

@@ -79,20 +79,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from toreq.data import load_classification
-    from toreq.presets import PRESETS, build_trainer, get_preset
+    from toreq.presets import build_trainer
     from toreq.train import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.preset is None:
-        preset = next(p for p in PRESETS.values() if p.dataset == args.dataset)
-    else:
-        preset = get_preset(args.preset)
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(preset)
-                 if hasattr(args, f.name) and f.name not in ("name", "dataset")}
-    if "model" in overrides and "activation" not in overrides:
-        overrides["activation"] = None  # another model: its own activation
-    preset = dataclasses.replace(preset, **overrides)
+    preset = _preset(args)
     data = load_classification(args.dataset, root=args.data_dir)
     common = dict(epochs=preset.epochs, batch_size=preset.batch_size, seed=args.seed,
                   progress=not args.no_progress, deterministic=args.deterministic)
@@ -122,6 +114,96 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset(args: argparse.Namespace):
+    """``--preset`` (default: the data set's), with every hyper-parameter option given applied."""
+    from toreq.presets import PRESETS, get_preset
+
+    if args.preset is None:
+        preset = next(p for p in PRESETS.values() if p.dataset == args.dataset)
+    else:
+        preset = get_preset(args.preset)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(preset)
+                 if hasattr(args, f.name) and f.name not in ("name", "dataset")}
+    if "model" in overrides and "activation" not in overrides:
+        overrides["activation"] = None  # another model: its own activation
+    return dataclasses.replace(preset, **overrides)
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    from toreq.presets import MODELS, PRESETS
+
+    p = sub.add_parser(
+        "export", help="export a trained model's inference (torch.export .pt2 or ONNX)",
+        description="Rebuild the model of a training run from its preset and options, load its "
+                    "checkpoint, and export its inference x -> (output, steps) with the "
+                    "relaxation written in ATen ops (toreq.export): a torch.export program "
+                    "(.pt2, loaded by torch.export.load without toreq) or an ONNX file. Prints "
+                    "the largest difference from the eager model on test samples.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by toreq train")
+    p.add_argument("--output", required=True, help="the file to write: .pt2 or .onnx")
+    p.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="the data set the model was trained on (its input size and samples)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="the configuration trained (default: the data set's preset)")
+    p.add_argument("--data-dir", default=None, help="folder holding mnist/ and fashion-mnist/")
+    p.add_argument("--steps", type=int, default=None,
+                   help="relaxation steps, or their cap with --tol > 0 (default: the model's)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="per-sample tolerance; 0 runs exactly --steps steps (default: the model's)")
+    h = p.add_argument_group("the model's options, as given to toreq train (default: the preset's)")
+    keep = argparse.SUPPRESS
+    h.add_argument("--model", choices=MODELS, default=keep)
+    h.add_argument("--hidden", type=int, default=keep)
+    h.add_argument("--layers", type=int, default=keep)
+    h.add_argument("--channels", type=_channels, default=keep)
+    h.add_argument("--activation", choices=("hard_sigmoid", "tanh", "sigmoid"), default=keep)
+    h.add_argument("--free-steps", type=int, default=keep, help="the model's step cap")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from toreq.data import load_classification
+    from toreq.export import export_model, to_onnx
+    from toreq.presets import build_trainer
+    from toreq.train import load_checkpoint
+
+    output = Path(args.output)
+    if output.suffix not in (".pt2", ".onnx"):
+        raise SystemExit(f"toreq export: --output must end in .pt2 or .onnx, got {output.name!r}")
+    preset = _preset(args)
+    data = load_classification(args.dataset, root=args.data_dir)
+    model, trainer, _ = build_trainer(preset, data.input_dim, data.num_classes,
+                                      image_shape=data.image_shape)
+    load_checkpoint(args.checkpoint, trainer)
+    model.eval()
+    x = data.x_test[:256]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    options = dict(steps=args.steps, tol=args.tol)
+    if output.suffix == ".onnx":
+        to_onnx(model, x[:2], output, **options)
+        try:
+            import onnxruntime
+        except ImportError:
+            print(f"wrote {output}; not checked against the eager model: onnxruntime is not "
+                  "installed")
+            return 0
+        session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        exported = torch.from_numpy(session.run(["output"], {"x": x.numpy()})[0])
+    else:
+        program = export_model(model, x[:2], **options)
+        torch.export.save(program, output)
+        exported = program.module()(x)[0].detach()
+    with torch.no_grad():
+        net = model.network(x)
+        eager = model.output(model.relax(x, net, max_steps=args.steps, tol=args.tol).states, net)
+    print(f"wrote {output}: {preset.model} from {args.checkpoint}; largest |exported - eager| "
+          f"on {x.shape[0]} test samples: {float((exported - eager).abs().max()):.3g}")
+    return 0
+
+
 def _timed(name: str, model: torch.nn.Module, run) -> dict:
     started = time.perf_counter()
     history = run()
@@ -140,6 +222,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"toreq {toreq.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _train_parser(sub)
+    _export_parser(sub)
     return parser
 
 
