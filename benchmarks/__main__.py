@@ -1,6 +1,7 @@
 """Every benchmark into one results folder, with an index: ``python -m benchmarks``.
 
     python -m benchmarks [--quick] [--out results] [--only NAME ...] [--threads N]
+    python -m benchmarks --update-readme [--out results]
 
 Runs ``bench_ops.py``, ``memory.py`` and ``accuracy.py`` (see ``README.md`` beside this file),
 each in its own subprocess with ``--out <out>/<name>`` and ``--quick`` and ``--threads`` passed
@@ -10,12 +11,18 @@ not stop the others. Then, from each benchmark's JSON record, it draws ``<out>/<
 (with a printed note instead where matplotlib is not installed) and writes ``<out>/README.md``:
 the command, the machine, each benchmark's status, command and time, its plot and its Markdown
 tables. Exits with 1 when a benchmark failed.
+
+``--update-readme`` runs nothing: it copies each benchmark's Markdown from the results folder
+into the top-level ``README.md``, between the markers ``<!-- benchmark:NAME -->`` and
+``<!-- /benchmark:NAME -->``, so that the README's results are the benchmarks' own output, each
+with the command that produced it and the machine it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -29,6 +36,7 @@ sys.path.insert(0, str(HERE))  # the benchmarks' own modules are top-level modul
 from plots import write_plots  # noqa: E402
 
 BENCHMARKS = ("bench_ops", "memory", "accuracy")
+README = HERE.parent / "README.md"
 
 
 @dataclass
@@ -106,6 +114,31 @@ def index(runs: list[Run], command: str, quick: bool, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_with_results(readme: str, out: Path) -> tuple[str, list[str]]:
+    """``readme`` with each benchmark's marked block replaced by ``out/NAME/NAME.md``.
+
+    The benchmark's own title is dropped (the README has its own) and its headings go two levels
+    down, under the README's ``###`` sections; the interpreter's path in the recorded command
+    becomes ``python``. Returns the new text and the names of the blocks replaced: a block whose
+    results file is missing is left as it was.
+    """
+    updated = []
+    for name in BENCHMARKS:
+        start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
+        path = out / name / f"{name}.md"
+        if start not in readme or end not in readme or not path.exists():
+            continue
+        lines = path.read_text().strip().splitlines()
+        if lines and lines[0].startswith("# "):
+            lines = lines[1:]
+        body = "\n".join("##" + line if line.startswith("#") else line for line in lines).strip()
+        body = re.sub(r"`\S*python[0-9.]* ", "`python ", body)
+        before, rest = readme.split(start, 1)
+        readme = f"{before}{start}\n{body}\n{end}{rest.split(end, 1)[1]}"
+        updated.append(name)
+    return readme, updated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description=__doc__.split("\n\n")[0])
@@ -118,9 +151,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.set_num_threads of every benchmark (default 1: on a shared "
                              "machine multi-threaded small matrix products stall whenever "
                              "another process holds a core; see memory.py)")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="run nothing: copy the results' Markdown into README.md's marked "
+                             "blocks")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.update_readme:
+        text, updated = readme_with_results(README.read_text(), Path(args.out))
+        README.write_text(text)
+        print(f"updated {', '.join(updated) or 'no'} block(s) of {README}", file=sys.stderr)
+        return 0 if updated else 1
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "benchmarks",
