@@ -29,8 +29,7 @@ import torch
 
 from machine import machine_info, write_results
 from toreq.data import load_classification
-from toreq.presets import PRESETS, build_trainer
-from toreq.train import fit
+from toreq.presets import PRESETS, train_preset
 
 TARGETS = {  # data set: (EqProp's least mean test accuracy, largest gap to backprop), in %
     "digits": (97.0, 1.0),
@@ -42,24 +41,6 @@ METHODS = ("eqprop", "backprop")
 
 def preset_for(dataset: str):
     return next(p for p in PRESETS.values() if p.dataset == dataset)
-
-
-def run_one(preset, data, method: str, seed: int, progress: bool) -> dict:
-    model, trainer, scheduler = build_trainer(preset, data.input_dim, data.num_classes,
-                                              method=method, seed=seed)
-    started = time.perf_counter()
-    history = fit(trainer, data.x_train, data.y_train, data.x_test, data.y_test,
-                  epochs=preset.epochs, batch_size=preset.batch_size, seed=seed,
-                  scheduler=scheduler, progress=progress, desc=f"{preset.dataset} {method} s{seed}")
-    seconds = time.perf_counter() - started
-    last = history[-1]
-    return {
-        "method": method, "seed": seed, "test_accuracy": 100 * last["test_accuracy"],
-        "train_accuracy": 100 * last["train_accuracy"], "seconds": seconds,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "test_steps_mean": last.get("test_steps_mean"),
-        "history": history,
-    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -151,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = {method: [] for method in METHODS}
         for seed in range(seeds):
             for method in METHODS:
-                run = run_one(preset, data, method, seed, args.progress)
+                run = train_preset(preset, data, method, seed, progress=args.progress)
                 runs[method].append(run)
                 print(f"{dataset:<14} seed {seed} {method:<9} test {run['test_accuracy']:.2f}% "
                       f"train {run['train_accuracy']:.2f}% {run['seconds']:.0f} s", flush=True)

@@ -73,8 +73,8 @@ from torch import nn
 from bench_ops import Clock, fmt, log
 from machine import machine_info, write_results
 from toreq import utils
-from toreq.nn import EquilibriumBlock, LoopedMLP
-from toreq.train import BPTTTrainer, EqPropTrainer
+from toreq.nn import EquilibriumBlock
+from toreq.validate import looped_step, tensor_peak
 
 STEPS = (10, 30, 100, 300)
 MODELS = ("looped", "block")
@@ -109,17 +109,13 @@ class Cell(nn.Module):
 def make_step(model: str, method: str, steps: int, batch: int, hidden: int,
               device: torch.device) -> Callable[[], object]:
     """One training step of ``model`` by ``method`` with ``steps`` free steps, as a closure."""
+    if model == "looped":
+        return looped_step(method, steps, batch=batch, hidden=hidden, nudged_steps=NUDGED_STEPS,
+                           seed=0, device=device)
     torch.manual_seed(0)
     x = torch.rand(batch, INPUTS, device=device)
     y = torch.randint(0, CLASSES, (batch,), device=device)
     symmetric = method == "eqprop"
-    if model == "looped":
-        net = LoopedMLP(INPUTS, hidden, CLASSES, max_steps=steps, tol=0.0).to(device)
-        optimizer = torch.optim.SGD(net.parameters(), lr=1e-2)
-        trainer = (BPTTTrainer(net, optimizer, steps=steps) if method == "bptt" else
-                   EqPropTrainer(net, optimizer, beta=0.5, free_steps=steps,
-                                 nudged_steps=NUDGED_STEPS, symmetric=symmetric, tol=0.0))
-        return lambda: trainer.step(x, y)
     block = EquilibriumBlock(Cell(hidden), hidden, activation="tanh", max_steps=steps, tol=0.0,
                              beta=0.1, symmetric=symmetric, nudged_steps=NUDGED_STEPS,
                              gradient="bptt" if method == "bptt" else "eqprop")
@@ -139,30 +135,6 @@ def make_step(model: str, method: str, steps: int, batch: int, hidden: int,
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
-
-
-def tensor_peak(step: Callable[[], object]) -> int:
-    """Peak of live bytes of the tensors allocated during ``step()``, from the allocation
-    records of ``torch.profiler`` (``profile_memory=True``): every CPU tensor allocation and
-    free, in time order, summed (the profiler leaves out frees of blocks allocated before it
-    started). The records are read from the profiler's event tree,
-    ``kineto_results.experimental_event_tree()``, which torch does not promise to keep."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while pending:
-        node = pending.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
-        pending.extend(node.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def _status_kib(field: str) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,3 +17,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_root() -> Path:
+    """The data folder holding tinyshakespeare/input.txt: $TOREQ_DATA or the shared one beside
+    the repository."""
+    root = Path(os.environ.get("TOREQ_DATA")
+                or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not (root / "tinyshakespeare" / "input.txt").is_file():
+        pytest.skip(f"no local copy of tinyshakespeare/input.txt in {root} (set TOREQ_DATA to "
+                    "a folder with it)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shakespeare_root):
+    """Tiny Shakespeare as a :class:`toreq.data.CharCorpus`."""
+    from toreq.data import load_tiny_shakespeare
+
+    return load_tiny_shakespeare(shakespeare_root, download=False)

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 API_PAGES = ["ops", "nn", "train", "data", "diagnostics", "presets", "utils", "distributed",
-             "export"]
+             "export", "validate"]
 
 
 @pytest.fixture(scope="module")

@@ -3,22 +3,17 @@ gradients against BPTT and implicit differentiation, bad input, and learning Tin
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from toreq.data import load_tiny_shakespeare
 from toreq.diagnostics import compare, estimator_gradients
-from toreq.nn.lm import (CharTransformerLM, count_parameters, perplexity, random_windows,
+from toreq.nn.lm import (CharTransformerLM, count_parameters, perplexity, train_lm,
                          unigram_perplexity)
 from toreq.nn.transformer import EqPropAttention, EqPropFeedForward, TransformerBlock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
 VOCAB, D, HEADS, T = 11, 8, 2, 6
 
 
@@ -152,15 +147,6 @@ def test_bad_input_raises():
         EqPropAttention(D, HEADS, T, mode="nonsymmetric")(torch.randn(1, 7, D))
 
 
-@pytest.fixture(scope="module")
-def shakespeare():
-    shared = Path(os.environ.get("TOREQ_DATA") or REPO.parent / "shared" / "data")
-    if not (shared / "tinyshakespeare" / "input.txt").is_file():
-        pytest.skip(f"no local copy of tinyshakespeare/input.txt in {shared} (set TOREQ_DATA to "
-                    "a folder with it)")
-    return load_tiny_shakespeare(shared, download=False)
-
-
 @pytest.mark.parametrize("eqprop", ["none", "both"])
 def test_tiny_lm_beats_the_unigram_perplexity(shakespeare, eqprop):
     train, val = shakespeare.train[:200_000], shakespeare.val[:8_000]
@@ -168,16 +154,10 @@ def test_tiny_lm_beats_the_unigram_perplexity(shakespeare, eqprop):
     torch.manual_seed(0)
     seq_len = 16
     lm = CharTransformerLM(shakespeare.vocab_size, 32, 1, 2, seq_len, eqprop=eqprop)
-    optimizer = torch.optim.Adam(lm.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    before = perplexity(lm, val, seq_len)
-    for _ in range(150):
-        x, y = random_windows(train, 32, seq_len, generator)
-        loss = F.cross_entropy(lm(x).flatten(0, 1), y.flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = perplexity(lm, val, seq_len)
+    history = train_lm(lm, torch.optim.Adam(lm.parameters(), lr=3e-3), train, 150,
+                       batch_size=32, generator=torch.Generator().manual_seed(0), eval_ids=val)
+    before, after = history[0]["val_perplexity"], history[-1]["val_perplexity"]
+    assert after == perplexity(lm, val, seq_len)
     print(f"eqprop={eqprop}: {count_parameters(lm)} parameters, validation perplexity "
           f"{before:.2f} -> {after:.2f}, unigram {unigram:.2f}")
     assert after < 0.6 * unigram < before, (before, after, unigram)

@@ -204,6 +204,150 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+LM_VARIANTS = {"backprop": "none", "attention": "attention", "ffn": "ffn", "both": "both"}
+
+
+def _lm_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lm-train", help="train a character-level transformer LM on Tiny Shakespeare",
+        description="Train a CharTransformerLM (toreq.nn.lm.train_lm: Adam on the next-token "
+                    "cross-entropy of random windows) with backprop or EqProp sublayers, print "
+                    "its validation perplexity against the unigram baseline, and write a "
+                    "checkpoint holding the model's configuration and vocabulary, for toreq "
+                    "generate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="the checkpoint file to write")
+    p.add_argument("--variant", choices=tuple(LM_VARIANTS), default="both",
+                   help="which sublayers are EqProp: none (backprop), attention, ffn or both")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--d-model", type=int, default=32, help="model width")
+    p.add_argument("--layers", type=int, default=1, help="transformer blocks")
+    p.add_argument("--heads", type=int, default=2, help="attention heads per block")
+    p.add_argument("--seq-len", type=int, default=32, help="context length")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the batches")
+    p.add_argument("--eval-chars", type=int, default=20_000,
+                   help="validation characters the perplexity is measured on")
+    p.add_argument("--data-dir", default=None, help="folder holding tinyshakespeare/")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(run=_run_lm_train)
+
+
+def _run_lm_train(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    from toreq.data import DataError, load_tiny_shakespeare
+    from toreq.nn.lm import CharTransformerLM, count_parameters, train_lm, unigram_perplexity
+    from toreq.train import save_checkpoint
+
+    for name in ("steps", "d_model", "layers", "heads", "seq_len", "batch_size", "eval_chars"):
+        if getattr(args, name) < (0 if name == "steps" else 1):
+            raise SystemExit(f"toreq lm-train: --{name.replace('_', '-')} must be "
+                             f"{'>= 0' if name == 'steps' else 'positive'}, "
+                             f"got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        corpus = load_tiny_shakespeare(args.data_dir)
+    except DataError as error:
+        raise SystemExit(f"toreq lm-train: {error}") from error
+    val = corpus.val[:args.eval_chars]
+    torch.manual_seed(args.seed)
+    model = CharTransformerLM(corpus.vocab_size, args.d_model, args.layers, args.heads,
+                              args.seq_len, eqprop=LM_VARIANTS[args.variant], vocab=corpus.vocab)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    started = time.perf_counter()
+    history = train_lm(model, optimizer, corpus.train, args.steps, batch_size=args.batch_size,
+                       generator=torch.Generator().manual_seed(args.seed), eval_ids=val)
+    seconds = time.perf_counter() - started
+    # save_checkpoint stores a trainer's model and optimizer; train_lm needs no trainer object
+    save_checkpoint(args.checkpoint, SimpleNamespace(model=model, optimizer=optimizer),
+                    epoch=0, history=history,
+                    extra={"lm_config": model.config, "variant": args.variant,
+                           "steps": args.steps, "seed": args.seed})
+    print(f"{args.variant} LM, {count_parameters(model):,} parameters, {args.steps} steps in "
+          f"{seconds:.1f} s: validation perplexity {history[0]['val_perplexity']:.2f} -> "
+          f"{history[-1]['val_perplexity']:.2f} (unigram "
+          f"{unigram_perplexity(corpus.train, val, corpus.vocab_size):.2f}); wrote "
+          f"{args.checkpoint}")
+    return 0
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate", help="sample text from a language-model checkpoint of toreq lm-train",
+        description="Load a checkpoint written by toreq lm-train (its configuration and "
+                    "vocabulary travel with it) and print the prompt followed by sampled text "
+                    "(CharTransformerLM.generate). The same --seed prints the same text.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by toreq lm-train")
+    p.add_argument("--prompt", default="\n", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="characters to sample")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely characters only (default: all)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seeds the sampling (default: a fresh random seed)")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from toreq.nn.lm import CharTransformerLM
+
+    try:
+        model = CharTransformerLM.from_checkpoint(args.checkpoint)
+        text = model.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, generator=args.seed)
+    except (FileNotFoundError, RuntimeError, ValueError) as error:
+        raise SystemExit(f"toreq generate: {error}") from error
+    print(text)
+    return 0
+
+
+def _validate_parser(sub: argparse._SubParsersAction) -> None:
+    from toreq.validate import CLAIMS
+
+    p = sub.add_parser(
+        "validate", help="measure every claim of toreq over seeds and judge it against its bar",
+        description="Run each claim (accuracy against backprop on digits and Fashion-MNIST, "
+                    "gradient equivalence, memory flat in T, speed against BPTT, beta stability "
+                    "fixed against annealed) for seeds 0..N-1 and write validation.md and "
+                    "validation.json: values per seed, mean, standard deviation, 95%% "
+                    "confidence interval (Student t) and PASS/FAIL against each bar, with the "
+                    "command and the environment (toreq.validate). Exits with 1 when a claim "
+                    "fails.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per claim (default 5; with --quick 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="2 seeds, Fashion-MNIST for 4 epochs on 30,000 images, fewer timed repeats "
+                        "(minutes; verdicts indicative)")
+    p.add_argument("--claims", nargs="+", choices=list(CLAIMS), default=list(CLAIMS),
+                   metavar="CLAIM", help=f"the claims to run, among {', '.join(CLAIMS)}")
+    p.add_argument("--out", default="results/validation", help="output folder")
+    p.add_argument("--data-dir", default=None, help="folder holding fashion-mnist/")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(run=_run_validate)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from toreq.validate import run_claims, write_report
+
+    seeds = args.seeds if args.seeds is not None else 2 if args.quick else 5
+    if seeds < 1:
+        raise SystemExit(f"toreq validate: --seeds must be >= 1, got {seeds}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = run_claims(args.claims, seeds, args.quick, data_dir=args.data_dir,
+                        log=lambda line: print(line, file=sys.stderr, flush=True))
+    path = write_report(report, args.out)
+    print(path.read_text())
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+    failed = [c["name"] for c in report["claims"] if not c["passed"]]
+    return 1 if failed else 0
+
+
 def _timed(name: str, model: torch.nn.Module, run) -> dict:
     started = time.perf_counter()
     history = run()
@@ -223,6 +367,9 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _train_parser(sub)
     _export_parser(sub)
+    _lm_train_parser(sub)
+    _generate_parser(sub)
+    _validate_parser(sub)
     return parser
 
 

@@ -10,12 +10,14 @@ configuration that produced it never drift apart.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "get_preset"]
+__all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "get_preset",
+           "train_preset"]
 
 MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp", "modern_eqprop", "conv_ep")
 
@@ -141,6 +143,40 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
         trainer = BackpropTrainer(model, optimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
     return model, trainer, scheduler
+
+
+def train_preset(preset: Preset, data, method: str, seed: int, *, progress: bool = False,
+                 beta_schedule: Callable[[int], float] | None = None) -> dict:
+    """One training run of ``preset`` on ``data`` (a :class:`toreq.data.ClassificationData`) by
+    ``method`` (see :func:`build_trainer`) from ``seed``, evaluated on the test split after
+    every epoch. ``beta_schedule`` (``step -> beta``, EqProp only) replaces the preset's fixed
+    beta, as in :class:`toreq.train.EqPropTrainer`.
+
+    Returns the last epoch's test and train accuracy in %, the training time in seconds, the
+    parameter count, the mean relaxation steps on the test set (EqProp) and the epochs' history.
+    """
+    from toreq.train import fit
+
+    if beta_schedule is not None and method != "eqprop":
+        raise ValueError(f"beta_schedule applies to method 'eqprop' only, got {method!r}")
+    model, trainer, scheduler = build_trainer(preset, data.input_dim, data.num_classes,
+                                              method=method, seed=seed,
+                                              image_shape=data.image_shape)
+    if beta_schedule is not None:
+        trainer.beta_schedule = beta_schedule
+    started = time.perf_counter()
+    history = fit(trainer, data.x_train, data.y_train, data.x_test, data.y_test,
+                  epochs=preset.epochs, batch_size=preset.batch_size, seed=seed,
+                  scheduler=scheduler, progress=progress, desc=f"{preset.dataset} {method} s{seed}")
+    seconds = time.perf_counter() - started
+    last = history[-1]
+    return {
+        "method": method, "seed": seed, "test_accuracy": 100 * last["test_accuracy"],
+        "train_accuracy": 100 * last["train_accuracy"], "seconds": seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "test_steps_mean": last.get("test_steps_mean"),
+        "history": history,
+    }
 
 
 def get_preset(name: str) -> Preset:

@@ -32,7 +32,7 @@ from toreq.nn import EquilibriumModel
 
 __all__ = [
     "BPTTTrainer", "BackpropTrainer", "EqPropTrainer", "TrainingDiverged", "evaluate", "fit",
-    "load_checkpoint", "save_checkpoint",
+    "load_checkpoint", "read_checkpoint", "save_checkpoint",
 ]
 
 
@@ -320,13 +320,13 @@ def save_checkpoint(path: str | os.PathLike, trainer: Any, epoch: int,
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, trainer: Any) -> dict[str, Any]:
-    """Restores model, optimizer, RNGs and trainer counters; returns the checkpoint dict.
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The dict of a checkpoint written by :func:`save_checkpoint`, verified before unpickling.
 
-    The file is verified before it is unpickled: ``torch.save`` writes a zip archive holding a
-    CRC-32 of every record, and ``torch.load`` does not check them, so a flipped byte in a
-    tensor would otherwise load as silently damaged weights. A truncated or corrupt file, or a
-    checkpoint that does not fit ``trainer``, raises a ``RuntimeError`` that says so.
+    ``torch.save`` writes a zip archive holding a CRC-32 of every record, and ``torch.load``
+    does not check them, so a flipped byte in a tensor would otherwise load as silently damaged
+    weights. A missing file raises ``FileNotFoundError``; a truncated or corrupt file, or one
+    that is not a toreq checkpoint, a ``RuntimeError`` that says so.
     """
     path = Path(path)
     if not path.is_file():
@@ -340,10 +340,20 @@ def load_checkpoint(path: str | os.PathLike, trainer: Any) -> dict[str, Any]:
     except Exception as error:  # zipfile and torch raise several types for damaged files
         raise RuntimeError(
             f"cannot read checkpoint {path}: the file is corrupt or truncated ({error}). Delete "
-            "it or point --resume at another checkpoint."
+            "it, or resume from or load another checkpoint."
         ) from error
     if not isinstance(state, dict) or state.get("format") != "toreq-checkpoint-1":
         raise RuntimeError(f"{path} is not a toreq checkpoint (no 'toreq-checkpoint-1' format tag)")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, trainer: Any) -> dict[str, Any]:
+    """Restores model, optimizer, RNGs and trainer counters; returns the checkpoint dict.
+
+    The file is verified first (:func:`read_checkpoint`). A truncated or corrupt file, or a
+    checkpoint that does not fit ``trainer``, raises a ``RuntimeError`` that says so.
+    """
+    state = read_checkpoint(path)
     try:
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])

@@ -7,13 +7,16 @@
 
 with :class:`~toreq.nn.transformer.TransformerBlock` s whose sublayers are backprop or EqProp
 (``eqprop``, per block). Train it with ``F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-.backward()``: the EqProp sublayers' gradients come from their nudged phases, the rest from
-autograd.
+.backward()`` (:func:`train_lm` runs that loop): the EqProp sublayers' gradients come from their
+nudged phases, the rest from autograd. :meth:`CharTransformerLM.generate` samples text from it;
+a model built with its corpus's ``vocab`` keeps it in its ``state_dict``, so a checkpoint
+(:meth:`CharTransformerLM.from_checkpoint`) generates on its own.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toreq.data import CharCorpus
 from toreq.nn.transformer import EQPROP_SUBLAYERS, TransformerBlock
 
-__all__ = ["CharTransformerLM", "count_parameters", "perplexity", "random_windows",
+__all__ = ["CharTransformerLM", "count_parameters", "perplexity", "random_windows", "train_lm",
            "unigram_perplexity"]
 
 
@@ -44,13 +48,19 @@ class CharTransformerLM(nn.Module):
         attention_mode: the EqProp attention's mode, ``"symmetric"`` or ``"nonsymmetric"``.
         recurrent_scale: ``c`` of the EqProp sublayers.
         block_options: passed to every :class:`~toreq.nn.EquilibriumBlock`.
+        vocab: the characters of token ids ``0 .. vocab_size - 1`` (a corpus's
+            :attr:`~toreq.data.CharCorpus.vocab`: sorted, distinct), for :meth:`generate` from a
+            string; kept in the ``state_dict`` (extra state) so that a checkpoint knows it.
+
+    ``config`` holds the constructor's arguments: ``CharTransformerLM(**lm.config)`` rebuilds the
+    architecture.
     """
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, n_heads: int, seq_len: int,
                  *, eqprop: str | Sequence[str] = "none", d_ff: int | None = None,
                  attention: str = "linear", attention_mode: str = "symmetric",
                  recurrent_scale: float = 0.5,
-                 block_options: Mapping[str, Any] | None = None) -> None:
+                 block_options: Mapping[str, Any] | None = None, vocab: str | None = None) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d_model", d_model),
                             ("n_layers", n_layers), ("n_heads", n_heads), ("seq_len", seq_len)):
@@ -61,6 +71,12 @@ class CharTransformerLM(nn.Module):
             raise ValueError(f"eqprop must be one of {EQPROP_SUBLAYERS} or a sequence of "
                              f"n_layers={n_layers} of them, got {eqprop!r}")
         self.vocab_size, self.seq_len, self.eqprop = vocab_size, seq_len, per_block
+        self.config = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                           n_heads=n_heads, seq_len=seq_len, eqprop=eqprop, d_ff=d_ff,
+                           attention=attention, attention_mode=attention_mode,
+                           recurrent_scale=recurrent_scale,
+                           block_options=dict(block_options) if block_options else None)
+        self.set_extra_state({"vocab": vocab})
         self.token = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(seq_len, d_model)
         self.blocks = nn.ModuleList(
@@ -90,6 +106,128 @@ class CharTransformerLM(nn.Module):
     def extra_repr(self) -> str:
         return f"eqprop={self.eqprop}"
 
+    # -------------------------------------------------------------------- vocabulary
+    @property
+    def vocab(self) -> str | None:
+        """The characters of the token ids, or ``None`` when the model was built without them."""
+        return None if self._corpus is None else self._corpus.vocab
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"vocab": self.vocab}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        vocab = state["vocab"]
+        if vocab is not None and (not isinstance(vocab, str) or len(vocab) != self.vocab_size):
+            raise ValueError(f"vocab must be None or a string of vocab_size={self.vocab_size} "
+                             f"characters, got {vocab!r:.80}")
+        empty = torch.empty(0, dtype=torch.int64)
+        # a corpus without text: its encode/decode, and its check that vocab is sorted, distinct
+        self._corpus = None if vocab is None else CharCorpus("", vocab, empty, empty)
+
+    def encode(self, text: str) -> Tensor:
+        """Token ids ``(len(text),)`` of a string; a ``ValueError`` names unknown characters."""
+        return self._vocabulary().encode(text)
+
+    def decode(self, ids: Tensor) -> str:
+        """The string of a 1-D sequence of token ids."""
+        return self._vocabulary().decode(ids)
+
+    def _vocabulary(self) -> CharCorpus:
+        if self._corpus is None:
+            raise ValueError("this model has no vocabulary: build it with vocab=corpus.vocab, or "
+                             "give token ids instead of a string")
+        return self._corpus
+
+    # -------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, prompt: str | Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None,
+                 generator: torch.Generator | int | None = None) -> str | Tensor:
+        """Samples ``max_new_tokens`` tokens after ``prompt``, one at a time, in eval mode.
+
+        Each new token is drawn from the model's next-token distribution given the last
+        ``seq_len`` tokens (a sliding window over the prompt and what was sampled so far),
+
+        .. math::  p(i) \\propto \\exp(\\mathrm{logits}_i / \\tau) \\ \\text{over the}
+                   \\ \\mathrm{top\\_k} \\ \\text{largest logits (all when None), 0 elsewhere,}
+
+        so ``top_k=1`` is greedy (argmax) decoding and ``tau -> 0`` approaches it.
+
+        Args:
+            prompt: a non-empty string in the model's :attr:`vocab`, or token ids of shape
+                ``(T,)`` or ``(B, T)`` with ``T >= 1``.
+            max_new_tokens: how many tokens to append (``>= 0``).
+            temperature: ``tau > 0``; lower is more conservative.
+            top_k: sample only among the ``top_k`` most likely tokens (``1 .. vocab_size``).
+            generator: a ``torch.Generator`` on the model's device, or an int seed: the same
+                seed gives the same text.
+
+        Returns:
+            the prompt followed by the sampled text (a string for a string prompt), or the
+            token ids with the new ones appended (the prompt's shape, longer by
+            ``max_new_tokens``). The model's training mode is restored.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or not 1 <= top_k <= self.vocab_size):
+            raise ValueError(f"top_k must be None or an int in 1..vocab_size={self.vocab_size}, "
+                             f"got {top_k!r}")
+        device = self.readout.weight.device
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            generator = torch.Generator(device).manual_seed(generator)
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, an int seed or None, got "
+                             f"{type(generator).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must hold at least one character")
+            ids = self.encode(prompt)[None]
+        elif isinstance(prompt, Tensor) and prompt.dim() in (1, 2) \
+                and not prompt.is_floating_point() and prompt.shape[-1] >= 1:
+            ids = prompt.reshape(-1, prompt.shape[-1])
+        else:
+            raise ValueError(f"prompt must be a string or integer token ids of shape (T,) or "
+                             f"(B, T) with T >= 1, got {getattr(prompt, 'dtype', type(prompt))} "
+                             f"{tuple(getattr(prompt, 'shape', ()))}")
+        ids = ids.to(device=device, dtype=torch.int64)
+        training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                logits = self(ids[:, -self.seq_len:])[:, -1].float() / temperature
+                if top_k is not None:
+                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -math.inf)
+                new = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                ids = torch.cat([ids, new], dim=1)
+        finally:
+            self.train(training)
+        if isinstance(prompt, str):
+            return self.decode(ids[0])
+        return ids.reshape(*prompt.shape[:-1], -1)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
+                        ) -> CharTransformerLM:
+        """The model of a checkpoint written by ``toreq lm-train`` (its ``extra["lm_config"]``
+        rebuilds the architecture; the weights and the vocabulary come from its ``state_dict``).
+        """
+        from toreq.train import read_checkpoint  # toreq.train imports toreq.nn
+
+        state = read_checkpoint(path)
+        config = state["extra"].get("lm_config")
+        if config is None:
+            raise RuntimeError(f"{path} is not a language-model checkpoint (no extra['lm_config']; "
+                               "write one with toreq lm-train)")
+        model = cls(**config)
+        model.load_state_dict(state["model"])
+        return model.to(map_location)
+
 
 def count_parameters(model: nn.Module) -> int:
     """The number of trainable scalars (each shared tensor once; a parametrized weight counts its
@@ -108,6 +246,46 @@ def random_windows(ids: Tensor, batch_size: int, seq_len: int,
     index = start[:, None] + torch.arange(seq_len + 1)
     windows = ids[index]
     return windows[:, :-1], windows[:, 1:]
+
+
+def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tensor, steps: int,
+             *, batch_size: int = 32, seq_len: int | None = None,
+             generator: torch.Generator | None = None, eval_ids: Tensor | None = None,
+             eval_every: int = 0) -> list[dict[str, float]]:
+    """``steps`` optimizer steps on the next-token cross-entropy of random windows of ``train_ids``:
+
+    .. math::  L = -\\frac{1}{B T} \\sum_{b, t} \\log \\mathrm{softmax}(\\mathrm{logits}_{b,t})
+               [y_{b,t}],
+
+    with windows from :func:`random_windows` (``seq_len`` defaults to ``model.seq_len``). Returns
+    one record per step, ``{"step", "loss"}``; with ``eval_ids``, ``"val_perplexity"``
+    (:func:`perplexity` on ``eval_ids``) is added every ``eval_every`` steps and at the last
+    (``eval_every=0``: only there), and a first record ``{"step": 0, "val_perplexity"}`` holds
+    the untrained model's.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0, got {eval_every}")
+    seq_len = seq_len or model.seq_len
+    history: list[dict[str, float]] = []
+    if eval_ids is not None:
+        history.append({"step": 0, "val_perplexity": perplexity(model, eval_ids, seq_len)})
+    model.train()
+    for step in range(1, steps + 1):
+        x, y = random_windows(train_ids, batch_size, seq_len, generator)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"training diverged at step {step}: the loss is {loss.item()}; "
+                               "lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        record = {"step": step, "loss": loss.item()}
+        if eval_ids is not None and (step == steps or (eval_every and step % eval_every == 0)):
+            record["val_perplexity"] = perplexity(model, eval_ids, seq_len)
+        history.append(record)
+    return history
 
 
 @torch.no_grad()
