@@ -42,6 +42,38 @@ def test_free_phase_matches_reference(dtype, kind, batch, schedule):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", ["contiguous", "strided rows", "no unit stride"])
+def test_single_sample_matches_reference(dtype, weights):
+    """One sample relaxing: the CPU kernel's matrix-vector loops (both weight layouts: a forward
+    coupling reads rows of W, tied feedback rows of W^T), split over threads, with widths that
+    are not multiples of the vector width; a weight with no unit stride takes the GEMM path."""
+    p = make_problem("wide", 1, dtype, readout=True, loss="cross_entropy")
+    if weights != "contiguous":
+        # the same values in a larger buffer: rows of stride 2*n, or columns of stride 2
+        step = (1, 2) if weights == "no unit stride" else None
+        couplings = []
+        for c in p["couplings"]:
+            rows, cols = c.weight.shape
+            big = torch.zeros(rows, 2 * cols, dtype=dtype)
+            view = big[:, ::2] if step else big[:, :cols]
+            view.copy_(c.weight)
+            couplings.append(c._replace(weight=view))
+        p["couplings"] = couplings
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for beta in (0.0, 0.5):
+            kw = dict(activation="tanh", damping=0.2, max_steps=12, beta=beta,
+                      loss="cross_entropy", target=p["target"],
+                      readout_weight=p["readout_weight"], readout_bias=p["readout_bias"])
+            got = relax(p["states"], p["couplings"], p["drives"], **kw)
+            want = relax_reference(p["states"], p["couplings"], p["drives"], **kw)
+            assert_same_result(got, want, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["looped", "tied", "untied"])
 @pytest.mark.parametrize("loss,readout", [("mse", False), ("mse", True), ("cross_entropy", True),
                                           ("cross_entropy", False), ("gradient", False)])

@@ -233,6 +233,11 @@ void compute_preactivation(const RelaxProblem& p, int64_t layer,
     }
     for (size_t c = 1; c < in.size(); ++c) pre.addmm_(states[in[c].source], in[c].matrix);
   }
+  add_output_nudge(p, layer, states, pre);
+}
+
+void add_output_nudge(const RelaxProblem& p, int64_t layer, const std::vector<at::Tensor>& states,
+                      at::Tensor& pre) {
   if (p.beta == 0.0 || layer != static_cast<int64_t>(p.incoming.size()) - 1) return;
 
   // The nudge -beta * dloss/ds of the last layer's state s, added inside the activation.

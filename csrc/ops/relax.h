@@ -56,6 +56,11 @@ RelaxProblem select_rows(const RelaxProblem& problem, const at::Tensor& rows);
 void compute_preactivation(const RelaxProblem& problem, int64_t layer,
                            const std::vector<at::Tensor>& states, at::Tensor& pre);
 
+// pre += the output nudge -beta * dloss/ds when `layer` is the last layer and beta != 0 (the
+// last part of compute_preactivation, for kernels that compute the couplings themselves).
+void add_output_nudge(const RelaxProblem& problem, int64_t layer,
+                      const std::vector<at::Tensor>& states, at::Tensor& pre);
+
 // Raises the error for a state that became NaN or Inf at `step` in `rows` samples, naming the
 // non-finite input if there is one.
 [[noreturn]] void report_nonfinite_state(const RelaxProblem& problem, at::TensorList states,

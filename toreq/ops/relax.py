@@ -183,35 +183,33 @@ def relax(
     Returns:
         :class:`RelaxResult` with the final states, per-sample step counts and residuals.
     """
-    states = [s.detach() for s in states]
+    # No graph is built through the relaxation; only tensors that need it are detached, since
+    # at batch 1 this wrapper's own cost is a visible part of a call.
+    states = [_no_grad(s) for s in states]
     if not states:
         raise ValueError("toreq.relax: states must hold at least one layer's state")
-    if readout_weight is not None:
-        readout_weight = readout_weight.detach()
-    if readout_bias is not None:
-        readout_bias = readout_bias.detach()
+    readout_weight, readout_bias = _no_grad(readout_weight), _no_grad(readout_bias)
     if target is not None:
         num_outputs = states[-1].shape[1] if readout_weight is None else readout_weight.shape[0]
-        target = _labels_to_rows(target.detach(), loss, num_outputs, states[-1].dtype)
-    couplings = [Coupling(c.weight.detach(), c.target, c.source, c.transposed) for c in couplings]
-    drive_list = [None if d is None else d.detach() for d in (drives or [])]
-    kwargs = dict(
-        activation=activation, damping=damping, max_steps=max_steps, tol=tol, schedule=schedule,
-        beta=beta, loss=loss, target=target, readout_weight=readout_weight,
-        readout_bias=readout_bias,
-    )
-    if not has_kernel("relax", states[0].device.type if states else "cpu"):
-        return relax_reference(states, couplings, drive_list, **kwargs)
-    new_states, steps, residual = torch.ops.toreq.relax(
-        states,
-        drive_list,
-        [c.weight for c in couplings],
-        [c.target for c in couplings],
-        [c.source for c in couplings],
-        [c.transposed for c in couplings],
-        **kwargs,
-    )
+        target = _labels_to_rows(_no_grad(target), loss, num_outputs, states[-1].dtype)
+    drive_list = [_no_grad(d) for d in (drives or [])]
+    if not has_kernel("relax", states[0].device.type):
+        couplings = [Coupling(_no_grad(c.weight), c.target, c.source, c.transposed)
+                     for c in couplings]
+        return relax_reference(
+            states, couplings, drive_list, activation=activation, damping=damping,
+            max_steps=max_steps, tol=tol, schedule=schedule, beta=beta, loss=loss, target=target,
+            readout_weight=readout_weight, readout_bias=readout_bias)
+    new_states, steps, residual = torch.ops.toreq.relax.default(
+        states, drive_list, [_no_grad(c.weight) for c in couplings],
+        [c.target for c in couplings], [c.source for c in couplings],
+        [c.transposed for c in couplings], activation, damping, max_steps, tol, schedule, beta,
+        loss, target, readout_weight, readout_bias)
     return RelaxResult(list(new_states), steps, residual)
+
+
+def _no_grad(t: Tensor | None) -> Tensor | None:
+    return t.detach() if t is not None and t.requires_grad else t
 
 
 def _activate(name: str, x: Tensor) -> Tensor:

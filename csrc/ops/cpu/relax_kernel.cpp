@@ -4,8 +4,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -91,6 +89,103 @@ void update_layer(scalar_t* s, const scalar_t* activity, int64_t batch, int64_t 
   });
 }
 
+// --- batch 1: the couplings as matrix-vector products -------------------------------------
+// With one sample left relaxing, a coupling's GEMM is a matrix-vector product: BLAS runs it on
+// one thread and its call costs as much as the row update. These loops split it over the
+// intra-op threads instead, reading each weight once in its stored layout.
+
+constexpr int64_t kMatVecLanes = 32;  // independent accumulators, so the loops vectorise
+
+// out[j] += sum_i w[j * ld + i] * s[i] for j in [begin, end): rows of w dotted with s.
+template <typename scalar_t>
+TOREQ_ALWAYS_INLINE void dot_rows_body(scalar_t* out, const scalar_t* w, int64_t ld,
+                                       const scalar_t* s, int64_t n, int64_t begin, int64_t end) {
+  const int64_t full = n - n % kMatVecLanes;
+  for (int64_t j = begin; j < end; ++j) {
+    const scalar_t* row = w + j * ld;
+    scalar_t acc[kMatVecLanes] = {};
+    for (int64_t i = 0; i < full; i += kMatVecLanes) {
+      for (int64_t k = 0; k < kMatVecLanes; ++k) acc[k] += row[i + k] * s[i + k];
+    }
+    for (int64_t i = full; i < n; ++i) acc[0] += row[i] * s[i];
+    scalar_t total = 0;
+    for (int64_t k = 0; k < kMatVecLanes; ++k) total += acc[k];
+    out[j] += total;
+  }
+}
+
+// out[j] += sum_i s[i] * w[i * ld + j] for j in [begin, end): rows of w scaled and summed.
+template <typename scalar_t>
+TOREQ_ALWAYS_INLINE void axpy_rows_body(scalar_t* out, const scalar_t* w, int64_t ld,
+                                        const scalar_t* s, int64_t n, int64_t begin,
+                                        int64_t end) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t a = s[i];
+    const scalar_t* row = w + i * ld;
+    for (int64_t j = begin; j < end; ++j) out[j] += a * row[j];
+  }
+}
+
+TOREQ_VECTOR_CLONES void dot_rows(float* out, const float* w, int64_t ld, const float* s,
+                                  int64_t n, int64_t begin, int64_t end) {
+  dot_rows_body(out, w, ld, s, n, begin, end);
+}
+TOREQ_VECTOR_CLONES void dot_rows(double* out, const double* w, int64_t ld, const double* s,
+                                  int64_t n, int64_t begin, int64_t end) {
+  dot_rows_body(out, w, ld, s, n, begin, end);
+}
+TOREQ_VECTOR_CLONES void axpy_rows(float* out, const float* w, int64_t ld, const float* s,
+                                   int64_t n, int64_t begin, int64_t end) {
+  axpy_rows_body(out, w, ld, s, n, begin, end);
+}
+TOREQ_VECTOR_CLONES void axpy_rows(double* out, const double* w, int64_t ld, const double* s,
+                                   int64_t n, int64_t begin, int64_t end) {
+  axpy_rows_body(out, w, ld, s, n, begin, end);
+}
+
+// Whether every coupling into `layer` has a unit stride along one of its dimensions, which the
+// matrix-vector loops need; otherwise the layer takes the GEMM path.
+bool has_matvec_layout(const RelaxProblem& p, int64_t layer) {
+  for (const Incoming& c : p.incoming[layer]) {
+    if (c.matrix.stride(0) != 1 && c.matrix.stride(1) != 1) return false;
+  }
+  return true;
+}
+
+// compute_preactivation for a single sample (p.batch == 1), the couplings by the loops above.
+template <typename scalar_t>
+void compute_preactivation_one_sample(const RelaxProblem& p, int64_t layer,
+                                      const std::vector<at::Tensor>& states, at::Tensor& pre) {
+  const at::Tensor& drive = p.drives[layer];
+  if (drive.defined()) {
+    pre.copy_(drive);
+  } else {
+    pre.zero_();
+  }
+  scalar_t* out = pre.data_ptr<scalar_t>();
+  const int64_t n_out = pre.size(1);
+  for (const Incoming& c : p.incoming[layer]) {
+    // matrix is (n_source, n_out): pre += s @ matrix
+    const scalar_t* s = states[c.source].const_data_ptr<scalar_t>();
+    const scalar_t* w = c.matrix.const_data_ptr<scalar_t>();
+    const int64_t n_in = c.matrix.size(0);
+    // Chunks of at least 16K multiply-adds: below that a second thread costs more than it saves.
+    const int64_t grain = std::max<int64_t>(kMatVecLanes, 16384 / std::max<int64_t>(1, n_in));
+    if (c.matrix.stride(0) == 1) {  // output j reads a contiguous row of the weight
+      const int64_t ld = c.matrix.stride(1);
+      at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
+        dot_rows(out, w, ld, s, n_in, begin, end);
+      });
+    } else {
+      const int64_t ld = c.matrix.stride(0);
+      at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
+        axpy_rows(out, w, ld, s, n_in, begin, end);
+      });
+    }
+  }
+  add_output_nudge(p, layer, states, pre);
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
     at::TensorList states, const c10::List<std::optional<at::Tensor>>& drives,
     at::TensorList weights, at::IntArrayRef targets, at::IntArrayRef sources,
@@ -116,14 +211,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
   at::Tensor rows;                       // int64: the batch index of each working row
   std::vector<int64_t> sample(batch);    // the same, on the host
   std::iota(sample.begin(), sample.end(), 0);
-  at::Tensor steps = at::zeros({batch}, out[0].options().dtype(at::kLong));
-  at::Tensor residual = at::full({batch}, std::numeric_limits<double>::infinity(), out[0].options());
+  // filled in the loop below rather than by ATen fills: each ATen call costs about as much as a
+  // step's elementwise work at batch 1
+  at::Tensor steps = at::empty({batch}, out[0].options().dtype(at::kLong));
+  at::Tensor residual = at::empty({batch}, out[0].options());
 
   AT_DISPATCH_FLOATING_TYPES(out[0].scalar_type(), "toreq_relax_cpu", [&] {
     std::vector<uint8_t> active(batch, 1), row_nonfinite(batch, 0);
+    std::vector<uint8_t> matvec(p.incoming.size());
+    for (size_t l = 0; l < matvec.size(); ++l) matvec[l] = has_matvec_layout(p, l);
     std::vector<scalar_t> row_change(batch);
     int64_t* steps_ptr = steps.data_ptr<int64_t>();
     scalar_t* residual_ptr = residual.data_ptr<scalar_t>();
+    std::fill(steps_ptr, steps_ptr + batch, int64_t(0));
+    std::fill(residual_ptr, residual_ptr + batch, std::numeric_limits<scalar_t>::infinity());
     const auto tol_s = static_cast<scalar_t>(p.tol);
     int64_t num_active = batch, step = 0;
     while (step < p.max_steps && num_active > 0) {
@@ -132,7 +233,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
       std::fill(row_change.begin(), row_change.end(), scalar_t(0));
       for (const std::vector<int64_t>& group : p.groups) {
         for (int64_t l : group) {
-          compute_preactivation(work, l, s, pre[l]);
+          if (working == 1 && matvec[l]) {
+            compute_preactivation_one_sample<scalar_t>(work, l, s, pre[l]);
+          } else {
+            compute_preactivation(work, l, s, pre[l]);
+          }
           activate_in_place(pre[l], p.activation);
         }
         for (int64_t l : group) {
