@@ -183,8 +183,9 @@ def relax(
     Returns:
         :class:`RelaxResult` with the final states, per-sample step counts and residuals.
     """
-    # No graph is built through the relaxation; only tensors that need it are detached, since
-    # at batch 1 this wrapper's own cost is a visible part of a call.
+    # No graph is built through the relaxation. Detached unconditionally, not only where
+    # requires_grad is set: a torch.export trace must record the detach, since the exported
+    # program later runs with parameters that require grad.
     states = [_no_grad(s) for s in states]
     if not states:
         raise ValueError("toreq.relax: states must hold at least one layer's state")
@@ -209,7 +210,7 @@ def relax(
 
 
 def _no_grad(t: Tensor | None) -> Tensor | None:
-    return t.detach() if t is not None and t.requires_grad else t
+    return None if t is None else t.detach()
 
 
 def _activate(name: str, x: Tensor) -> Tensor:

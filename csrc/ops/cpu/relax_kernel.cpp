@@ -91,8 +91,8 @@ void update_layer(scalar_t* s, const scalar_t* activity, int64_t batch, int64_t 
 
 // --- batch 1: the couplings as matrix-vector products -------------------------------------
 // With one sample left relaxing, a coupling's GEMM is a matrix-vector product: BLAS runs it on
-// one thread and its call costs as much as the row update. These loops split it over the
-// intra-op threads instead, reading each weight once in its stored layout.
+// one thread, and its layout is fixed by the weight's. These loops read each weight once in its
+// stored layout, split over the intra-op threads when the weight is large.
 
 constexpr int64_t kMatVecLanes = 32;  // independent accumulators, so the loops vectorise
 
@@ -169,8 +169,10 @@ void compute_preactivation_one_sample(const RelaxProblem& p, int64_t layer,
     const scalar_t* s = states[c.source].const_data_ptr<scalar_t>();
     const scalar_t* w = c.matrix.const_data_ptr<scalar_t>();
     const int64_t n_in = c.matrix.size(0);
-    // Chunks of at least 16K multiply-adds: below that a second thread costs more than it saves.
-    const int64_t grain = std::max<int64_t>(kMatVecLanes, 16384 / std::max<int64_t>(1, n_in));
+    // Chunks of at least 1M multiply-adds: up to hidden 1024 a second thread gained nothing
+    // here (the loop is bound by reading the weight), and waiting for it made steps slower
+    // whenever another process held a core.
+    const int64_t grain = std::max<int64_t>(kMatVecLanes, (1 << 20) / std::max<int64_t>(1, n_in));
     if (c.matrix.stride(0) == 1) {  // output j reads a contiguous row of the weight
       const int64_t ld = c.matrix.stride(1);
       at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
