@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from toreq.diagnostics import compare, estimator_gradients
 from toreq.nn.lm import (CharTransformerLM, count_parameters, perplexity, train_lm,
                          unigram_perplexity)
-from toreq.nn.transformer import EqPropAttention, EqPropFeedForward, TransformerBlock
+from toreq.nn.transformer import (EqPropAttention, EqPropFeedForward, SelfAttention,
+                                  TransformerBlock, linear_attention)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,6 +120,44 @@ def test_lm_eqprop_gradients_match_bptt():
         assert compare(ep, grads["bptt"][name]).relative_error < 1e-6, name
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_attention_matches_a_direct_loop(causal):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 4, dtype=torch.float64, generator=gen) for _ in range(3))
+    phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
+    expected = torch.empty_like(v)
+    for t in range(T):
+        seen = range(t + 1) if causal else range(T)  # j <= t, or every position
+        weights = [torch.einsum("bhd,bhd->bh", phi_q[..., t, :], phi_k[..., j, :]) for j in seen]
+        numerator = sum(w[..., None] * v[..., j, :] for w, j in zip(weights, seen))
+        expected[..., t, :] = numerator / sum(weights)[..., None]
+    torch.testing.assert_close(linear_attention(q, k, v, causal=causal), expected,
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("build", [
+    lambda causal: SelfAttention(D, HEADS, "linear", causal=causal),
+    lambda causal: SelfAttention(D, HEADS, "softmax", causal=causal),
+    lambda causal: EqPropAttention(D, HEADS, T, causal=causal),
+    lambda causal: EqPropAttention(D, HEADS, T, mode="nonsymmetric", causal=causal,
+                                   block_options=dict(tol=0.0)),
+    lambda causal: TransformerBlock(D, HEADS, T, eqprop="both", causal=causal),
+], ids=["linear", "softmax", "eqprop-symmetric", "eqprop-nonsymmetric", "block"])
+def test_a_later_token_reaches_earlier_positions_only_when_not_causal(build):
+    u = torch.randn(2, T, D, generator=torch.Generator().manual_seed(0))
+    changed = u.clone()
+    changed[:, 4] = torch.randn(2, D, generator=torch.Generator().manual_seed(1))
+    for causal in (True, False):
+        torch.manual_seed(0)
+        module = build(causal).eval()
+        with torch.no_grad():
+            earlier = (module(changed) - module(u))[:, :4].abs().max()
+        if causal:
+            assert earlier <= 1e-6, earlier
+        else:
+            assert earlier > 1e-3, earlier
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="eqprop must be one of"):
         TransformerBlock(D, HEADS, T, eqprop="all")
@@ -145,6 +184,8 @@ def test_bad_input_raises():
         lm(torch.tensor([[0, 11]]))
     with pytest.raises(ValueError, match="more than seq_len=6"):
         EqPropAttention(D, HEADS, T, mode="nonsymmetric")(torch.randn(1, 7, D))
+    with pytest.raises(ValueError, match="needs exactly seq_len=6 positions, got 3"):
+        EqPropAttention(D, HEADS, T, mode="nonsymmetric", causal=False)(torch.randn(1, 3, D))
 
 
 @pytest.mark.parametrize("eqprop", ["none", "both"])

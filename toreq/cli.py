@@ -208,17 +208,26 @@ LM_VARIANTS = {"backprop": "none", "attention": "attention", "ffn": "ffn", "both
 
 
 def _lm_train_parser(sub: argparse._SubParsersAction) -> None:
+    from toreq.nn.lm import LM_VARIANTS as STUDY_VARIANTS
+
     p = sub.add_parser(
         "lm-train", help="train a character-level transformer LM on Tiny Shakespeare",
-        description="Train a CharTransformerLM (toreq.nn.lm.train_lm: Adam on the next-token "
+        description="Train a CharTransformerLM, or a variant of the LM study "
+                    "(toreq.nn.lm.build_lm), with toreq.nn.lm.train_lm (Adam on the next-token "
                     "cross-entropy of random windows) with backprop or EqProp sublayers, print "
                     "its validation perplexity against the unigram baseline, and write a "
                     "checkpoint holding the model's configuration and vocabulary, for toreq "
                     "generate.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the checkpoint file to write")
-    p.add_argument("--variant", choices=tuple(LM_VARIANTS), default="both",
-                   help="which sublayers are EqProp: none (backprop), attention, ffn or both")
+    p.add_argument("--variant", choices=tuple(dict.fromkeys([*LM_VARIANTS, *STUDY_VARIANTS])),
+                   default="both",
+                   help="which sublayers are EqProp: none (backprop), attention, ffn or both; or "
+                        "a variant of the LM study (toreq.nn.lm.build_lm; its width is --d-model: "
+                        "the hidden width for looped_mlp)")
+    p.add_argument("--params", type=int, default=None,
+                   help="a study variant only: build it at this parameter count instead of at "
+                        "--d-model (build_lm; the achieved count is printed)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--d-model", type=int, default=32, help="model width")
     p.add_argument("--layers", type=int, default=1, help="transformer blocks")
@@ -238,7 +247,8 @@ def _run_lm_train(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
     from toreq.data import DataError, load_tiny_shakespeare
-    from toreq.nn.lm import CharTransformerLM, count_parameters, train_lm, unigram_perplexity
+    from toreq.nn.lm import (LM_VARIANTS as STUDY_VARIANTS, CharTransformerLM, build_lm,
+                             count_parameters, train_lm, unigram_perplexity)
     from toreq.train import save_checkpoint
 
     for name in ("steps", "d_model", "layers", "heads", "seq_len", "batch_size", "eval_chars"):
@@ -246,6 +256,10 @@ def _run_lm_train(args: argparse.Namespace) -> int:
             raise SystemExit(f"toreq lm-train: --{name.replace('_', '-')} must be "
                              f"{'>= 0' if name == 'steps' else 'positive'}, "
                              f"got {getattr(args, name)}")
+    if args.params is not None and (args.variant not in STUDY_VARIANTS or args.params < 1):
+        raise SystemExit(f"toreq lm-train: --params must be positive and needs a study variant "
+                         f"({', '.join(STUDY_VARIANTS)}), got {args.params} with --variant "
+                         f"{args.variant}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -254,8 +268,17 @@ def _run_lm_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"toreq lm-train: {error}") from error
     val = corpus.val[:args.eval_chars]
     torch.manual_seed(args.seed)
-    model = CharTransformerLM(corpus.vocab_size, args.d_model, args.layers, args.heads,
-                              args.seq_len, eqprop=LM_VARIANTS[args.variant], vocab=corpus.vocab)
+    if args.variant in STUDY_VARIANTS:
+        size = {"params": args.params} if args.params else {"width": args.d_model}
+        try:
+            model = build_lm(args.variant, corpus.vocab_size, args.seq_len, n_layers=args.layers,
+                             n_heads=args.heads, vocab=corpus.vocab, **size)
+        except ValueError as error:
+            raise SystemExit(f"toreq lm-train: {error}") from error
+    else:
+        model = CharTransformerLM(corpus.vocab_size, args.d_model, args.layers, args.heads,
+                                  args.seq_len, eqprop=LM_VARIANTS[args.variant],
+                                  vocab=corpus.vocab)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     started = time.perf_counter()
     history = train_lm(model, optimizer, corpus.train, args.steps, batch_size=args.batch_size,
@@ -264,13 +287,67 @@ def _run_lm_train(args: argparse.Namespace) -> int:
     # save_checkpoint stores a trainer's model and optimizer; train_lm needs no trainer object
     save_checkpoint(args.checkpoint, SimpleNamespace(model=model, optimizer=optimizer),
                     epoch=0, history=history,
-                    extra={"lm_config": model.config, "variant": args.variant,
+                    extra={"lm_config": model.config, "lm_class": type(model).__name__,
+                           "variant": args.variant,
                            "steps": args.steps, "seed": args.seed})
     print(f"{args.variant} LM, {count_parameters(model):,} parameters, {args.steps} steps in "
           f"{seconds:.1f} s: validation perplexity {history[0]['val_perplexity']:.2f} -> "
           f"{history[-1]['val_perplexity']:.2f} (unigram "
           f"{unigram_perplexity(corpus.train, val, corpus.vocab_size):.2f}); wrote "
           f"{args.checkpoint}")
+    return 0
+
+
+def _lm_study_parser(sub: argparse._SubParsersAction) -> None:
+    from toreq.lm_study import EXPERIMENTS
+
+    p = sub.add_parser(
+        "lm-study", help="the language-model study: EqProp variants against backprop",
+        description="Train the prototype's character-level LM variants (toreq.nn.lm.build_lm: "
+                    "backprop, full, attention_only, hybrid, recurrent_core, looped_mlp) on Tiny "
+                    "Shakespeare at matched parameter counts (toreq.lm_study): variant x scale, "
+                    "training-text size and sequence length. Each run's results are saved as it "
+                    "finishes (results.jsonl; --resume skips finished runs); at the end "
+                    "results.json, results.csv and summary.md (tables, crossover point).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small models and few steps (toreq.lm_study.QUICK: about 15 minutes on "
+                        "two CPU cores) instead of the ~2.2M-parameter base (FULL, for a GPU)")
+    p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
+                   metavar="EXPERIMENT",
+                   help=f"the experiments to run, among {', '.join(EXPERIMENTS)}")
+    p.add_argument("--out", default="results/lm_study", help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the runs already in <out>/results.jsonl")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the batches")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    p.add_argument("--data-dir", default=None, help="folder holding tinyshakespeare/")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(run=_run_lm_study)
+
+
+def _run_lm_study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from toreq.data import DataError, load_tiny_shakespeare
+    from toreq.lm_study import FULL, QUICK, run_study
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        corpus = load_tiny_shakespeare(args.data_dir)
+    except DataError as error:
+        raise SystemExit(f"toreq lm-study: {error}") from error
+    started = time.perf_counter()
+    try:
+        run_study(corpus, args.out, QUICK if args.quick else FULL, experiments=args.experiments,
+                  seed=args.seed, device=args.device, resume=args.resume,
+                  log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (FileExistsError, ValueError) as error:
+        raise SystemExit(f"toreq lm-study: {error}") from error
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}/results.json, results.csv and summary.md in "
+          f"{time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -293,10 +370,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from toreq.nn.lm import CharTransformerLM
+    from toreq.nn.lm import CharLM
 
     try:
-        model = CharTransformerLM.from_checkpoint(args.checkpoint)
+        model = CharLM.from_checkpoint(args.checkpoint)
         text = model.generate(args.prompt, args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, generator=args.seed)
     except (FileNotFoundError, RuntimeError, ValueError) as error:
@@ -368,6 +445,7 @@ def make_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _export_parser(sub)
     _lm_train_parser(sub)
+    _lm_study_parser(sub)
     _generate_parser(sub)
     _validate_parser(sub)
     return parser

@@ -2,15 +2,16 @@
 
 from toreq.nn.block import ConvergenceWarning, EquilibriumBlock
 from toreq.nn.equilibrium import EquilibriumModel, Network
-from toreq.nn.lm import CharTransformerLM, count_parameters
+from toreq.nn.lm import CharLM, CharTransformerLM, LoopedMLPLM, build_lm, count_parameters
 from toreq.nn.models import EPMLP, FeedforwardMLP, LoopedMLP, ToroidalMLP
 from toreq.nn.stepped import ConvEP, ModernEqProp, SteppedEquilibriumModel
-from toreq.nn.transformer import (CausalSelfAttention, EqPropAttention, EqPropFeedForward,
+from toreq.nn.transformer import (EqPropAttention, EqPropFeedForward, SelfAttention,
                                   TransformerBlock)
+from toreq.nn.vision import PatchTransformer
 
 __all__ = [
-    "CausalSelfAttention", "CharTransformerLM", "ConvEP", "ConvergenceWarning", "EPMLP",
-    "EqPropAttention", "EqPropFeedForward", "EquilibriumBlock", "EquilibriumModel",
-    "FeedforwardMLP", "LoopedMLP", "ModernEqProp", "Network", "SteppedEquilibriumModel",
-    "ToroidalMLP", "TransformerBlock", "count_parameters",
+    "CharLM", "CharTransformerLM", "ConvEP", "ConvergenceWarning", "EPMLP", "EqPropAttention",
+    "EqPropFeedForward", "EquilibriumBlock", "EquilibriumModel", "FeedforwardMLP", "LoopedMLP",
+    "LoopedMLPLM", "ModernEqProp", "Network", "PatchTransformer", "SelfAttention",
+    "SteppedEquilibriumModel", "ToroidalMLP", "TransformerBlock", "build_lm", "count_parameters",
 ]

@@ -12,20 +12,25 @@ phases (``EQPROP-MATH.md`` section 5), never by backprop through the relaxation;
 network (embeddings, LayerNorms, residuals, readout) is ordinary autograd, so ``loss.backward()``
 works on any mix.
 
-Causal linear attention (Katharopoulos et al. 2020), per head, with the feature map
-``phi(z) = elu(z) + 1 > 0``:
+Linear attention (Katharopoulos et al. 2020), per head, with the feature map
+``phi(z) = elu(z) + 1 > 0``; causal (``causal=True``, for language models: ``J_t = {j <= t}``)
+or bidirectional (``causal=False``, e.g. over image patches: ``J_t = {1..T}``):
 
-.. math::  a_t = \\frac{\\sum_{j \\le t} (\\phi(q_t)^\\top \\phi(k_j))\\, v_j}
-                      {\\sum_{j \\le t} \\phi(q_t)^\\top \\phi(k_j)}
+.. math::  a_t = \\frac{\\sum_{j \\in J_t} (\\phi(q_t)^\\top \\phi(k_j))\\, v_j}
+                      {\\sum_{j \\in J_t} \\phi(q_t)^\\top \\phi(k_j)}
                = \\frac{\\phi(q_t)^\\top S_t}{\\phi(q_t)^\\top z_t}, \\quad
-           S_t = \\sum_{j \\le t} \\phi(k_j) v_j^\\top, \\ z_t = \\sum_{j \\le t} \\phi(k_j).
+           S_t = \\sum_{j \\in J_t} \\phi(k_j) v_j^\\top, \\ z_t = \\sum_{j \\in J_t} \\phi(k_j).
+
+Without the mask ``S_t = S`` and ``z_t = z`` are the same for every position. Softmax attention
+(``kind="softmax"``) is available to the backprop sublayers, with the same ``causal`` switch.
 
 The two EqProp attention modes (:class:`EqPropAttention`):
 
 * ``"symmetric"`` (energy-based, tied; EqProp exact as beta -> 0). A causal coupling between
-  positions is lower-triangular in time and can never be symmetric, so the token mixing enters as
-  a *drive*: ``a = Attn(u)`` is computed once from the sublayer input ``u``, and a Hopfield state
-  per position relaxes under it,
+  positions is lower-triangular in time and can never be symmetric, and attention's Jacobian is
+  not symmetric even without the mask, so the token mixing enters as a *drive*: ``a = Attn(u)``
+  is computed once from the sublayer input ``u``, and a Hopfield state per position relaxes
+  under it,
 
   .. math::  s_t \\leftarrow \\tanh(h_t), \\qquad h_t = a_t + c\\, W s_t + b, \\qquad
              W = W^\\top,
@@ -41,14 +46,16 @@ The two EqProp attention modes (:class:`EqPropAttention`):
 
   .. math::  s \\leftarrow \\tanh(h), \\qquad h = \\mathrm{Attn}(u + c\\, s) + b,
 
-  with the whole sequence ``s`` of shape ``(T, d)`` as the block's state (inputs shorter than
-  ``seq_len`` are padded at the end with zeros: causality keeps the padding from reaching the
-  real positions). ``dh/ds`` is causal (block lower-triangular) and untied, so EqProp replaces
-  the adjoint's ``(I - J^T)^{-1}`` by ``(I - J)^{-1}``: an approximation, which in particular sends
-  the error signal of a position forward in time as well as back. Contraction is not guaranteed
-  either (``c`` and damping keep it in practice; ``last_converged`` reports it). Since a
-  sequence stops relaxing only when all its positions have converged, an earlier position's
-  state depends on later tokens up to the tolerance ``tol`` (exactly causal with ``tol=0``).
+  with the whole sequence ``s`` of shape ``(T, d)`` as the block's state. Causal: inputs shorter
+  than ``seq_len`` are padded at the end with zeros, which causality keeps from reaching the real
+  positions; bidirectional: every position reads every other, so the input must have exactly
+  ``seq_len`` positions. ``dh/ds`` is untied (and block lower-triangular when causal), so EqProp
+  replaces the adjoint's ``(I - J^T)^{-1}`` by ``(I - J)^{-1}``: an approximation, which in the
+  causal case sends the error signal of a position forward in time as well as back.
+  Contraction is not guaranteed either (``c`` and damping keep it in practice;
+  ``last_converged`` reports it). Since a sequence stops relaxing only when all its positions
+  have converged, in the causal case an earlier position's state depends on later tokens up to
+  the tolerance ``tol`` (exactly causal with ``tol=0``).
 
 The EqProp feed-forward sublayer (:class:`EqPropFeedForward`) is the looped MLP per position,
 ``s_t <- tanh(U u_t + c W s_t + b)`` with ``W = W^T`` and the output ``R s_t* + r``: exact as in
@@ -71,8 +78,8 @@ from toreq import utils
 from toreq.nn.block import EquilibriumBlock
 
 __all__ = [
-    "CausalSelfAttention", "EqPropAttention", "EqPropFeedForward", "FeedForward", "HopfieldCell",
-    "TransformerBlock", "causal_linear_attention",
+    "EqPropAttention", "EqPropFeedForward", "FeedForward", "HopfieldCell", "SelfAttention",
+    "TransformerBlock", "linear_attention",
 ]
 
 EQPROP_SUBLAYERS = ("none", "attention", "ffn", "both")
@@ -82,32 +89,39 @@ ATTENTION_KINDS = ("linear", "softmax")
 BLOCK_DEFAULTS: dict[str, Any] = dict(max_steps=30, tol=1e-4, beta=0.05)
 
 
-def causal_linear_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal linear attention of ``(..., T, d_head)`` queries, keys and values (module docstring).
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+    """Linear attention of ``(..., T, d_head)`` queries, keys and values (module docstring),
+    causal or bidirectional.
 
-    Computed as the masked product ``tril(phi(q) phi(k)^T) v`` normalised by its row sums: the
-    same numbers as the cumulative-sum recurrence ``S_t, z_t``, in O(T^2 d) time and O(T^2)
-    memory, cheaper than the recurrence's O(T d^2) memory for the sequence lengths used here.
+    Causal: the masked product ``tril(phi(q) phi(k)^T) v`` normalised by its row sums, the same
+    numbers as the cumulative-sum recurrence ``S_t, z_t``, in O(T^2 d) time and O(T^2) memory,
+    cheaper than the recurrence's O(T d^2) memory for the sequence lengths used here.
+    Bidirectional: ``phi(q) S / (phi(q) z)`` with the shared ``S = phi(k)^T v``, ``z = sum_j
+    phi(k_j)``, in O(T d^2) time.
     """
     fq, fk = F.elu(q) + 1.0, F.elu(k) + 1.0
+    if not causal:
+        return (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(dim=-2).unsqueeze(-1))
     t = q.shape[-2]
     mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     scores = (fq @ fk.transpose(-1, -2)).masked_fill(~mask, 0.0)
     return (scores @ v) / scores.sum(dim=-1, keepdim=True)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention ``O concat_h attend(Q_h u, K_h u, V_h u)``, ``u`` of shape
-    ``(B, T, d_model)``: ``kind="linear"`` (:func:`causal_linear_attention`) or ``"softmax"``
-    (scaled dot-product, causal mask)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention ``O concat_h attend(Q_h u, K_h u, V_h u)``, ``u`` of shape
+    ``(B, T, d_model)``: ``kind="linear"`` (:func:`linear_attention`) or ``"softmax"`` (scaled
+    dot-product); causal (position ``t`` reads ``j <= t``) or, with ``causal=False``,
+    bidirectional (every position reads every position)."""
 
-    def __init__(self, d_model: int, n_heads: int, kind: str = "linear") -> None:
+    def __init__(self, d_model: int, n_heads: int, kind: str = "linear",
+                 causal: bool = True) -> None:
         super().__init__()
         if kind not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.n_heads, self.kind = n_heads, kind
+        self.n_heads, self.kind, self.causal = n_heads, kind, bool(causal)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
 
@@ -116,13 +130,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
                    for z in self.qkv(u).chunk(3, dim=-1))
         if self.kind == "linear":
-            heads = causal_linear_attention(q, k, v)
+            heads = linear_attention(q, k, v, self.causal)
         else:
-            heads = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            heads = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out(heads.transpose(1, 2).reshape(b, t, d))
 
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, kind={self.kind!r}"
+        return f"n_heads={self.n_heads}, kind={self.kind!r}, causal={self.causal}"
 
 
 class FeedForward(nn.Module):
@@ -170,9 +184,9 @@ def _equilibrium(cell: nn.Module, state_shape: int | tuple[int, ...],
 class _AttentionCell(nn.Module):
     """The non-symmetric attention cell ``h(u, s) = Attn(u + c s) + b`` on whole sequences."""
 
-    def __init__(self, d_model: int, n_heads: int, recurrent_scale: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, recurrent_scale: float, causal: bool) -> None:
         super().__init__()
-        self.attention = CausalSelfAttention(d_model, n_heads, "linear")
+        self.attention = SelfAttention(d_model, n_heads, "linear", causal)
         self.bias = nn.Parameter(torch.zeros(d_model))
         self.recurrent_scale = recurrent_scale
 
@@ -181,7 +195,8 @@ class _AttentionCell(nn.Module):
 
 
 class EqPropAttention(nn.Module):
-    """The causal linear-attention sublayer as an equilibrium block trained by EqProp.
+    """The linear-attention sublayer (causal or bidirectional) as an equilibrium block trained by
+    EqProp.
 
     ``mode="symmetric"``: ``s* = fixed point of s_t <- tanh(a_t + c W s_t + b)`` with the drive
     ``a = Attn(u)`` (exact EqProp); ``mode="nonsymmetric"``: ``s* = fixed point of
@@ -196,24 +211,26 @@ class EqPropAttention(nn.Module):
         recurrent_scale: ``c``, in ``(0, 1)``.
         block_options: passed to :class:`~toreq.nn.EquilibriumBlock` (``max_steps``, ``tol``,
             ``beta``, ``symmetric``, ``damping``, ``solver``, ``gradient``, ...).
+        causal: position ``t`` attends to ``j <= t`` only; ``False``: to every position (the
+            non-symmetric mode then needs inputs of exactly ``seq_len`` positions).
     """
 
     def __init__(self, d_model: int, n_heads: int, seq_len: int, *, mode: str = "symmetric",
                  recurrent_scale: float = 0.5,
-                 block_options: Mapping[str, Any] | None = None) -> None:
+                 block_options: Mapping[str, Any] | None = None, causal: bool = True) -> None:
         super().__init__()
         if mode not in ATTENTION_MODES:
             raise ValueError(f"mode must be one of {ATTENTION_MODES}, got {mode!r}")
-        self.mode, self.seq_len = mode, seq_len
+        self.mode, self.seq_len, self.causal = mode, seq_len, bool(causal)
         if mode == "symmetric":
-            self.drive = CausalSelfAttention(d_model, n_heads, "linear")
+            self.drive = SelfAttention(d_model, n_heads, "linear", causal)
             self.block = _equilibrium(HopfieldCell(d_model, recurrent_scale=recurrent_scale),
                                       d_model, block_options)
         else:
             if not 0.0 < recurrent_scale < 1.0:
                 raise ValueError(f"recurrent_scale must be in (0, 1), got {recurrent_scale!r}")
             self.drive = None
-            self.block = _equilibrium(_AttentionCell(d_model, n_heads, recurrent_scale),
+            self.block = _equilibrium(_AttentionCell(d_model, n_heads, recurrent_scale, causal),
                                       (seq_len, d_model), block_options)
 
     @property
@@ -227,11 +244,15 @@ class EqPropAttention(nn.Module):
             return self.block(self.drive(u).reshape(b * t, d)).view(b, t, d)
         if t > self.seq_len:
             raise ValueError(f"the sequence has {t} positions, more than seq_len={self.seq_len}")
+        if not self.causal and t != self.seq_len:
+            # bidirectional attention would read the padding: no padding trick here
+            raise ValueError(f"the non-symmetric bidirectional (causal=False) attention needs "
+                             f"exactly seq_len={self.seq_len} positions, got {t}")
         padded = F.pad(u, (0, 0, 0, self.seq_len - t))  # future positions: causality ignores them
         return self.block(padded)[:, :t]
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, seq_len={self.seq_len}"
+        return f"mode={self.mode!r}, seq_len={self.seq_len}, causal={self.causal}"
 
 
 class EqPropFeedForward(nn.Module):
@@ -273,12 +294,13 @@ class TransformerBlock(nn.Module):
         attention_mode: the EqProp attention's mode, ``"symmetric"`` or ``"nonsymmetric"``.
         recurrent_scale: ``c`` of the EqProp sublayers.
         block_options: passed to every :class:`~toreq.nn.EquilibriumBlock`.
+        causal: causal attention (language models); ``False``: bidirectional (e.g. patches).
     """
 
     def __init__(self, d_model: int, n_heads: int, seq_len: int, *, d_ff: int | None = None,
                  eqprop: str = "none", attention: str = "linear",
                  attention_mode: str = "symmetric", recurrent_scale: float = 0.5,
-                 block_options: Mapping[str, Any] | None = None) -> None:
+                 block_options: Mapping[str, Any] | None = None, causal: bool = True) -> None:
         super().__init__()
         if eqprop not in EQPROP_SUBLAYERS:
             raise ValueError(f"eqprop must be one of {EQPROP_SUBLAYERS}, got {eqprop!r}")
@@ -288,9 +310,9 @@ class TransformerBlock(nn.Module):
         if eqprop in ("attention", "both"):
             self.attention: nn.Module = EqPropAttention(
                 d_model, n_heads, seq_len, mode=attention_mode, recurrent_scale=recurrent_scale,
-                block_options=block_options)
+                block_options=block_options, causal=causal)
         else:
-            self.attention = CausalSelfAttention(d_model, n_heads, attention)
+            self.attention = SelfAttention(d_model, n_heads, attention, causal)
         if eqprop in ("ffn", "both"):
             self.ffn: nn.Module = EqPropFeedForward(
                 d_model, d_ff, recurrent_scale=recurrent_scale, block_options=block_options)
