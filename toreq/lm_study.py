@@ -345,6 +345,16 @@ def _table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> list[str]:
             *("| " + " | ".join(line) + " |" for line in lines)]
 
 
+def _by_level(rows: Sequence[dict[str, Any]], level: str
+              ) -> tuple[list[str], list[tuple[Any, dict[str, dict[str, Any]]]]]:
+    """The variants among ``rows`` (in :data:`LM_VARIANTS` order), and for each value of the
+    column ``level``, ascending, its rows by variant: a table with a line per level."""
+    names = [v for v in LM_VARIANTS if any(r["variant"] == v for r in rows)]
+    levels = [(value, {r["variant"]: r for r in rows if r[level] == value})
+              for value in sorted({r[level] for r in rows})]
+    return names, levels
+
+
 def summarize(rows: Sequence[dict[str, Any]], config: StudyConfig) -> str:
     """``summary.md``: one table per experiment run, the crossover point and the settings."""
     text = [f"# Character-level LM study ({config.name})", "",
@@ -375,14 +385,12 @@ def summarize(rows: Sequence[dict[str, Any]], config: StudyConfig) -> str:
                      f"{variants[0]['unigram_perplexity']:.2f}.", ""]
     sizes = [r for r in rows if r["experiment"] == "data_size"]
     if sizes:
-        names = [v for v in LM_VARIANTS if any(r["variant"] == v for r in sizes)]
+        names, levels = _by_level(sizes, "train_chars")
         text += [f"## Training-text size (validation perplexity; ~{config.data_params:,} "
                  f"parameters, seq_len {config.seq_len})", ""]
-        lines = []
-        for n in sorted({r["train_chars"] for r in sizes}):
-            at = {r["variant"]: r for r in sizes if r["train_chars"] == n}
-            lines.append([f"{n:,}", f"{next(iter(at.values()))['unigram_perplexity']:.2f}",
-                          *(f"{at[v]['val_perplexity']:.2f}" if v in at else "-" for v in names)])
+        lines = [[f"{n:,}", f"{next(iter(at.values()))['unigram_perplexity']:.2f}",
+                  *(f"{at[v]['val_perplexity']:.2f}" if v in at else "-" for v in names)]
+                 for n, at in levels]
         text += _table(["train chars", "unigram", *names], lines)
         point, comparison = crossover(rows), size_comparison(rows)
         wins = [n for n, _, eqprop, backprop in comparison if eqprop < backprop]
@@ -399,13 +407,11 @@ def summarize(rows: Sequence[dict[str, Any]], config: StudyConfig) -> str:
                  "training-text size measured.", ""]
     lengths = [r for r in rows if r["experiment"] == "seq_len"]
     if lengths:
-        names = [v for v in LM_VARIANTS if any(r["variant"] == v for r in lengths)]
+        names, levels = _by_level(lengths, "seq_len")
         text += [f"## Sequence length (validation perplexity, training seconds; "
                  f"{config.seq_chars:,} training characters)", ""]
-        lines = []
-        for t in sorted({r["seq_len"] for r in lengths}):
-            at = {r["variant"]: r for r in lengths if r["seq_len"] == t}
-            lines.append([str(t), *(f"{at[v]['val_perplexity']:.2f} ({at[v]['wall_time_s']:.1f} s)"
-                                    if v in at else "-" for v in names)])
+        lines = [[str(t), *(f"{at[v]['val_perplexity']:.2f} ({at[v]['wall_time_s']:.1f} s)"
+                            if v in at else "-" for v in names)]
+                 for t, at in levels]
         text += _table(["seq_len", *names], lines) + [""]
     return "\n".join(text)
