@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from toreq.errors import TrainingDiverged
 from toreq.distributed import average_over_ranks, is_main_process, shard
 from toreq.nn import EquilibriumModel
 
@@ -34,10 +35,6 @@ __all__ = [
     "BPTTTrainer", "BackpropTrainer", "EqPropTrainer", "TrainingDiverged", "evaluate", "fit",
     "load_checkpoint", "read_checkpoint", "save_checkpoint",
 ]
-
-
-class TrainingDiverged(RuntimeError):
-    """Training produced NaN/Inf; the message says what to lower or enable."""
 
 
 def _diverged(what: str, trainer: Any) -> TrainingDiverged:

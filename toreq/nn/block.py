@@ -73,6 +73,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from toreq.errors import ConvergenceWarning
 from toreq.ops.relax import ACTIVATIONS, _activate
 
 __all__ = [
@@ -81,10 +82,6 @@ __all__ = [
 
 GRADIENTS = ("eqprop", "bptt", "implicit")
 SOLVERS = ("iteration", "anderson")
-
-
-class ConvergenceWarning(UserWarning):
-    """A relaxation (or adjoint solve) stopped at ``max_steps`` with samples above ``tol``."""
 
 
 class FixedPoint(NamedTuple):
