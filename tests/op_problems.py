@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from toreq.ops import Coupling, layered_couplings
-from toreq.ops.relax import _labels_to_rows
+from toreq.ops.relax import labels_to_rows
 
 
 def scaled(rows: int, cols: int, dtype: torch.dtype, norm: float = 0.5) -> torch.Tensor:
@@ -44,5 +44,5 @@ def make_problem(kind: str, batch: int, dtype: torch.dtype, *, readout: bool = F
     if loss == "gradient":
         problem["target"] = torch.randn(batch, widths[-1], dtype=dtype)
     else:
-        problem["target"] = _labels_to_rows(torch.randint(0, n_out, (batch,)), loss, n_out, dtype)
+        problem["target"] = labels_to_rows(torch.randint(0, n_out, (batch,)), loss, n_out, dtype)
     return problem

@@ -163,10 +163,10 @@ def test_nonconvergence_warns_and_is_recorded(x):
 
 
 def test_nonfinite_state_and_input_raise(x):
-    with pytest.raises(RuntimeError, match="NaN or Inf after step 3 in 5 of 5 samples"):
+    with pytest.raises(RuntimeError, match="NaN or Inf at step 3 in 5 of 5 samples"):
         EquilibriumBlock(NaNCell(), 4)(x.float())
-    with pytest.raises(RuntimeError, match="NaN or Inf after step 6 in 5 of 5 samples"):
-        EquilibriumBlock(NaNCell(), 4, tol=0.0, max_steps=6)(x.float())  # tested at the end
+    with pytest.raises(RuntimeError, match="NaN or Inf at step 3 in 5 of 5 samples"):
+        EquilibriumBlock(NaNCell(), 4, tol=0.0, max_steps=6)(x.float())  # every step is checked
     bad = x.clone()
     bad[1, 2] = float("inf")
     with pytest.raises(ValueError, match="input x contains NaN or Inf"):

@@ -134,7 +134,7 @@ def test_bad_arguments_raise(batch):
     with pytest.raises(TypeError, match="contain EquilibriumBlocks, got Linear"):
         gradient_check(nn.Linear(8, 3), x, y)
     model = LoopedMLP(8, 7, 3).double()
-    with pytest.raises(ValueError, match="beta must be finite and > 0"):
+    with pytest.raises(ValueError, match="beta must be a finite float > 0"):
         gradient_check(model, x, y, beta=0.0)
     with pytest.raises(ValueError, match="loss_fn applies to modules with EquilibriumBlocks"):
         gradient_check(model, x, y, loss_fn=F.cross_entropy)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from toreq.cli import main
-from toreq.nn.lm import CharTransformerLM, perplexity, train_lm, unigram_perplexity
+from toreq.lm_training import train_lm
+from toreq.nn.lm import CharTransformerLM, perplexity, unigram_perplexity
 from toreq.train import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,8 +12,9 @@ import torch
 
 import toreq.lm_study as study
 from toreq.cli import main
+from toreq.lm_training import train_lm
 from toreq.nn.lm import (LM_VARIANTS, CharLM, CharTransformerLM, LoopedMLPLM, build_lm,
-                         count_parameters, train_lm)
+                         count_parameters)
 from toreq.train import save_checkpoint
 
 VOCAB, T = 65, 16

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from toreq.diagnostics import compare, estimator_gradients
-from toreq.nn.lm import (CharTransformerLM, count_parameters, perplexity, train_lm,
-                         unigram_perplexity)
+from toreq.lm_training import train_lm
+from toreq.nn.lm import CharTransformerLM, count_parameters, perplexity, unigram_perplexity
 from toreq.nn.transformer import (EqPropAttention, EqPropFeedForward, SelfAttention,
                                   TransformerBlock, linear_attention)
 

@@ -213,7 +213,7 @@ def _lm_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lm-train", help="train a character-level transformer LM on Tiny Shakespeare",
         description="Train a CharTransformerLM, or a variant of the LM study "
-                    "(toreq.nn.lm.build_lm), with toreq.nn.lm.train_lm (Adam on the next-token "
+                    "(toreq.nn.lm.build_lm), with toreq.lm_training.train_lm (Adam on the next-token "
                     "cross-entropy of random windows) with backprop or EqProp sublayers, print "
                     "its validation perplexity against the unigram baseline, and write a "
                     "checkpoint holding the model's configuration and vocabulary, for toreq "
@@ -247,8 +247,9 @@ def _run_lm_train(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
     from toreq.data import DataError, load_tiny_shakespeare
+    from toreq.lm_training import train_lm
     from toreq.nn.lm import (LM_VARIANTS as STUDY_VARIANTS, CharTransformerLM, build_lm,
-                             count_parameters, train_lm, unigram_perplexity)
+                             count_parameters, unigram_perplexity)
     from toreq.train import save_checkpoint
 
     for name in ("steps", "d_model", "layers", "heads", "seq_len", "batch_size", "eval_chars"):

@@ -45,8 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toreq.nn.block import EquilibriumBlock, solve_adjoint
+from toreq.estimators import BPTT, EqProp, Estimator, ImplicitDifferentiation
+from toreq.nn.block import EquilibriumBlock
 from toreq.nn.equilibrium import EquilibriumModel
+from toreq.ops import RelaxResult
+from toreq.validation import check_positive_float
 
 __all__ = [
     "AdaptiveCompute", "Comparison", "GDDPoint", "GradientCheck", "TensorCheck", "compare",
@@ -100,67 +103,57 @@ def _flat(grads: dict[str, Tensor]) -> Tensor:
 
 # -------------------------------------------------------------------------------- subjects
 class _Layered:
-    """An :class:`EquilibriumModel`: phases through ``relax``, steps through ``step``."""
+    """An :class:`EquilibriumModel`: every estimator of :mod:`toreq.estimators` on it, with the
+    check's budget for every phase."""
 
     def __init__(self, model: EquilibriumModel, beta: float, symmetric: bool, max_steps: int,
                  tol: float) -> None:
         self.model, self.beta, self.symmetric = model, beta, symmetric
-        self.converge = dict(max_steps=max_steps, tol=tol)
+        self.budget = dict(max_steps=max_steps, tol=tol, nudged_steps=None)
+
+    @contextmanager
+    def _configured(self) -> Iterator[None]:
+        saved = {name: getattr(self.model, name) for name in self.budget}
+        try:
+            for name, value in self.budget.items():
+                setattr(self.model, name, value)
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self.model, name, value)
+
+    def _free(self, x: Tensor, net) -> RelaxResult:
+        model = self.model
+        return model.solve(x, net, model.init_states(x, net), None, model.free_settings,
+                           phase="free")
 
     def loss(self, x: Tensor, y: Tensor) -> float:
         model = self.model
-        with torch.no_grad():
+        with torch.no_grad(), self._configured():
             net = model.network(x)
-            free = model.relax(x, net, **self.converge)
-            return float(model.loss(model.output(free.states, net), y))
+            return float(model.loss(model.output(self._free(x, net).states, net), y))
 
     def gradients(self, x: Tensor, y: Tensor, method: str,
                   truncation: int | None = None) -> dict[str, Tensor]:
         model = self.model
         x = x.detach().clone().requires_grad_(x.is_floating_point())
         model.zero_grad(set_to_none=True)
-        net = model.network(x)
-        free = model.relax(x, net, **self.converge)
-        if method == "eqprop":
-            steps = self.converge if truncation is None else dict(max_steps=truncation, tol=0.0)
-            nudged = model.relax(x, net, states=free.states, beta=self.beta, target=y, **steps)
-            reference = (model.relax(x, net, states=free.states, beta=-self.beta, target=y, **steps)
-                         if self.symmetric else free)
-            model.eqprop_backward(x, y, net, free, nudged, reference,
-                                  2 * self.beta if self.symmetric else self.beta)
-        elif method == "bptt":
-            if truncation is None:  # from rest, twice the steps the free phase needed
-                states = model.unrolled(x, 2 * int(free.steps.max()), net)
-            else:  # the last `truncation` steps, from the free equilibrium
-                states = [s.detach() for s in free.states]
-                for _ in range(truncation):
-                    states = model.step(x, states, net)
-            model.loss(model.output(states, net), y).backward()
-        else:
-            self._implicit(x, y, net, free.states)
+        with self._configured():
+            net = model.network(x)
+            free = self._free(x, net)
+            if method == "eqprop":
+                estimator: Estimator = EqProp(
+                    self.beta, "centered" if self.symmetric else "positive",
+                    nudged_steps=truncation, nudged_tol=None if truncation is None else 0.0)
+            elif method == "bptt":
+                # from rest, twice the steps the free phase needed; or the last `truncation`
+                # steps from the free equilibrium
+                estimator = (BPTT(steps=2 * int(free.steps.max())) if truncation is None
+                             else BPTT(truncation=truncation))
+            else:
+                estimator = ImplicitDifferentiation()
+            estimator.backward(model, x, y, net, free=free)
         return _collect(model, x)
-
-    def _implicit(self, x: Tensor, y: Tensor, net, states: list[Tensor]) -> None:
-        model = self.model
-        s = [t.detach().requires_grad_() for t in states]
-        loss = model.loss(model.output(s, net), y)
-        g = torch.autograd.grad(loss, s, retain_graph=True, allow_unused=True)
-        step = model.step(x, s, net)
-        sizes = [t[0].numel() for t in s]
-
-        def split(flat: Tensor) -> list[Tensor]:
-            return [part.reshape(t.shape) for part, t in zip(flat.split(sizes, dim=1), s)]
-
-        def join(parts) -> Tensor:  # a layer the step does not read gets a zero gradient
-            return torch.cat([(torch.zeros_like(t) if p is None else p).flatten(1)
-                              for p, t in zip(parts, s)], dim=1)
-
-        def vjp(a: Tensor) -> Tensor:
-            return join(torch.autograd.grad(step, s, split(a), retain_graph=True,
-                                            allow_unused=True))
-
-        adjoint = solve_adjoint(vjp, join(g), **self.converge)
-        torch.autograd.backward([*step, loss], [*split(adjoint.state), None])
 
 
 class _WithBlocks:
@@ -228,8 +221,7 @@ def _collect(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
 
 def _subject(model: nn.Module, loss_fn: LossFn | None, beta: float, symmetric: bool,
              max_steps: int, tol: float) -> _Layered | _WithBlocks:
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be finite and > 0, got {beta}")
+    check_positive_float("beta", beta)
     if isinstance(model, EquilibriumModel):
         if loss_fn is not None:
             raise ValueError("loss_fn applies to modules with EquilibriumBlocks; an "

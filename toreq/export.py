@@ -2,11 +2,12 @@
 
 A model's prediction is the fixed point of ``s <- F(x, s)``, found by :func:`toreq.ops.relax`
 (a C++ op whose loop stops each sample at its own convergence) or, for the models whose step is
-PyTorch code, by a Python loop (:func:`toreq.ops.iterate_per_sample`). Neither loop can be
-captured as it is: ``torch.export`` needs static control flow, and a program holding
-``toreq::relax`` runs only where toreq is installed, which rules ONNX out. :func:`export_model`
-therefore builds an :class:`Inference` module whose relaxation is the model's own differentiable
-one-step map ``model.step(x, states, net)`` (plain ATen ops) unrolled a fixed number of times:
+PyTorch code, by the Python loop :func:`toreq.ops.iterate`. Neither can be captured as it runs
+eagerly: ``torch.export`` needs static control flow, and a program holding ``toreq::relax``
+runs only where toreq is installed, which rules ONNX out. :func:`export_model` therefore builds
+an :class:`Inference` module that relaxes with the static solver (:class:`toreq.solvers.Static`:
+the same loop in its static mode), the model's own differentiable one-step map
+``model.step(x, states, net)`` (plain ATen ops) unrolled a fixed number of times:
 
 * ``tol == 0``: exactly ``steps`` steps, ``s^{k+1} = F(x, s^k)`` from rest, as ``model.relax``
   with ``tol=0, max_steps=steps`` computes it;
@@ -34,8 +35,8 @@ loading and running it needs ``import toreq`` first, which registers the op.
 What cannot be exported, and why:
 
 * ONNX of a ``decompose=False`` program: ONNX has no ``toreq::relax``.
-* ``decompose=False`` for :class:`toreq.nn.SteppedEquilibriumModel` s (ModernEqProp, ConvEP):
-  they have no op to keep, their eager loop is Python with data-dependent exits.
+* ``decompose=False`` for models whose dynamics is not a coupling list (ModernEqProp, ConvEP):
+  they have no op to keep.
 * Training: nudged phases and EqProp's gradients are not part of the program (inference only).
 * The eager loop's ``RuntimeError`` on a NaN or Inf state: raising on tensor values is
   data-dependent control flow. A decomposed program lets a diverged state run on into the
@@ -52,7 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from toreq.nn.equilibrium import EquilibriumModel
-from toreq.nn.stepped import SteppedEquilibriumModel
+from toreq.solvers import CompiledRelax, PhaseSettings, Static
 
 __all__ = ["Inference", "export_model", "to_onnx"]
 
@@ -74,26 +75,11 @@ class Inference(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         net = self.model.network(x)
-        if not self.decompose:
-            result = self.model.relax(x, net, max_steps=self.steps, tol=self.tol)
-            return self.model.output(result.states, net), result.steps
-        batch = x.shape[0]
-        if self.tol == 0.0:
-            states = self.model.unrolled(x, self.steps, net)
-            return self.model.output(states, net), x.new_full((batch,), self.steps,
-                                                              dtype=torch.long)
-        states = self.model.init_states(x, net)
-        active = x.new_ones((batch,), dtype=torch.bool)
-        counts = x.new_zeros((batch,), dtype=torch.long)
-        for _ in range(self.steps):
-            new = self.model.step(x, states, net)
-            change = torch.stack([(n - s).abs().flatten(1).amax(dim=1)
-                                  for s, n in zip(states, new) if s.shape[1:].numel() > 0]).amax(dim=0)
-            states = [torch.where(active.view(-1, *[1] * (s.dim() - 1)), n, s)
-                      for s, n in zip(states, new)]
-            counts = counts + active.long()
-            active = active & ~(change < self.tol)
-        return self.model.output(states, net), counts
+        solver = Static() if self.decompose else CompiledRelax()
+        result = self.model.solve(x, net, self.model.init_states(x, net), None,
+                                  PhaseSettings(self.steps, self.tol), phase="free",
+                                  solver=solver)
+        return self.model.output(result.states, net), result.steps
 
     def extra_repr(self) -> str:
         return f"steps={self.steps}, tol={self.tol}, decompose={self.decompose}"
@@ -118,7 +104,7 @@ def _inference(model: EquilibriumModel, example_x: Tensor, steps: int | None, to
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0.0 and tol != float("inf")):
         raise ValueError(f"tol must be a finite float >= 0, got {tol!r}")
-    if not decompose and isinstance(model, SteppedEquilibriumModel):
+    if not decompose and not hasattr(model, "relax_with_op"):
         raise ValueError(f"decompose=False keeps the toreq::relax op, which "
                          f"{type(model).__name__} does not use (its step is PyTorch code); "
                          "export it with decompose=True")

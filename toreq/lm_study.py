@@ -12,7 +12,7 @@ experiments:
   best EqProp variant (the lowest perplexity of the ``"variants"`` experiment at its largest
   scale, or ``seq_variant``).
 
-Every run trains a fresh model with :func:`toreq.nn.lm.train_lm` (Adam, random windows) and is
+Every run trains a fresh model with :func:`toreq.lm_training.train_lm` (Adam, random windows) and is
 measured on the first ``eval_chars`` characters of the held-out validation split
 (:func:`toreq.nn.lm.evaluate_lm`: perplexity, next-character accuracy, bits per character), next
 to the unigram perplexity of its own training text (:func:`toreq.nn.lm.unigram_perplexity`).
@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from toreq.data import CharCorpus
-from toreq.nn.lm import (LM_VARIANTS, build_lm, count_parameters, evaluate_lm, train_lm,
-                         unigram_perplexity)
+from toreq.lm_training import train_lm
+from toreq.nn.lm import LM_VARIANTS, build_lm, count_parameters, evaluate_lm, unigram_perplexity
 from toreq.nn.transformer import BLOCK_DEFAULTS
 
 __all__ = ["EXPERIMENTS", "FULL", "QUICK", "Run", "StudyConfig", "best_eqprop_variant",
@@ -65,7 +65,7 @@ class StudyConfig:
         scales: the fractions of ``base_params`` compared.
         n_layers, n_heads: the transformers' blocks and heads (:func:`~toreq.nn.lm.build_lm`).
         seq_len: the context of the ``"variants"`` and ``"data_size"`` runs.
-        batch_size, steps, lr: :func:`~toreq.nn.lm.train_lm`'s windows per step, optimizer
+        batch_size, steps, lr: :func:`~toreq.lm_training.train_lm`'s windows per step, optimizer
             steps (of the ``"variants"`` runs) and Adam's learning rate (of every run).
         block_options: every EqProp sublayer's :class:`~toreq.nn.EquilibriumBlock` options.
         looped_options: ``context``, ``embed_dim`` of ``looped_mlp``.

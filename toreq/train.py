@@ -27,9 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from toreq.errors import TrainingDiverged
 from toreq.distributed import average_over_ranks, is_main_process, shard
-from toreq.nn import EquilibriumModel
+from toreq.errors import DivergenceError, TrainingDiverged
+from toreq.estimators import BPTT, EqProp, Estimator, get_estimator
+from toreq.nn import EquilibriumBlock, EquilibriumModel
+from toreq.ops import RelaxResult
+from toreq.solvers import PhaseSettings
+from toreq.validation import check_positive_float, check_positive_int
 
 __all__ = [
     "BPTTTrainer", "BackpropTrainer", "EqPropTrainer", "TrainingDiverged", "evaluate", "fit",
@@ -40,7 +44,7 @@ __all__ = [
 def _diverged(what: str, trainer: Any) -> TrainingDiverged:
     lrs = sorted({group["lr"] for group in trainer.optimizer.param_groups if "lr" in group})
     hints = ["lower the learning rate" + (f" (now {', '.join(map(str, lrs))})" if lrs else "")]
-    if isinstance(trainer, EqPropTrainer):
+    if isinstance(trainer, EqPropTrainer) and isinstance(trainer.estimator, EqProp):
         hints += [f"lower beta (now {trainer.beta})" if trainer.beta_schedule is None
                   else "lower the betas of beta_schedule", "raise damping (e.g. 0.5)",
                   "keep spectral normalisation on (spectral_norm=True)"]
@@ -52,17 +56,24 @@ def _accuracy(output: Tensor, y: Tensor) -> float:
 
 
 class EqPropTrainer:
-    """Equilibrium Propagation: gradients from a free and a nudged phase, never from backprop.
+    """Trains an equilibrium model with a gradient estimator (EqProp by default), never with
+    backprop through the relaxation.
+
+    The estimator (:mod:`toreq.estimators`) owns the phases; the trainer adds what every step
+    needs: the batch's effective weights built once, the safety checks (NaN/Inf, loss
+    blow-up), data-parallel averaging, the optimizer step and per-phase statistics.
 
     Args:
-        model: an :class:`toreq.nn.EquilibriumModel`.
+        model: a :class:`toreq.nn.EquilibriumModel`, or any module containing
+            :class:`toreq.nn.EquilibriumBlock` s (trained through its blocks' own backward, with
+            ``loss_fn``).
         optimizer: any ``torch.optim`` optimizer over ``model.parameters()``.
-        beta: nudging strength (fixed by default; the earlier prototype found annealing it
-            unstable).
+        beta: nudging strength of the default EqProp estimator (fixed by default; the earlier
+            prototype found annealing it unstable).
         free_steps: the free phase's step cap (``None``: the model's ``max_steps``).
         nudged_steps: each nudged phase's step cap.
-        symmetric: contrast a ``+beta`` and a ``-beta`` phase (bias O(beta^2) instead of
-            O(beta)); otherwise contrast ``+beta`` with the free phase.
+        symmetric: the default estimator's nudging: centered (``+beta`` against ``-beta``, bias
+            O(beta^2)) when True, else positive (``+beta`` against the free phase).
         tol: overrides the model's relaxation tolerance when given.
         damping: overrides the model's damping when given.
         loss: override the model's loss (``"cross_entropy"`` or ``"mse"``) when given.
@@ -74,19 +85,26 @@ class EqPropTrainer:
             ``torch.distributed.group.WORLD``): each rank passes its shard of the global batch
             and the gradients are averaged over the global batch before the optimizer step
             (see :mod:`toreq.distributed`; :func:`fit` shards the batches itself).
+        estimator: an estimator name of :func:`toreq.estimators.estimator_names` or a
+            :class:`toreq.estimators.Estimator` (default: EqProp from ``beta``, ``symmetric``
+            and ``nudged_steps``).
+        loss_fn: for modules with blocks, ``loss_fn(model(x), y)`` (default cross-entropy).
     """
 
-    def __init__(self, model: EquilibriumModel, optimizer: torch.optim.Optimizer, *,
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  beta: float = 0.5, free_steps: int | None = None, nudged_steps: int = 10,
                  symmetric: bool = True, tol: float | None = None, damping: float | None = None,
                  loss: str | None = None,
                  beta_schedule: Callable[[int], float] | None = None,
                  max_loss_ratio: float | None = 1e3,
-                 process_group: dist.ProcessGroup | None = None) -> None:
-        if not isinstance(model, EquilibriumModel):
-            raise TypeError(f"EqPropTrainer needs a toreq.nn.EquilibriumModel, got {type(model).__name__}")
-        if not (math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be finite and > 0, got {beta}")
+                 process_group: dist.ProcessGroup | None = None,
+                 estimator: str | Estimator | None = None,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
+        blocks = [m for m in model.modules() if isinstance(m, EquilibriumBlock)]
+        if not isinstance(model, EquilibriumModel) and not blocks:
+            raise TypeError(f"EqPropTrainer needs a toreq.nn.EquilibriumModel or a module "
+                            f"containing EquilibriumBlocks, got {type(model).__name__}")
+        check_positive_float("beta", beta)
         if max_loss_ratio is not None and not max_loss_ratio > 1:
             raise ValueError(f"max_loss_ratio must be > 1 or None, got {max_loss_ratio}")
         if process_group is not None and not (dist.is_available() and dist.is_initialized()):
@@ -94,27 +112,55 @@ class EqPropTrainer:
                              "call torch.distributed.init_process_group first (torchrun sets "
                              "up the environment for it)")
         self.model, self.optimizer = model, optimizer
+        self.blocks, self.loss_fn = blocks, loss_fn
         self.beta, self.beta_schedule = beta, beta_schedule
-        self.free_steps = model.max_steps if free_steps is None else free_steps
-        self.nudged_steps, self.symmetric = nudged_steps, symmetric
+        self.free_steps = (getattr(model, "max_steps", None) if free_steps is None
+                           else check_positive_int("free_steps", free_steps))
+        self.nudged_steps = check_positive_int("nudged_steps", nudged_steps)
+        self.symmetric = symmetric
+        self.estimator = (EqProp(beta, "centered" if symmetric else "positive", nudged_steps)
+                          if estimator is None else get_estimator(estimator))
         self.max_loss_ratio, self.process_group = max_loss_ratio, process_group
-        if tol is not None:
-            model.tol = tol
-        if damping is not None:
-            model.damping = damping
-        if loss is not None:
-            model.loss_name = loss
+        if isinstance(model, EquilibriumModel):
+            if tol is not None:
+                model.tol = tol
+            if damping is not None:
+                model.damping = damping
+            if loss is not None:
+                model.loss_name = loss
         self.steps_done = 0
         self._first_loss: float | None = None
 
-    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One EqProp step on the batch ``(x, y)``; with a process group, on this rank's shard.
+    def _phases(self, x: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tensor, dict, dict]:
+        """The estimator's phases and gradients: ``(loss, output, phases, tolerances)``."""
+        model = self.model
+        if not isinstance(model, EquilibriumModel):  # blocks: their backward is the estimator
+            output = model(x)
+            loss = (nn.functional.cross_entropy(output, y) if self.loss_fn is None
+                    else self.loss_fn(output, y))
+            loss.backward()
+            phases = {"free": RelaxResult([], self.blocks[0].last_steps,
+                                          self.blocks[0].last_residual)}
+            return loss.detach(), output.detach(), phases, {"free": self.blocks[0].tol}
+        # Built on every rank, an empty shard's too: it advances the spectral norm's power
+        # iteration, which must stay in step across ranks.
+        net = model.network(x)
+        if x.shape[0] == 0:
+            return None, None, {}, {}
+        settings = PhaseSettings(self.free_steps, model.tol)
+        estimate = self.estimator.backward(model, x, y, net, beta=beta, free_settings=settings)
+        model.remember(estimate.phases["free"])
+        return estimate.loss, estimate.output, estimate.phases, estimate.tolerances
 
-        Returns the batch's loss, accuracy and relaxation statistics (with a process group: over
-        the global batch, except ``free_steps_max``, which is this rank's). Raises
-        :class:`TrainingDiverged`, leaving the parameters as they were, when the relaxation, the
-        loss or a gradient is NaN or Inf or the loss exploded; and when the optimizer step
-        overflowed or made a parameter NaN or Inf.
+    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        """One training step on the batch ``(x, y)``; with a process group, on this rank's shard.
+
+        Returns the batch's loss, accuracy and relaxation statistics per phase (with a process
+        group: over the global batch, except ``free_steps_max``, which is this rank's).
+        ``unconverged`` and ``nudged_unconverged`` are the shares of samples that stopped at
+        their phase's cap above its tolerance. Raises :class:`TrainingDiverged`, leaving the
+        parameters as they were, when the relaxation, the loss or a gradient is NaN or Inf or
+        the loss exploded; and when the optimizer step overflowed or made a parameter NaN or Inf.
         """
         model, group = self.model, self.process_group
         model.train()
@@ -122,33 +168,32 @@ class EqPropTrainer:
         if x.is_floating_point() and not abs(beta) <= torch.finfo(x.dtype).max:
             raise _diverged(f"beta = {beta} overflows {x.dtype}, so the nudge cannot be "
                             "represented", self)
-        batch, free, failure = x.shape[0], None, None
-        # Batch sums of: loss, correct predictions, free steps, nudged steps, unconverged samples.
-        sums = torch.zeros(5, dtype=torch.float64, device=x.device)
+        batch, failure, free = x.shape[0], None, None
+        # Batch sums of: loss, correct predictions, free steps, nudged steps, unconverged free
+        # samples, unconverged nudged samples.
+        sums = torch.zeros(6, dtype=torch.float64, device=x.device)
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            # Built on every rank, an empty shard's too: it advances the spectral norm's power
-            # iteration, which must stay in step across ranks.
-            net = model.network(x)
-            if batch > 0:  # a shard is empty when the global batch is smaller than the world
-                free = model.relax(x, net, max_steps=self.free_steps)
-                nudged = model.relax(x, net, states=free.states, beta=beta, target=y,
-                                     max_steps=self.nudged_steps)
-                if self.symmetric:
-                    reference = model.relax(x, net, states=free.states, beta=-beta, target=y,
-                                            max_steps=self.nudged_steps)
-                    contrast = 2 * beta
-                else:
-                    reference, contrast = free, beta
-                loss = model.eqprop_backward(x, y, net, free, nudged, reference, contrast)
+            loss, output, phases, tols = self._phases(x, y, beta)
+            if loss is not None:
                 with torch.no_grad():
-                    correct = model.output(free.states, net).argmax(dim=1) == y
-                    unconverged = (free.residual >= model.tol if model.tol > 0
-                                   else torch.zeros_like(free.steps))
+                    free = phases["free"]
+                    nudged = [r for name, r in phases.items() if name in ("positive", "negative")]
+                    correct = output.argmax(dim=1) == y
+                    nudged_steps = (torch.stack([r.steps for r in nudged]).double().mean(0).sum()
+                                    if nudged else free.steps.new_zeros(()))
+                    unconverged = (~free.converged(tols["free"])).sum() if tols["free"] > 0 \
+                        else free.steps.new_zeros(())
+                    nudged_unconverged = sum(
+                        ((~r.converged(tols[name])).sum() if tols[name] > 0
+                         else r.steps.new_zeros(()))
+                        for name, r in phases.items() if name in ("positive", "negative"))
                     sums = torch.stack([loss.double() * batch, correct.sum(), free.steps.sum(),
-                                        nudged.steps.sum(), unconverged.sum()]).double()
+                                        nudged_steps, unconverged,
+                                        torch.as_tensor(nudged_unconverged)]).double()
         except RuntimeError as error:
-            if "NaN or Inf" not in str(error) and "diverged" not in str(error):
+            if not isinstance(error, DivergenceError) and "NaN or Inf" not in str(error) \
+                    and "diverged" not in str(error):
                 raise
             failure = _diverged(f"the relaxation blew up ({error})", self)
             failure.__cause__ = error
@@ -158,15 +203,16 @@ class EqPropTrainer:
             # healthy ranks would otherwise wait forever.
             status = torch.cat([sums, sums.new_tensor([batch, failure is not None])])
             dist.all_reduce(status, group=group)
-            sums, total = status[:5], int(status[5])
-            if bool(status[6]) and failure is None:
+            sums, total = status[:6], int(status[6])
+            if bool(status[7]) and failure is None:
                 failure = _diverged("the relaxation blew up on another rank", self)
         if failure is not None:
             self.optimizer.zero_grad(set_to_none=True)
             raise failure
         if total == 0:
             raise ValueError("x is an empty batch; EqProp averages its gradients over the batch")
-        loss_sum, correct_sum, free_sum, nudged_sum, unconverged_sum = sums.tolist()
+        loss_sum, correct_sum, free_sum, nudged_sum, unconverged_sum, nudged_unconverged_sum = \
+            sums.tolist()
         mean_loss = loss_sum / total
         if not math.isfinite(mean_loss):
             raise _diverged(f"the loss is {mean_loss}", self)
@@ -194,15 +240,14 @@ class EqPropTrainer:
             raise _diverged(f"the optimizer step overflowed ({error})", self) from error
         _check_finite(named, "after the optimizer step, parameter", lambda p: p, self)
         self.steps_done += 1
-        if free is not None:
-            model._remember(free)
         return {
             "loss": mean_loss,
             "accuracy": correct_sum / total,
             "free_steps_mean": free_sum / total,
-            "free_steps_max": int(free.steps.max()) if free is not None else 0,
+            "free_steps_max": int(free.steps.max()) if free is not None and batch else 0,
             "nudged_steps_mean": nudged_sum / total,
             "unconverged": unconverged_sum / total,
+            "nudged_unconverged": nudged_unconverged_sum / total,
             "beta": beta,
         }
 
@@ -218,27 +263,16 @@ def _check_finite(named: list[tuple[str, Tensor]], what: str, tensor: Callable[[
         raise _diverged(f"{what} {name} holds NaN or Inf", trainer)
 
 
-class BPTTTrainer:
-    """Backprop through time over the same dynamics, unrolled ``steps`` steps from rest."""
+class BPTTTrainer(EqPropTrainer):
+    """Backprop through time over the same dynamics, unrolled ``steps`` steps from rest: the
+    :class:`EqPropTrainer` with the :class:`toreq.estimators.BPTT` estimator."""
 
     def __init__(self, model: EquilibriumModel, optimizer: torch.optim.Optimizer, *,
-                 steps: int | None = None) -> None:
-        self.model, self.optimizer = model, optimizer
-        self.steps = model.max_steps if steps is None else steps
-
-    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        self.model.train()
-        net = self.model.network(x)
-        states = self.model.unrolled(x, self.steps, net)
-        output = self.model.output(states, net)
-        loss = self.model.loss(output, y)
-        if not torch.isfinite(loss):
-            raise _diverged(f"the loss is {loss.item()}", self)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": loss.item(), "accuracy": _accuracy(output.detach(), y),
-                "free_steps_mean": float(self.steps), "free_steps_max": self.steps}
+                 steps: int | None = None, truncation: int | None = None) -> None:
+        steps = model.max_steps if steps is None else steps
+        super().__init__(model, optimizer, free_steps=steps,
+                         estimator=BPTT(truncation=truncation, steps=steps))
+        self.steps = steps
 
 
 class BackpropTrainer:

@@ -44,21 +44,21 @@ def check_nonnegative_int(name: str, value: Any) -> int:
 def check_finite_float(name: str, value: Any) -> float:
     """Any finite real number."""
     if not _is_real(value) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
     return float(value)
 
 
 def check_positive_float(name: str, value: Any) -> float:
     """A finite real number > 0."""
     if not _is_real(value) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
     return float(value)
 
 
 def check_nonnegative_float(name: str, value: Any) -> float:
     """A finite real number >= 0."""
     if not _is_real(value) or not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
     return float(value)
 
 

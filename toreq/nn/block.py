@@ -62,161 +62,33 @@ iteration's change (negligible once it has converged; none in eval mode).
 from __future__ import annotations
 
 import functools
-import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 
+from toreq.dynamics import CellDynamics, Nudge
 from toreq.errors import ConvergenceWarning
-from toreq.ops.relax import ACTIVATIONS, _activate
+from toreq.estimators import BPTT, EqProp, Estimator, ImplicitDifferentiation
+from toreq.nn.equilibrium import warn_unconverged
+from toreq.ops import ACTIVATIONS, RelaxResult, activate
+from toreq.solvers import PhaseSettings, Solver, get_solver, solve_map
+from toreq.validation import (check_choice, check_fraction, check_positive_float,
+                              check_positive_int)
 
-__all__ = [
-    "ConvergenceWarning", "EquilibriumBlock", "FixedPoint", "solve_adjoint", "solve_fixed_point",
-]
+__all__ = ["ConvergenceWarning", "EquilibriumBlock"]
 
 GRADIENTS = ("eqprop", "bptt", "implicit")
 SOLVERS = ("iteration", "anderson")
 
 
-class FixedPoint(NamedTuple):
-    """The outcome of :func:`solve_fixed_point`.
-
-    ``state``: the final state; ``steps``: int64 ``(batch,)``, the evaluations of the map each
-    sample received; ``residual``: ``(batch,)``, each sample's largest state change in its last
-    step (for Anderson, that of a plain damped step). A sample converged where ``residual < tol``.
-    """
-
-    state: Tensor
-    steps: Tensor
-    residual: Tensor
-
-
-def _per_sample(values: Tensor, like: Tensor) -> Tensor:
-    """``(batch,)`` values shaped to broadcast against ``like`` of shape ``(batch, ...)``."""
-    return values.view(-1, *[1] * (like.dim() - 1))
-
-
-def _check_step(s: Tensor, change: Tensor, active: Tensor, still: Tensor, step: int,
-                what: str) -> int:
-    """Raises on a non-finite active sample; returns ``still.sum()`` (one host sync for both)."""
-    bad, count = torch.stack([(~torch.isfinite(change) & active).sum(), still.sum()]).tolist()
-    if bad:
-        raise RuntimeError(
-            f"{what}: the state was NaN or Inf after step {step} in {bad} of {s.shape[0]} "
-            "samples; lower the learning rate, add damping, or make the cell contract (e.g. "
-            "spectral normalisation of its recurrent weight)")
-    return count
-
-
-def solve_fixed_point(step: Callable[[Tensor], Tensor], s0: Tensor, *, max_steps: int,
-                      tol: float, damping: float = 0.0, solver: str = "iteration",
-                      memory: int = 5, what: str = "fixed point") -> FixedPoint:
-    """Solves ``s = step(s)`` per sample from ``s0`` of shape ``(batch, ...)``.
-
-    ``"iteration"``: ``s <- damping * s + (1 - damping) * step(s)``. It builds an autograd graph
-    exactly when grad mode is on and ``step`` or ``s0`` needs one (backprop through time).
-
-    ``"anderson"`` (Anderson acceleration, type II, per sample, no graph): with the residual
-    ``r(s) = step(s) - s``, the mixing ``m = 1 - damping`` and the last ``memory + 1`` iterates
-    ``s_i`` and residuals ``r_i``, the coefficients
-
-    .. math::  \\gamma = \\arg\\min_\\gamma \\| r_k - \\sum_i \\gamma_i (r_k - r_i) \\|_2
-
-    (ridge-regularised normal equations) give
-    ``s_{k+1} = s_k + m r_k - sum_i gamma_i ((s_k - s_i) + m (r_k - r_i))``; a sample whose
-    Anderson step is not finite takes the plain damped step instead.
-
-    A sample stops once a plain step would change it by less than ``tol`` (it takes that step);
-    ``tol=0`` runs ``max_steps`` steps (the iteration then tests only its last step: NaN and Inf
-    persist through the common activations' updates). Non-finite states raise ``RuntimeError``.
-    """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if solver == "anderson" and torch.is_grad_enabled():
-        with torch.no_grad():  # the mixing is not a map to differentiate through
-            return solve_fixed_point(step, s0, max_steps=max_steps, tol=tol, damping=damping,
-                                     solver=solver, memory=memory, what=what)
-    batch = s0.shape[0]
-    steps = torch.zeros(batch, dtype=torch.long, device=s0.device)
-    residual = torch.full((batch,), math.inf, dtype=s0.dtype, device=s0.device)
-    active = torch.ones(batch, dtype=torch.bool, device=s0.device)
-    everyone = True
-    s = s0
-    if solver == "anderson":
-        flat = s0.reshape(batch, -1)
-        history_s = flat.new_zeros(batch, memory + 1, flat.shape[1])
-        history_r = torch.zeros_like(history_s)
-        eps, tiny = torch.finfo(s0.dtype).eps, torch.finfo(s0.dtype).tiny
-    for k in range(1, max_steps + 1):
-        out = step(s)
-        if out.shape != s.shape:
-            raise ValueError(f"{what}: the update returned shape {tuple(out.shape)} for a state "
-                             f"of shape {tuple(s.shape)}; the cell must return the state's shape")
-        if solver == "iteration":
-            new = out if damping == 0.0 else damping * s + (1.0 - damping) * out
-            if tol == 0 and k < max_steps:  # a fixed step count: test only the last step
-                s = new
-                continue
-            change = (new - s).detach().flatten(1).abs().amax(dim=1)
-        else:
-            flat, r = s.reshape(batch, -1), (out - s).reshape(batch, -1)
-            change = (1.0 - damping) * r.abs().amax(dim=1)
-            plain = flat + (1.0 - damping) * r
-            slot = (k - 1) % (memory + 1)
-            history_s[:, slot], history_r[:, slot] = flat, r
-            new = plain
-            if k > 1:
-                used = min(k, memory + 1)
-                ds = flat.unsqueeze(1) - history_s[:, :used]  # (batch, used, n)
-                dr = r.unsqueeze(1) - history_r[:, :used]
-                gram = dr @ dr.transpose(1, 2)
-                ridge = eps ** 0.5 * gram.diagonal(dim1=1, dim2=2).mean(dim=1) + tiny
-                eye = torch.eye(used, dtype=s0.dtype, device=s0.device)
-                gamma = torch.linalg.solve(gram + ridge[:, None, None] * eye, dr @ r.unsqueeze(2))
-                mixed = plain - ((ds + (1.0 - damping) * dr).transpose(1, 2) @ gamma).squeeze(2)
-                ok = torch.isfinite(mixed).all(dim=1, keepdim=True)
-                if tol > 0:
-                    ok = ok & ~(change < tol).unsqueeze(1)  # a converging sample steps plainly
-                new = torch.where(ok, mixed, plain)
-            new = new.view_as(s)
-        still = active & ~(change < tol) if tol > 0 else active
-        count = _check_step(s, change, active, still, k, what)
-        s = new if everyone else torch.where(_per_sample(active, s), new, s)
-        residual = torch.where(active, change, residual)
-        steps = torch.where(active, k, steps)
-        active, everyone = still, count == batch
-        if count == 0:
-            break
-    return FixedPoint(s, steps, residual)
-
-
 def _sample_scale(g: Tensor) -> Tensor:
     """``c_b = max_j |g_bj|`` per sample (at least the dtype's tiny), shaped like ``g``."""
     c = g.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
-    return _per_sample(c, g)
-
-
-def solve_adjoint(vjp: Callable[[Tensor], Tensor], g: Tensor, *, max_steps: int, tol: float,
-                  damping: float = 0.0, solver: str = "iteration",
-                  memory: int = 5) -> FixedPoint:
-    """Solves ``(I - J^T) a = g``, i.e. ``a = g + J^T a``, given ``vjp(a) = J^T a``.
-
-    Each sample is solved for ``g_b / c_b`` with ``c_b = max_j |g_bj|`` and scaled back, so that
-    ``tol`` is relative to the sample's gradient. Converges where the dynamics contract (the
-    spectrum of ``J^T`` is that of ``J``).
-    """
-    scale = _sample_scale(g)
-    g_hat = g / scale
-    result = solve_fixed_point(lambda a: g_hat + vjp(a), torch.zeros_like(g), max_steps=max_steps,
-                               tol=tol, damping=damping, solver=solver, memory=memory,
-                               what="EquilibriumBlock adjoint")
-    return result._replace(state=result.state * scale)
+    return c.view(-1, *[1] * (g.dim() - 1))
 
 
 class EquilibriumBlock(nn.Module):
@@ -263,11 +135,9 @@ class EquilibriumBlock(nn.Module):
             raise ValueError(f"state_shape must be a positive int or a tuple of them, got "
                              f"{state_shape!r}")
         if isinstance(activation, str):
-            if activation not in ACTIVATIONS:
-                raise ValueError(f"activation must be one of {ACTIVATIONS}, a callable or None, "
-                                 f"got {activation!r}")
+            check_choice("activation", activation, ACTIVATIONS)
             self.activation_name = activation
-            activation = functools.partial(_activate, activation)
+            activation = functools.partial(activate, activation)
         elif activation is not None:
             if not callable(activation):
                 raise TypeError(f"activation must be a name, a callable or None, got "
@@ -288,27 +158,16 @@ class EquilibriumBlock(nn.Module):
 
     def _validate(self) -> None:
         """Checks the options (at construction and at every forward: they may be reassigned)."""
-        def positive_int(name: str, value: object, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                expected = "a positive int or None" if allow_none else "a positive int"
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-        positive_int("max_steps", self.max_steps)
-        positive_int("nudged_steps", self.nudged_steps, allow_none=True)
-        positive_int("anderson_memory", self.anderson_memory)
-        positive_int("bptt_steps", self.bptt_steps, allow_none=True)
-        if not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0):
+        check_positive_int("max_steps", self.max_steps)
+        check_positive_int("nudged_steps", self.nudged_steps, allow_none=True)
+        check_positive_int("anderson_memory", self.anderson_memory)
+        check_positive_int("bptt_steps", self.bptt_steps, allow_none=True)
+        if not (isinstance(self.tol, (int, float)) and self.tol >= 0 and self.tol < float("inf")):
             raise ValueError(f"tol must be a finite float >= 0, got {self.tol!r}")
-        if not (isinstance(self.damping, (int, float)) and 0.0 <= self.damping < 1.0):
-            raise ValueError(f"damping must be in [0, 1), got {self.damping!r}")
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be a finite float > 0, got {self.beta!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
-        if self.gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
+        check_fraction("damping", self.damping)
+        check_positive_float("beta", self.beta)
+        check_choice("solver", self.solver, SOLVERS)
+        check_choice("gradient", self.gradient, GRADIENTS)
         if self.gradient == "bptt" and self.solver != "iteration":
             raise ValueError("gradient='bptt' backprops through the plain iteration: use "
                              f"solver='iteration' with it, not {self.solver!r}")
@@ -325,40 +184,55 @@ class EquilibriumBlock(nn.Module):
             parts.append(f"bptt_steps={self.bptt_steps}")
         return ", ".join(parts)
 
-    # ------------------------------------------------------------------ dynamics
-    def _map(self, x: Tensor, nudge: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-        """``s -> f(x, s)``, with ``nudge`` (``beta * g``) subtracted inside the activation or,
-        without one, from the update."""
-        def step(s: Tensor) -> Tensor:
-            out = self.cell(x, s)
-            if nudge is not None:
-                out = out - nudge
-            return out if self.activation is None else self.activation(out)
-        return step
+    # ------------------------------------------------------------------ the parts
+    @property
+    def dynamics(self) -> CellDynamics:
+        """The block's dynamics: its cell, activation and damping."""
+        return CellDynamics(self.cell, self.activation, self.damping)
 
-    def _relax(self, x: Tensor, s0: Tensor, nudge: Tensor | None = None,
-               max_steps: int | None = None, tol: float | None = None,
-               solver: str | None = None, what: str = "EquilibriumBlock free phase") -> FixedPoint:
-        return solve_fixed_point(
-            self._map(x, nudge), s0, max_steps=self.max_steps if max_steps is None else max_steps,
-            tol=self.tol if tol is None else tol, damping=self.damping,
-            solver=self.solver if solver is None else solver, memory=self.anderson_memory,
-            what=what)
+    @property
+    def estimator(self) -> Estimator:
+        """The estimator named by ``gradient`` with the block's settings."""
+        if self.gradient == "eqprop":
+            return EqProp(self.beta, "centered" if self.symmetric else "positive",
+                          self.nudged_steps)
+        if self.gradient == "implicit":
+            return ImplicitDifferentiation()
+        return BPTT(truncation=self.bptt_steps)
 
-    def _warn_unconverged(self, result: FixedPoint, what: str) -> None:
-        # no per-call numbers in the text: Python then shows it once per block setting, not at
-        # every step (which samples: last_converged; by how much: last_residual)
-        if self.tol > 0 and bool((result.residual >= self.tol).any()):
-            warnings.warn(
-                f"EquilibriumBlock: {what} left samples unconverged after max_steps="
-                f"{self.max_steps} (residual >= tol={self.tol:g}; see last_converged and "
-                "last_residual); raise max_steps, add damping, use solver='anderson', or make "
-                "the cell contract more strongly", ConvergenceWarning)
+    def _solver(self) -> Solver:
+        return get_solver(self.solver, **({"memory": self.anderson_memory}
+                                          if self.solver == "anderson" else {}))
 
-    def _remember(self, free: FixedPoint) -> None:
+    @property
+    def free_settings(self) -> PhaseSettings:
+        return PhaseSettings(self.max_steps, self.tol)
+
+    @property
+    def nudged_settings(self) -> PhaseSettings:
+        return PhaseSettings(self.nudged_steps or self.max_steps, self.tol)
+
+    adjoint_settings = free_settings
+
+    def solve(self, x: Tensor, net: None, states: list[Tensor], nudge: Nudge | None,
+              settings: PhaseSettings, *, phase: str, graph: bool = False) -> RelaxResult:
+        """One phase of the block's dynamics (the estimators' interface, as on a model)."""
+        result = self._solver().solve(self.dynamics, x, None, states, nudge, settings,
+                                      what=f"EquilibriumBlock {phase} phase", graph=graph)
+        if phase != "free":  # the free phase warns once the block has recorded it
+            warn_unconverged("EquilibriumBlock", phase, result, settings)
+        return result
+
+    def solve_map(self, fn: Callable[[list[Tensor]], list[Tensor]], states: list[Tensor],
+                  settings: PhaseSettings, *, phase: str, what: str) -> RelaxResult:
+        result = solve_map(self._solver(), fn, states, settings, what=what)
+        warn_unconverged("EquilibriumBlock", phase, result, settings)
+        return result
+
+    def _remember(self, free: RelaxResult) -> None:
         self.last_steps, self.last_residual = free.steps, free.residual
-        self.last_converged = free.residual < self.tol
-        self._warn_unconverged(free, "the free phase")
+        self.last_converged = free.converged(self.tol)
+        warn_unconverged("EquilibriumBlock", "free", free, self.free_settings, stacklevel=4)
 
     def eqprop_vector(self, x: Tensor, s_star: Tensor, g: Tensor) -> Tensor:
         """``v`` from the nudged phase(s) at ``s*`` driven by ``g = dL/ds*`` (no graph).
@@ -368,17 +242,13 @@ class EquilibriumBlock(nn.Module):
         """
         with torch.no_grad():
             scale = _sample_scale(g)
-            nudge = self.beta * g / scale
-            eps = torch.finfo(s_star.dtype).eps
-            tol = max(self.beta * self.tol, 4 * eps) if self.tol > 0 else 0.0
-            steps = self.nudged_steps or self.max_steps
-            what = "EquilibriumBlock nudged phase"
-            plus = self._relax(x, s_star, nudge, steps, tol, what=what)
-            self.last_backward_steps = plus.steps
-            if self.symmetric:
-                minus = self._relax(x, s_star, -nudge, steps, tol, what=what)
-                return (minus.state - plus.state) * (scale / (2 * self.beta))
-            return (s_star - plus.state) * (scale / self.beta)
+            free = RelaxResult([s_star], torch.zeros(s_star.shape[0], dtype=torch.long),
+                               torch.zeros(s_star.shape[0], dtype=s_star.dtype))
+            estimator = self.estimator
+            a, b, delta, run = estimator.phases(self, x, None, free,
+                                                lambda beta: Nudge(beta, g / scale))
+            self.last_backward_steps = run.get("positive", run.get("negative")).steps
+            return (b.states[0] - a.states[0]) * (scale / delta)
 
     @contextmanager
     def _weights_once(self, graph: bool) -> Iterator[None]:
@@ -414,21 +284,24 @@ class EquilibriumBlock(nn.Module):
         params = tuple(p for p in self.cell.parameters() if p.requires_grad)
         need_graph = torch.is_grad_enabled() and (x.requires_grad or bool(params))
         with self._weights_once(need_graph):
-            if not need_graph:
-                with torch.no_grad():
-                    free = self._relax(x, s0)
+            if not need_graph or self.gradient != "bptt":
+                if need_graph:
+                    return _EquilibriumFunction.apply(self, x, s0, *params)
+                free = self.solve(x, None, [s0], None, self.free_settings, phase="free")
                 self._remember(free)
-                return free.state
-            if self.gradient == "bptt":
-                if self.bptt_steps is None:
-                    free = self._relax(x, s0)
-                    self._remember(free)
-                    return free.state
-                with torch.no_grad():
-                    free = self._relax(x, s0)
+                return free.states[0]
+            # BPTT: through the whole relaxation, or through bptt_steps steps from where the
+            # relaxation without a graph arrived (truncated)
+            if self.bptt_steps is None:
+                free = self.solve(x, None, [s0], None, self.free_settings, phase="free",
+                                  graph=True)
                 self._remember(free)
-                return self._relax(x, free.state, max_steps=self.bptt_steps, tol=0.0).state
-            return _EquilibriumFunction.apply(self, x, s0, *params)
+                return free.states[0]
+            free = self.solve(x, None, [s0], None, self.free_settings, phase="free")
+            self._remember(free)
+            return self.solve(x, None, [free.states[0]], None,
+                              PhaseSettings(self.bptt_steps, 0.0), phase="bptt",
+                              graph=True).states[0]
 
 
 class _EquilibriumFunction(torch.autograd.Function):
@@ -437,11 +310,11 @@ class _EquilibriumFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, block: EquilibriumBlock, x: Tensor, s0: Tensor, *params: Tensor) -> Tensor:
-        free = block._relax(x, s0)
+        free = block.solve(x, None, [s0], None, block.free_settings, phase="free")
         block._remember(free)
         ctx.block = block
-        ctx.save_for_backward(x, free.state)
-        return free.state
+        ctx.save_for_backward(x, free.states[0])
+        return free.states[0]
 
     @staticmethod
     @once_differentiable
@@ -462,14 +335,12 @@ class _EquilibriumFunction(torch.autograd.Function):
             pre = block.cell(xg, s)
             out = pre if block.activation is None else block.activation(pre)
         if implicit:
-            adjoint = solve_adjoint(
-                lambda a: torch.autograd.grad(out, s, a, retain_graph=True)[0], g,
-                max_steps=block.max_steps, tol=block.tol, damping=block.damping,
-                solver=block.solver, memory=block.anderson_memory)
+            adjoint = ImplicitDifferentiation.solve_adjoint(
+                block, lambda a: torch.autograd.grad(out, s, a, retain_graph=True)[0], g,
+                block.adjoint_settings, "EquilibriumBlock adjoint")
             block.last_backward_steps = adjoint.steps
-            block._warn_unconverged(adjoint, "the adjoint solve")
             # dL/dtheta = a^T df/dtheta at s*
-            target, vector = out, adjoint.state
+            target, vector = out, adjoint.states[0]
         else:
             # dL/dtheta = v^T d cell/dtheta (v is the pre-activation adjoint with an activation)
             target, vector = pre, block.eqprop_vector(x, s_star, g)

@@ -1,160 +1,175 @@
-"""The base of toreq's layered equilibrium models: relaxation, prediction and EqProp gradients."""
+"""The base of toreq's equilibrium models: a dynamics, a solver and a gradient estimator.
+
+An :class:`EquilibriumModel` is an ``nn.Module`` that *is* a dynamics (a subclass also derives
+from one of :class:`toreq.dynamics.CouplingDynamics`, :class:`~toreq.dynamics.PrimitiveDynamics`
+or :class:`~toreq.dynamics.FieldDynamics`), *has* a solver (:mod:`toreq.solvers`, ``"auto"``:
+the C++ op for coupling lists, else iteration) and is trained by an estimator
+(:mod:`toreq.estimators`, chosen by the trainer). Every phase goes through :meth:`solve`, which
+also reports non-convergence.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from toreq.ops import Coupling, RelaxResult, hebbian_update, relax, relax_step
+from toreq.dynamics import Cost, Network, Nudge, get_cost
+from toreq.errors import ConvergenceWarning
+from toreq.estimators import apply_contrast
+from toreq.ops import ACTIVATIONS, RelaxResult
+from toreq.solvers import Iteration, PhaseSettings, Solver, get_solver, solve_map
+from toreq.validation import (check_choice, check_fraction, check_nonnegative_float,
+                              check_positive_int)
 
-__all__ = ["EquilibriumModel", "Network"]
+__all__ = ["EquilibriumModel", "Network", "warn_unconverged"]
+
+PHASE_NAMES = {"free": "the free phase", "positive": "the +beta nudged phase",
+               "negative": "the -beta nudged phase", "adjoint": "the adjoint solve"}
 
 
-@dataclass
-class Network:
-    """The effective tensors of a model for one batch, as :func:`toreq.ops.relax` takes them.
-
-    They stay attached to the parameters' autograd graph only through parametrizations
-    (spectral normalisation, symmetry) and input projections, never through relaxation, so
-    EqProp's gradients reach the parameters with one cheap ``torch.autograd.backward``.
-    Build it once per training step: every phase must see the same weights.
-    """
-
-    couplings: list[Coupling]
-    drives: list[Tensor | None]
-    readout_weight: Tensor | None = None
-    readout_bias: Tensor | None = None
-    widths: list[int] = field(default_factory=list)
+def warn_unconverged(owner: str, phase: str, result: RelaxResult, settings: PhaseSettings,
+                     stacklevel: int = 3) -> None:
+    """One :class:`toreq.errors.ConvergenceWarning` when a phase left samples above its
+    tolerance (``tol > 0``). The text has no per-call numbers, so Python shows it once per call
+    site; which samples and by how much are in the result's ``residual``."""
+    if torch.compiler.is_compiling():  # a traced program cannot test values
+        return
+    if settings.tol > 0 and bool((~result.converged(settings.tol)).any()):
+        warnings.warn(
+            f"{owner}: {PHASE_NAMES.get(phase, phase)} left samples unconverged after "
+            f"max_steps={settings.max_steps} (residual >= tol={settings.tol:g}); raise the step "
+            "cap, add damping, use solver='anderson', or make the dynamics contract more "
+            "strongly", ConvergenceWarning, stacklevel=stacklevel)
 
 
 class EquilibriumModel(nn.Module):
-    """A network whose prediction is the fixed point of ``s <- F(x, s)`` (see ``toreq.ops.relax``).
+    """A network whose prediction is the fixed point of ``s <- F(x, s)``.
 
-    Subclasses define :meth:`network`; this class relaxes it, reads the prediction out, and turns
-    two phases into gradients (:meth:`eqprop_backward`). After each call the free equilibrium is
-    in ``last_states``, the per-sample step counts in ``last_steps`` and the residuals in
-    ``last_residual``.
+    Subclasses derive from a dynamics kind first (``class M(CouplingDynamics,
+    EquilibriumModel)``) and define its methods (at least ``network``). After each forward the
+    free equilibrium is in ``last_states``, the per-sample step counts in ``last_steps`` and the
+    residuals in ``last_residual``.
 
     Args:
-        activation: ``"hard_sigmoid"``, ``"tanh"`` or ``"sigmoid"``.
+        activation: the activation of the dynamics (``"hard_sigmoid"``, ``"tanh"``,
+            ``"sigmoid"``).
         loss: ``"cross_entropy"`` (through a readout) or ``"mse"`` (``1/2 |o - onehot(y)|^2``).
-        max_steps: the free phase's step cap (see ``toreq.ops.relax``).
-        tol: the free phase's tolerance.
-        damping: the free phase's damping.
-        schedule: the free phase's schedule, ``"sync"`` or ``"async"``.
+        max_steps: the free phase's step cap.
+        tol: the free phase's tolerance (the nudged phases use ``tol * |beta|``).
+        damping: the weight the old state keeps in each update, in ``[0, 1)``.
+        schedule: ``"sync"`` or ``"async"``.
+        solver: a solver name of :func:`toreq.solvers.solver_names` or a
+            :class:`toreq.solvers.Solver`; ``"auto"`` uses the C++ op where it applies.
+        nudged_steps: the nudged phases' step cap (None: ``max_steps``); an estimator's own
+            setting takes precedence.
     """
 
     def __init__(self, *, activation: str, loss: str, max_steps: int, tol: float,
-                 damping: float, schedule: str) -> None:
+                 damping: float, schedule: str, solver: str | Solver = "auto",
+                 nudged_steps: int | None = None) -> None:
         super().__init__()
-        if loss not in ("cross_entropy", "mse"):
-            raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
-        self.activation, self.loss_name = activation, loss
-        self.max_steps, self.tol, self.damping, self.schedule = max_steps, tol, damping, schedule
+        self.cost: Cost = get_cost(check_choice("loss", loss, ("cross_entropy", "mse")))
+        self.activation = check_choice("activation", activation, ACTIVATIONS)
+        self.max_steps = check_positive_int("max_steps", max_steps)
+        self.tol = check_nonnegative_float("tol", tol)
+        self.damping = check_fraction("damping", damping)
+        self.schedule = check_choice("schedule", schedule, ("sync", "async"))
+        self.nudged_steps = check_positive_int("nudged_steps", nudged_steps, allow_none=True)
+        self.solver = get_solver(solver, self)
         self.last_states: list[Tensor] | None = None
         self.last_steps: Tensor | None = None
         self.last_residual: Tensor | None = None
 
-    # ---------------------------------------------------------------- what subclasses define
-    def network(self, x: Tensor) -> Network:
-        """The couplings, drives and readout for input ``x`` of shape ``(batch, features)``."""
-        raise NotImplementedError
+    @property
+    def loss_name(self) -> str:
+        """The cost's name (``"cross_entropy"`` or ``"mse"``); assigning it changes the cost."""
+        return self.cost.name
 
-    # ---------------------------------------------------------------- dynamics
-    def init_states(self, x: Tensor, net: Network) -> list[Tensor]:
-        return [x.new_zeros(x.shape[0], n) for n in net.widths]
+    @loss_name.setter
+    def loss_name(self, name: str) -> None:
+        self.cost = get_cost(check_choice("loss", name, ("cross_entropy", "mse")))
 
-    def relax(self, x: Tensor, net: Network | None = None, *, states: list[Tensor] | None = None,
+    # ------------------------------------------------------------------ phase settings
+    @property
+    def free_settings(self) -> PhaseSettings:
+        return PhaseSettings(self.max_steps, self.tol)
+
+    @property
+    def nudged_settings(self) -> PhaseSettings:
+        return PhaseSettings(self.nudged_steps or self.max_steps, self.tol)
+
+    @property
+    def adjoint_settings(self) -> PhaseSettings:
+        return PhaseSettings(self.max_steps, self.tol)
+
+    # ------------------------------------------------------------------ solving
+    def solve(self, x: Tensor, net: Any, states: list[Tensor], nudge: Nudge | None,
+              settings: PhaseSettings, *, phase: str, graph: bool = False,
+              solver: Solver | None = None) -> RelaxResult:
+        """One phase from ``states`` with the model's solver (or ``solver``); ``graph=True``
+        unrolls it with an autograd graph (plain iteration). Warns once per call site when a
+        phase with ``tol > 0`` leaves samples unconverged."""
+        if graph:
+            solver = Iteration()
+        result = (solver or self.solver).solve(self, x, net, states, nudge, settings,
+                                               what=f"{type(self).__name__} {phase} phase",
+                                               graph=graph)
+        warn_unconverged(type(self).__name__, phase, result, settings)
+        return result
+
+    def solve_map(self, fn: Callable[[list[Tensor]], list[Tensor]], states: list[Tensor],
+                  settings: PhaseSettings, *, phase: str, what: str) -> RelaxResult:
+        """Solves ``s = fn(s)`` with the model's (Python) solver: the adjoint system."""
+        result = solve_map(self.solver, fn, states, settings, what=what)
+        warn_unconverged(type(self).__name__, phase, result, settings)
+        return result
+
+    def relax(self, x: Tensor, net: Any = None, *, states: list[Tensor] | None = None,
               beta: float = 0.0, target: Tensor | None = None, max_steps: int | None = None,
               tol: float | None = None) -> RelaxResult:
-        """One phase: free (``beta=0``, from rest unless ``states`` is given) or nudged."""
+        """One phase: free (``beta=0``, from rest unless ``states`` is given) or nudged toward
+        ``target`` (labels or rows), with the free phase's settings unless overridden."""
+        if beta != 0.0 and target is None:
+            raise ValueError("a nudged phase (beta != 0) needs a target")
         net = self.network(x) if net is None else net
-        return relax(
-            self.init_states(x, net) if states is None else states, net.couplings, net.drives,
-            activation=self.activation, damping=self.damping,
-            max_steps=self.max_steps if max_steps is None else max_steps,
-            tol=self.tol if tol is None else tol, schedule=self.schedule, beta=beta,
-            loss=self.loss_name, target=target, readout_weight=net.readout_weight,
-            readout_bias=net.readout_bias,
-        )
+        start = self.init_states(x, net) if states is None else states
+        nudge = None if beta == 0.0 else self.nudge(beta, target, x, net, start)
+        settings = PhaseSettings(self.max_steps if max_steps is None else max_steps,
+                                 self.tol if tol is None else tol)
+        return self.solve(x, net, start, nudge, settings,
+                          phase="free" if nudge is None else ("positive" if beta > 0
+                                                              else "negative"))
 
-    def step(self, x: Tensor, states: list[Tensor], net: Network) -> list[Tensor]:
-        """One free step ``s <- F(x, s)``, differentiable: what BPTT unrolls and
-        :func:`toreq.utils.lipschitz` linearises."""
-        return relax_step(states, net.couplings, net.drives, activation=self.activation,
-                          damping=self.damping, schedule=self.schedule)
-
-    def unrolled(self, x: Tensor, steps: int, net: Network | None = None) -> list[Tensor]:
+    def unrolled(self, x: Tensor, steps: int, net: Any = None) -> list[Tensor]:
         """The free dynamics unrolled for ``steps`` steps *with* an autograd graph (for BPTT)."""
         net = self.network(x) if net is None else net
-        states = self.init_states(x, net)
-        for _ in range(steps):
-            states = self.step(x, states, net)
-        return states
-
-    def output(self, states: list[Tensor], net: Network) -> Tensor:
-        """The prediction read from equilibrium states: logits, or the output layer's state."""
-        if net.readout_weight is None:
-            return states[-1]
-        return F.linear(states[-1], net.readout_weight, net.readout_bias)
-
-    def loss(self, output: Tensor, y: Tensor) -> Tensor:
-        """The batch mean of the per-sample loss that the nudge descends."""
-        if self.loss_name == "cross_entropy":
-            return F.cross_entropy(output, y)
-        target = F.one_hot(y, output.shape[1]).to(output.dtype) if not y.is_floating_point() else y
-        return 0.5 * (output - target).pow(2).sum(dim=1).mean()
+        return self.solve(x, net, self.init_states(x, net), None, PhaseSettings(steps, 0.0),
+                          phase="free", graph=True).states
 
     def forward(self, x: Tensor) -> Tensor:
         """The free-phase prediction for ``x``."""
         net = self.network(x)
-        free = self.relax(x, net)
-        self._remember(free)
+        free = self.solve(x, net, self.init_states(x, net), None, self.free_settings,
+                          phase="free")
+        self.remember(free)
         return self.output(free.states, net)
 
-    def _remember(self, free: RelaxResult) -> None:
+    def remember(self, free: RelaxResult) -> None:
+        """Keeps a free phase's states, step counts and residuals in ``last_*``."""
         self.last_states, self.last_steps, self.last_residual = free.states, free.steps, free.residual
 
-    # ---------------------------------------------------------------- EqProp
-    def eqprop_backward(self, x: Tensor, y: Tensor, net: Network, free: RelaxResult,
+    # ------------------------------------------------------------------ EqProp
+    def eqprop_backward(self, x: Tensor, y: Tensor, net: Any, free: RelaxResult,
                         nudged: RelaxResult, reference: RelaxResult, beta: float) -> Tensor:
-        """Accumulates EqProp's gradients into every parameter's ``.grad``; returns the loss.
+        """Accumulates EqProp's gradients from two given phases into ``.grad``; returns the loss.
 
         ``nudged`` and ``reference`` are the two phases contrasted (``+beta`` and the free phase,
-        or ``+beta`` and ``-beta``), ``beta`` the difference of their nudging strengths. A weight
-        used in both directions (tied) gets the contrastive Hebbian update of the energy model
-        (both directions' contributions); every other coupling and every drive gets the
-        vector-field update with ``v = -(s^nudged - s^reference) / beta`` and the free state as
-        pre-synaptic activity. The readout is feedforward: its gradient is the loss's, at the
-        free equilibrium. No graph of the relaxation exists or is needed.
+        or ``+beta`` and ``-beta``), ``beta`` the difference of their nudging strengths; the
+        dynamics' ``contrast`` gives the update, the readout gets the loss's gradient at the free
+        equilibrium. :class:`toreq.estimators.EqProp` runs the phases and calls the same.
         """
-        batch = x.shape[0]
-        tied = {id(c.weight) for c in net.couplings if c.transposed}
-        tensors, grads = [], []
-        for c in net.couplings:
-            if c.transposed:
-                continue  # the forward coupling of the same weight carries both directions
-            post_n, post_r = nudged.states[c.target], reference.states[c.target]
-            if id(c.weight) in tied:
-                grad, _ = hebbian_update(post_n, nudged.states[c.source], post_r,
-                                         reference.states[c.source], beta)
-            else:
-                pre = free.states[c.source]
-                grad, _ = hebbian_update(post_n, pre, post_r, pre, beta)
-            tensors.append(c.weight)
-            grads.append(grad)
-        for layer, drive in enumerate(net.drives):
-            if drive is not None and drive.requires_grad:
-                v = (reference.states[layer] - nudged.states[layer]) / (beta * batch)
-                tensors.append(drive)
-                grads.append(v if drive.dim() == 2 else v.sum(dim=0))
-        free_states = [s.detach() for s in free.states]
-        loss = self.loss(self.output(free_states, net), y)
-        if loss.requires_grad:  # the readout's own gradient
-            tensors.append(loss)
-            grads.append(None)
-        torch.autograd.backward(tensors, grads)
-        return loss.detach()
+        return apply_contrast(self, x, y, net, free, nudged, reference, beta)[0]

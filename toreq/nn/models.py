@@ -6,14 +6,15 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from toreq.nn.equilibrium import EquilibriumModel, Network
-from toreq.ops import Coupling
 from toreq import utils
+from toreq.dynamics import CouplingDynamics, Network
+from toreq.nn.equilibrium import EquilibriumModel
+from toreq.ops import Coupling
 
 __all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "ToroidalMLP"]
 
 
-class LoopedMLP(EquilibriumModel):
+class LoopedMLP(CouplingDynamics, EquilibriumModel):
     """One recurrent hidden layer iterated to equilibrium, with a readout.
 
     .. math::  h \\leftarrow \\gamma h + (1-\\gamma)\\,\\rho(U x + c\\, W h + b), \\qquad o = R h^* + r
@@ -35,14 +36,15 @@ class LoopedMLP(EquilibriumModel):
         max_steps: the free relaxation's step cap.
         tol: the free relaxation's tolerance.
         damping: the free relaxation's damping ``gamma``.
+        solver: how phases are solved (:mod:`toreq.solvers`; ``"auto"``: the C++ op).
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, *,
                  activation: str = "tanh", symmetric: bool = True, spectral_norm: bool = True,
                  recurrent_scale: float = 0.9, loss: str = "cross_entropy", max_steps: int = 30,
-                 tol: float = 1e-4, damping: float = 0.0) -> None:
+                 tol: float = 1e-4, damping: float = 0.0, solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule="sync")
+                         damping=damping, schedule="sync", solver=solver)
         self.input = nn.Linear(input_dim, hidden_dim)
         self.recurrent = nn.Linear(hidden_dim, hidden_dim, bias=False)
         self.readout = nn.Linear(hidden_dim, output_dim)
@@ -63,7 +65,7 @@ class LoopedMLP(EquilibriumModel):
                        self.readout.bias, [self.recurrent.in_features])
 
 
-class ToroidalMLP(EquilibriumModel):
+class ToroidalMLP(CouplingDynamics, EquilibriumModel):
     """A ring of hidden layers relaxed jointly, the last feeding back into the first.
 
     .. math::  h_0 \\leftarrow \\rho(U x + c\\, W_{K-1 \\to 0} h_{K-1} + b_0), \\qquad
@@ -76,9 +78,9 @@ class ToroidalMLP(EquilibriumModel):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, *, num_layers: int = 3,
                  activation: str = "tanh", spectral_norm: bool = True,
                  recurrent_scale: float = 0.9, loss: str = "cross_entropy", max_steps: int = 40,
-                 tol: float = 1e-4, damping: float = 0.0) -> None:
+                 tol: float = 1e-4, damping: float = 0.0, solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule="sync")
+                         damping=damping, schedule="sync", solver=solver)
         if num_layers < 2:
             raise ValueError(f"a ring needs num_layers >= 2, got {num_layers}")
         self.input = nn.Linear(input_dim, hidden_dim)
@@ -101,7 +103,7 @@ class ToroidalMLP(EquilibriumModel):
                        [self.input.out_features] * k)
 
 
-class EPMLP(EquilibriumModel):
+class EPMLP(CouplingDynamics, EquilibriumModel):
     """The canonical layered energy-based network (Scellier & Bengio 2017; Ernoult et al. 2019).
 
     Hidden layers ``s_1 .. s_L`` with tied, symmetric connections; the input clamps ``s_0 = x``:
@@ -118,9 +120,10 @@ class EPMLP(EquilibriumModel):
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
                  activation: str = "hard_sigmoid", loss: str = "mse", max_steps: int = 40,
-                 tol: float = 1e-4, damping: float = 0.0, schedule: str = "async") -> None:
+                 tol: float = 1e-4, damping: float = 0.0, schedule: str = "async",
+                 solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule=schedule)
+                         damping=damping, schedule=schedule, solver=solver)
         widths = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
         if not widths:
             raise ValueError("EPMLP needs at least one hidden layer or loss='mse'")

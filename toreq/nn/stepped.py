@@ -1,11 +1,12 @@
 """Equilibrium models whose step is PyTorch code: ModernEqProp and ConvEP.
 
 Their dynamics are not the layered couplings of :func:`toreq.ops.relax` (a normalised residual
-block; convolutions with max-pooling), so :class:`SteppedEquilibriumModel` relaxes them in
-Python, one step for the whole batch at a time, each sample stopping at its own convergence,
-without an autograd graph. Gradients still come from the phases alone: vector-Jacobian products
-of one step at the free fixed point (ModernEqProp, ``EQPROP-MATH.md`` sections 3 and 5), or the
-contrast of the primitive function's parameter gradients at two fixed states (ConvEP, section 2).
+block; convolutions with max-pooling), so the Python solvers relax them (:mod:`toreq.solvers`,
+``"auto"``: plain iteration), each sample stopping at its own convergence, without an autograd
+graph. Gradients still come from the phases alone: vector-Jacobian products of one step at the
+free fixed point (ModernEqProp, a :class:`toreq.dynamics.FieldDynamics`, ``EQPROP-MATH.md``
+sections 3 and 5), or the contrast of the primitive function's parameter gradients at two fixed
+states (ConvEP, a :class:`toreq.dynamics.PrimitiveDynamics`, section 2).
 """
 
 from __future__ import annotations
@@ -19,73 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toreq import utils
+from toreq.dynamics import FieldDynamics, Nudge, PrimitiveDynamics
 from toreq.nn.equilibrium import EquilibriumModel
-from toreq.ops import RelaxResult, iterate_per_sample
-from toreq.ops.relax import ACTIVATIONS, _activate
+from toreq.ops import activate
 
-__all__ = ["ConvEP", "ModernEqProp", "SteppedEquilibriumModel"]
-
-
-class SteppedEquilibriumModel(EquilibriumModel):
-    """An :class:`EquilibriumModel` whose step ``s <- F(x, s)`` subclasses write in PyTorch.
-
-    Subclasses define :meth:`network` (the batch's effective tensors: parametrized weights and
-    input projections, built once per training step so that every phase sees the same weights),
-    :meth:`init_states`, :meth:`step` (with the nudge ``-beta * d ell / d s_out`` inside the
-    output layer's update) and :meth:`eqprop_backward`. :meth:`relax` iterates :meth:`step` under
-    ``torch.no_grad`` with the contract of :func:`toreq.ops.relax`: a sample whose largest state
-    change in a step falls below ``tol`` stops updating, ``steps[b]`` counts its updates, and a
-    non-finite state raises ``RuntimeError``. States may have any shape ``(batch, ...)``.
-    """
-
-    def __init__(self, *, activation: str, loss: str, max_steps: int, tol: float,
-                 damping: float, schedule: str) -> None:
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if schedule not in ("sync", "async"):
-            raise ValueError(f"schedule must be 'sync' or 'async', got {schedule!r}")
-        if not 0.0 <= damping < 1.0:
-            raise ValueError(f"damping must be in [0, 1), got {damping}")
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if not tol >= 0.0:
-            raise ValueError(f"tol must be >= 0, got {tol}")
-        super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule=schedule)
-
-    def step(self, x: Tensor, states: list[Tensor], net, *, beta: float = 0.0,
-             target: Tensor | None = None) -> list[Tensor]:
-        """One step of the dynamics, nudged with strength ``beta`` toward ``target``."""
-        raise NotImplementedError
-
-    def relax(self, x: Tensor, net=None, *, states: list[Tensor] | None = None,
-              beta: float = 0.0, target: Tensor | None = None, max_steps: int | None = None,
-              tol: float | None = None) -> RelaxResult:
-        """One phase: free (``beta=0``, from rest unless ``states`` is given) or nudged."""
-        if beta != 0.0 and target is None:
-            raise ValueError("a nudged phase (beta != 0) needs a target")
-        net = self.network(x) if net is None else net
-        max_steps = self.max_steps if max_steps is None else max_steps
-        tol = self.tol if tol is None else tol
-        with torch.no_grad():
-            start = self.init_states(x, net) if states is None else states
-        return iterate_per_sample(lambda s: self.step(x, s, net, beta=beta, target=target),
-                                  start, max_steps=max_steps, tol=tol, what=type(self).__name__)
-
-    def loss_gradient(self, last: Tensor, target: Tensor, net) -> Tensor:
-        """``d ell_b / d s_out`` for every sample ``b``: the nudge's direction (section 1).
-
-        With ``o`` the output (the last state, or ``R s_out + r`` through the readout) and ``t``
-        the target rows (one-hot for class labels): ``o - t`` for ``"mse"``,
-        ``softmax(o) - t`` for ``"cross_entropy"``, times ``R`` through a readout.
-        """
-        out = self.output([last], net)
-        rows = (target if target.is_floating_point()
-                else F.one_hot(target, out.shape[1]).to(out.dtype))
-        error = (torch.softmax(out, dim=1) if self.loss_name == "cross_entropy" else out) - rows
-        if net.readout_weight is not None:
-            error = error @ net.readout_weight
-        return error.view_as(last)
+__all__ = ["ConvEP", "ModernEqProp"]
 
 
 # ------------------------------------------------------------------------------- ModernEqProp
@@ -101,7 +40,7 @@ class ModernNetwork:
     readout_bias: Tensor
 
 
-class ModernEqProp(SteppedEquilibriumModel):
+class ModernEqProp(FieldDynamics, EquilibriumModel):
     """A looped pre-norm residual block iterated to equilibrium, with a readout.
 
     .. math::
@@ -144,6 +83,7 @@ class ModernEqProp(SteppedEquilibriumModel):
         max_steps: the free relaxation's step cap.
         tol: the free relaxation's tolerance.
         damping: the free relaxation's damping ``gamma``, in ``[0, 1)``.
+        solver: how phases are solved (:mod:`toreq.solvers`; ``"auto"``: iteration).
     """
 
     gradient_regime = "approximate"
@@ -152,9 +92,9 @@ class ModernEqProp(SteppedEquilibriumModel):
                  ffn_dim: int | None = None, activation: str = "tanh",
                  spectral_norm: bool = True, recurrent_scale: float = 0.9, norm_eps: float = 1.0,
                  loss: str = "cross_entropy", max_steps: int = 40, tol: float = 1e-4,
-                 damping: float = 0.0) -> None:
+                 damping: float = 0.0, solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule="sync")
+                         damping=damping, schedule="sync", solver=solver)
         ffn_dim = 2 * hidden_dim if ffn_dim is None else ffn_dim
         for name, value in (("input_dim", input_dim), ("hidden_dim", hidden_dim),
                             ("output_dim", output_dim), ("ffn_dim", ffn_dim)):
@@ -181,34 +121,12 @@ class ModernEqProp(SteppedEquilibriumModel):
     def init_states(self, x: Tensor, net: ModernNetwork) -> list[Tensor]:
         return [net.drive.new_zeros(net.drive.shape)]
 
-    def field(self, h: Tensor, net: ModernNetwork) -> Tensor:
-        """``T(h)``, the state the update moves toward (the free fixed point solves h = T(h))."""
-        normed = F.layer_norm(h, h.shape[-1:], eps=self.norm_eps)
-        inner = _activate(self.activation, F.linear(normed, net.ffn_in_weight, net.ffn_in_bias))
-        return net.drive + F.linear(inner, net.ffn_out_weight)
-
-    def step(self, x: Tensor, states: list[Tensor], net: ModernNetwork, *, beta: float = 0.0,
-             target: Tensor | None = None) -> list[Tensor]:
+    def field(self, x: Tensor, states: list[Tensor], net: ModernNetwork) -> list[Tensor]:
+        """``[T(h)]``, the state the update moves toward (the free fixed point solves h = T(h))."""
         (h,) = states
-        goal = self.field(h, net)
-        if beta != 0.0:
-            goal = goal - beta * self.loss_gradient(h, target, net)
-        return [torch.lerp(goal, h, self.damping)]
-
-    def eqprop_backward(self, x: Tensor, y: Tensor, net: ModernNetwork, free: RelaxResult,
-                        nudged: RelaxResult, reference: RelaxResult, beta: float) -> Tensor:
-        """Accumulates vector-field EqProp's gradients into ``.grad``; returns the loss.
-
-        ``v = (h^reference - h^nudged) / beta``, then ``(1/B) v^T dT/dtheta`` at the free fixed
-        point by one backward pass through a single evaluation of :meth:`field` (it reaches
-        ``U, b`` through the drive, and ``x`` when it requires grad); the readout gets the
-        loss's own gradient.
-        """
-        h = free.states[0].detach()
-        v = (reference.states[0] - nudged.states[0]) / (beta * x.shape[0])
-        loss = self.loss(self.output([h], net), y)
-        torch.autograd.backward([self.field(h, net), loss], [v, None])
-        return loss.detach()
+        normed = F.layer_norm(h, h.shape[-1:], eps=self.norm_eps)
+        inner = activate(self.activation, F.linear(normed, net.ffn_in_weight, net.ffn_in_bias))
+        return [net.drive + F.linear(inner, net.ffn_out_weight)]
 
 
 # ------------------------------------------------------------------------------- ConvEP
@@ -223,7 +141,7 @@ class ConvNetwork:
     readout_bias: Tensor | None
 
 
-class ConvEP(SteppedEquilibriumModel):
+class ConvEP(PrimitiveDynamics, EquilibriumModel):
     """The convolutional energy-based EqProp network of Laborieux et al. (2021).
 
     Convolutional layers ``s_1 .. s_K`` (each a convolution, stride 1, then ``p x p``
@@ -281,6 +199,7 @@ class ConvEP(SteppedEquilibriumModel):
         tol: the free relaxation's tolerance.
         damping: the free relaxation's damping.
         schedule: the free relaxation's schedule.
+        solver: how phases are solved (:mod:`toreq.solvers`; ``"auto"``: iteration).
     """
 
     gradient_regime = "exact"
@@ -289,9 +208,9 @@ class ConvEP(SteppedEquilibriumModel):
                  hidden_dims: Sequence[int] = (), kernel_size: int = 3, padding: int | None = None,
                  pool_size: int = 2, activation: str = "hard_sigmoid",
                  loss: str = "cross_entropy", max_steps: int = 60, tol: float = 1e-4,
-                 damping: float = 0.0, schedule: str = "async") -> None:
+                 damping: float = 0.0, schedule: str = "async", solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule=schedule)
+                         damping=damping, schedule=schedule, solver=solver)
         input_shape = tuple(int(n) for n in input_shape)
         if len(input_shape) != 3 or min(input_shape) < 1:
             raise ValueError(f"input_shape must be (C, H, W) of positive ints, got {input_shape}")
@@ -354,11 +273,6 @@ class ConvEP(SteppedEquilibriumModel):
     def init_states(self, x: Tensor, net: ConvNetwork) -> list[Tensor]:
         return [net.image.new_zeros(net.image.shape[0], *shape) for shape in self.state_shapes]
 
-    def output(self, states: list[Tensor], net: ConvNetwork) -> Tensor:
-        if net.readout_weight is None:
-            return states[-1]
-        return F.linear(states[-1].flatten(1), net.readout_weight, net.readout_bias)
-
     def _bottom_up(self, layer: int, below: Tensor,
                    net: ConvNetwork) -> tuple[Tensor, Tensor | None]:
         """Layer ``layer``'s input from below, and (convolutional) the pooling's argmax."""
@@ -380,8 +294,8 @@ class ConvEP(SteppedEquilibriumModel):
             above = F.max_unpool2d(above, argmax, self.pool_size, output_size=size)
         return F.conv_transpose2d(above, weight, padding=self.padding)
 
-    def step(self, x: Tensor, states: list[Tensor], net: ConvNetwork, *, beta: float = 0.0,
-             target: Tensor | None = None) -> list[Tensor]:
+    def step(self, x: Tensor, states: list[Tensor], net: ConvNetwork,
+             nudge: Nudge | None = None) -> list[Tensor]:
         s = list(states)
         n = len(s)
         groups = ([list(range(n))] if self.schedule == "sync"
@@ -402,11 +316,11 @@ class ConvEP(SteppedEquilibriumModel):
                 if layer + 1 < n:
                     argmax = from_below(layer + 1)[1] if layer + 1 < len(self.convs) else None
                     pre = pre + self._top_down(layer, s, argmax, net)
-                if layer == n - 1 and beta != 0.0:
-                    pre = pre - beta * self.loss_gradient(s[layer], target, net)
+                if layer == n - 1 and nudge is not None:
+                    pre = pre - nudge.beta * self.output_error(s[layer], nudge, net)
                 pres[layer] = pre
             for layer in group:
-                s[layer] = torch.lerp(_activate(self.activation, pres[layer]), s[layer],
+                s[layer] = torch.lerp(activate(self.activation, pres[layer]), s[layer],
                                       self.damping)
         return s
 
@@ -417,24 +331,3 @@ class ConvEP(SteppedEquilibriumModel):
             below = net.image if layer == 0 else states[layer - 1]
             phi = phi + (state * self._bottom_up(layer, below, net)[0]).sum()
         return phi
-
-    def eqprop_backward(self, x: Tensor, y: Tensor, net: ConvNetwork, free: RelaxResult,
-                        nudged: RelaxResult, reference: RelaxResult, beta: float) -> Tensor:
-        """Accumulates EqProp's gradients into ``.grad``; returns the loss.
-
-        ``-(1 / (beta B)) d(Phi(s^nudged) - Phi(s^reference))/dtheta`` by one backward pass
-        through two evaluations of :meth:`primitive` at the detached states; the readout gets
-        the loss's gradient at the free equilibrium.
-        """
-        def detached(result: RelaxResult) -> list[Tensor]:
-            return [t.detach() for t in result.states]
-
-        contrast = (self.primitive(x, detached(nudged), net)
-                    - self.primitive(x, detached(reference), net))
-        tensors, grads = [contrast], [torch.full_like(contrast, -1.0 / (beta * x.shape[0]))]
-        loss = self.loss(self.output(detached(free), net), y)
-        if loss.requires_grad:
-            tensors.append(loss)
-            grads.append(None)
-        torch.autograd.backward(tensors, grads)
-        return loss.detach()

@@ -1,14 +1,18 @@
 """toreq's operators: typed wrappers of ``torch.ops.toreq.*`` and their PyTorch references.
 
 * :func:`relax` relaxes a layered equilibrium network (free or nudged phase);
-* :func:`hebbian_update` turns two phases into weight and bias gradients.
+* :func:`hebbian_update` turns two phases into weight and bias gradients;
+* :func:`iterate` is the one Python fixed-point loop (the op's reference, every solver).
 """
 
 from toreq.ops.hebbian import hebbian_update, hebbian_update_reference
+from toreq.ops.iteration import Accelerator, RelaxResult, iterate
 from toreq.ops.relax import (
+    ACTIVATIONS,
     Coupling,
-    RelaxResult,
+    activate,
     iterate_per_sample,
+    labels_to_rows,
     layered_couplings,
     relax,
     relax_reference,
@@ -16,11 +20,16 @@ from toreq.ops.relax import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
+    "Accelerator",
     "Coupling",
     "RelaxResult",
+    "activate",
     "hebbian_update",
     "hebbian_update_reference",
+    "iterate",
     "iterate_per_sample",
+    "labels_to_rows",
     "layered_couplings",
     "relax",
     "relax_reference",

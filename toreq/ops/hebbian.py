@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from toreq.ops._dispatch import has_kernel
-from toreq.ops.relax import _activate
+from toreq.ops.relax import activate
 
 __all__ = ["hebbian_update", "hebbian_update_reference"]
 
@@ -109,10 +109,10 @@ def hebbian_update_reference(
     """Pure-PyTorch reference of :func:`hebbian_update` (two products, as written)."""
     with torch.no_grad():
         scale = -1.0 / (beta * post_nudged.shape[0])
-        post_a = _activate(post_activation, post_nudged)
-        post_b = _activate(post_activation, post_free)
-        product_a = post_a.T @ _activate(pre_activation, pre_nudged)
-        product_b = post_b.T @ _activate(pre_activation, pre_free)
+        post_a = activate(post_activation, post_nudged)
+        post_b = activate(post_activation, post_free)
+        product_a = post_a.T @ activate(pre_activation, pre_nudged)
+        product_b = post_b.T @ activate(pre_activation, pre_free)
         return scale * (product_a - product_b), scale * (post_a - post_b).sum(dim=0)
 
 

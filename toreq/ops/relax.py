@@ -55,18 +55,22 @@ returned. No autograd graph is built: gradients come from :func:`hebbian_update`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from toreq.ops._dispatch import has_kernel
+from toreq.ops.iteration import RelaxResult, iterate
 
 __all__ = [
-    "Coupling", "RelaxResult", "iterate_per_sample", "layered_couplings", "relax",
-    "relax_reference", "relax_step",
+    "ACTIVATIONS", "Coupling", "RelaxResult", "activate", "iterate_per_sample", "labels_to_rows",
+    "layered_couplings", "relax", "relax_reference", "relax_step",
 ]
 
+# The activations the op's kernels implement; ``activate`` also takes "identity" (a linear
+# layer in Python dynamics).
 ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid")
 
 
@@ -82,20 +86,6 @@ class Coupling(NamedTuple):
     target: int
     source: int
     transposed: bool = False
-
-
-class RelaxResult(NamedTuple):
-    """The outcome of a relaxation.
-
-    ``states``: the final states, one ``(batch, n_l)`` tensor per layer (new tensors);
-    ``steps``: int64 ``(batch,)``, the number of updates each sample received;
-    ``residual``: ``(batch,)``, each sample's largest state change in its last update
-    (``inf`` when no step ran). A sample converged where ``residual < tol``.
-    """
-
-    states: list[Tensor]
-    steps: Tensor
-    residual: Tensor
 
 
 def layered_couplings(
@@ -122,7 +112,7 @@ def layered_couplings(
     return couplings
 
 
-def _labels_to_rows(target: Tensor, loss: str, num_outputs: int, dtype: torch.dtype) -> Tensor:
+def labels_to_rows(target: Tensor, loss: str, num_outputs: int, dtype: torch.dtype) -> Tensor:
     """Integer class labels ``(batch,)`` become one-hot rows; float targets pass through."""
     if target.is_floating_point() or loss == "gradient":
         return target
@@ -192,7 +182,7 @@ def relax(
     readout_weight, readout_bias = _no_grad(readout_weight), _no_grad(readout_bias)
     if target is not None:
         num_outputs = states[-1].shape[1] if readout_weight is None else readout_weight.shape[0]
-        target = _labels_to_rows(_no_grad(target), loss, num_outputs, states[-1].dtype)
+        target = labels_to_rows(_no_grad(target), loss, num_outputs, states[-1].dtype)
     drive_list = [_no_grad(d) for d in (drives or [])]
     if not has_kernel("relax", states[0].device.type):
         couplings = [Coupling(_no_grad(c.weight), c.target, c.source, c.transposed)
@@ -213,7 +203,8 @@ def _no_grad(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
-def _activate(name: str, x: Tensor) -> Tensor:
+def activate(name: str, x: Tensor) -> Tensor:
+    """``rho(x)`` for an activation's name: the op's activations and ``"identity"``."""
     if name == "hard_sigmoid":
         return x.clamp(0.0, 1.0)
     if name == "tanh":
@@ -277,7 +268,7 @@ def relax_step(
     for group in groups:
         pres = {layer: preactivation(layer) for layer in group}
         for layer in group:
-            s[layer] = damping * s[layer] + (1.0 - damping) * _activate(activation, pres[layer])
+            s[layer] = damping * s[layer] + (1.0 - damping) * activate(activation, pres[layer])
     return s
 
 
@@ -289,44 +280,11 @@ def iterate_per_sample(
     tol: float,
     what: str = "toreq.relax",
 ) -> RelaxResult:
-    """Iterates ``s <- step(s)`` without a graph, each sample stopping at its own convergence.
-
-    The contract of :func:`relax`, for any map ``step`` of a list of ``(batch, ...)`` states
-    that treats samples independently: a sample whose largest state change in a step falls below
-    ``tol`` keeps its state from then on, ``steps[b]`` counts its updates, and a new state that
-    is NaN or Inf in a sample still relaxing raises ``RuntimeError`` (prefixed with ``what``).
-    Since samples never interact, masking whole steps gives the same per-sample result as the
-    kernels' masked updates. :func:`relax_reference` and the models whose step is PyTorch code
-    (:class:`toreq.nn.SteppedEquilibriumModel`) relax through it.
-    """
-    with torch.no_grad():
-        s = [x.detach().clone() for x in states]
-        batch, like = s[0].shape[0], s[0]
-        active = torch.ones(batch, dtype=torch.bool, device=like.device)
-        steps = torch.zeros(batch, dtype=torch.long, device=like.device)
-        residual = torch.full((batch,), float("inf"), dtype=like.dtype, device=like.device)
-        for count in range(1, max_steps + 1):
-            if not bool(active.any()):
-                break
-            new = step(s)
-            change = torch.zeros(batch, dtype=like.dtype, device=like.device)
-            nonfinite = torch.zeros(batch, dtype=torch.bool, device=like.device)
-            for old, fresh in zip(s, new):
-                if old.shape[1:].numel() > 0:  # a layer of width 0 has nothing to compare
-                    change = torch.maximum(change, (fresh - old).abs().flatten(1).amax(dim=1))
-                    nonfinite |= ~torch.isfinite(fresh).flatten(1).all(dim=1)
-            bad = int((nonfinite & active).sum())
-            if bad:
-                raise RuntimeError(
-                    f"{what}: the state became NaN or Inf at step {count} in {bad} of {batch} "
-                    "samples"
-                )
-            s = [torch.where(active.view(-1, *[1] * (old.dim() - 1)), fresh, old)
-                 for old, fresh in zip(s, new)]
-            residual = torch.where(active, change, residual)
-            steps = torch.where(active, torch.full_like(steps, count), steps)
-            active = active & ~(change < tol)
-        return RelaxResult(s, steps, residual)
+    """Deprecated alias of :func:`toreq.ops.iterate` (removed in the next release)."""
+    warnings.warn("toreq.ops.iterate_per_sample is deprecated; use toreq.ops.iterate (the same "
+                  "loop, with damping, acceleration and a static mode)", DeprecationWarning,
+                  stacklevel=2)
+    return iterate(step, states, max_steps=max_steps, tol=tol, what=what)
 
 
 def relax_reference(
@@ -344,8 +302,8 @@ def relax_reference(
     exists for the device. It expects valid arguments (the compiled op checks them) and
     ``target`` as rows, not labels.
     """
-    return iterate_per_sample(lambda s: relax_step(s, couplings, drives, **dynamics), states,
-                              max_steps=max_steps, tol=tol)
+    return iterate(lambda s: relax_step(s, couplings, drives, **dynamics), states,
+                   max_steps=max_steps, tol=tol, what="toreq.relax")
 
 
 @torch.library.register_fake("toreq::relax")

@@ -1,0 +1,154 @@
+"""The one Python fixed-point loop: per-sample, damped, with an optional accelerator.
+
+Every relaxation written in PyTorch runs through :func:`iterate`: the reference of the
+``toreq::relax`` op, the solvers of :mod:`toreq.solvers` (plain iteration, Anderson
+acceleration, the static mode that ``torch.export`` and ``torch.compile(fullgraph=True)``
+trace), backprop through time (``graph=True``), the adjoint of implicit differentiation and
+:class:`toreq.nn.EquilibriumBlock`. The compiled op is the only other loop.
+
+One step, for a list of states ``s`` (each ``(batch, ...)``) and a map ``F`` (which applies
+its own damping, as the op does):
+
+.. math::
+
+    \\tilde s = F(s), \\qquad
+    \\delta_b = \\max_l \\max_j |\\tilde s_{l,bj} - s_{l,bj}|;
+
+an accelerator (Anderson) may replace ``\\tilde s`` by a better estimate, the convergence test
+still measures the plain step ``delta``. A sample whose
+``delta_b < tol`` takes that step and then keeps its state (``steps[b]`` counts its updates,
+``residual[b]`` is its last ``delta_b``); ``tol = 0`` never stops early. Samples never
+interact, so freezing them gives each sample the result of its own iteration.
+
+Policy on NaN and Inf (eager mode): every step checks the new states of the samples still
+relaxing and raises :class:`toreq.errors.DivergenceError` naming the phase (``what``), the step
+and the count. The static mode cannot raise on values (that is data-dependent control flow): it
+always runs ``max_steps`` steps, lets a non-finite state run on into the output, and is what
+exported programs compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from toreq.errors import DivergenceError
+
+__all__ = ["Accelerator", "RelaxResult", "iterate"]
+
+
+class RelaxResult(NamedTuple):
+    """The outcome of a relaxation, from every solver and the op.
+
+    ``states``: the final states, one ``(batch, ...)`` tensor per layer (new tensors);
+    ``steps``: int64 ``(batch,)``, the number of updates each sample received;
+    ``residual``: ``(batch,)``, each sample's largest state change in its last update
+    (``inf`` when no step ran). A sample converged where ``residual < tol`` (see
+    :meth:`converged`; ``tol = 0`` never claims convergence).
+    """
+
+    states: list[Tensor]
+    steps: Tensor
+    residual: Tensor
+
+    def converged(self, tol: float) -> Tensor:
+        """Bool ``(batch,)``: which samples stopped below ``tol`` (all False for ``tol <= 0``)."""
+        if tol <= 0:
+            return torch.zeros_like(self.steps, dtype=torch.bool)
+        return self.residual < tol
+
+
+class Accelerator(Protocol):
+    """Replaces the plain damped step by a better estimate of the fixed point (Anderson).
+
+    Called once per step with the current states ``s``, the plain damped step ``plain``, the
+    step number ``k`` (from 1) and the bool ``(batch,)`` of the samples that converge at this
+    step (they must take the plain step); returns the new states.
+    """
+
+    def __call__(self, s: list[Tensor], plain: list[Tensor], k: int,
+                 converging: Tensor) -> list[Tensor]: ...
+
+
+def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+    """``(batch,)`` values shaped to broadcast against ``like`` of shape ``(batch, ...)``."""
+    return values.view(-1, *[1] * (like.dim() - 1))
+
+
+def iterate(
+    step: Callable[[list[Tensor]], Sequence[Tensor]],
+    states: Sequence[Tensor],
+    *,
+    max_steps: int,
+    tol: float,
+    accelerator: Accelerator | None = None,
+    graph: bool = False,
+    static: bool = False,
+    what: str = "relaxation",
+) -> RelaxResult:
+    """Iterates ``s <- step(s)`` per sample (see the module docstring).
+
+    Args:
+        step: the map ``F`` (damping included), taking and returning a list of
+            ``(batch, ...)`` states.
+        states: the initial states (not modified).
+        max_steps: the most updates a sample receives (0: none).
+        tol: a sample stops once its step changes it by less than ``tol`` (max-abs); 0 never.
+        accelerator: e.g. :class:`toreq.solvers.Anderson`'s mixing; None for plain iteration.
+        graph: build an autograd graph through the steps (backprop through time); otherwise
+            the loop runs under ``torch.no_grad``.
+        static: fixed shapes and no data-dependent Python control flow (always ``max_steps``
+            steps, no early exit, no raise): the form that ``torch.export`` and
+            ``torch.compile(fullgraph=True)`` trace.
+        what: the phase's name in error messages.
+    """
+    with (nullcontext() if graph else torch.no_grad()):
+        s = [t if graph else t.detach() for t in states]
+        like = s[0]
+        batch = like.shape[0]
+        active = torch.ones(batch, dtype=torch.bool, device=like.device)
+        steps = torch.zeros(batch, dtype=torch.long, device=like.device)
+        residual = torch.full((batch,), float("inf"), dtype=like.dtype, device=like.device)
+        everyone = True  # every sample still relaxing: no masking needed
+        for k in range(1, max_steps + 1):
+            out = list(step(s))
+            if len(out) != len(s):
+                raise ValueError(f"{what}: the step returned {len(out)} states for {len(s)}")
+            for layer, (o, t) in enumerate(zip(out, s)):
+                if o.shape != t.shape:
+                    raise ValueError(
+                        f"{what}: the step returned shape {tuple(o.shape)} for a state of shape "
+                        f"{tuple(t.shape)} (layer {layer}); the step must keep every shape")
+            plain = out
+            change = torch.zeros(batch, dtype=like.dtype, device=like.device)
+            for t, p in zip(s, plain):
+                if t.shape[1:].numel() > 0:  # a layer of width 0 has nothing to compare
+                    change = torch.maximum(change, (p - t).detach().flatten(1).abs().amax(dim=1))
+            converging = change < tol
+            new = plain if accelerator is None else accelerator(s, plain, k, converging)
+            if not static:
+                # NaN compares false with everything, so a non-finite state has a non-finite
+                # change: one reduction and one host sync per step serve both tests.
+                bad, relaxing = torch.stack([(~torch.isfinite(change) & active).sum(),
+                                             (active & ~converging).sum()]).tolist()
+                if bad:
+                    raise DivergenceError(
+                        f"{what}: the state became NaN or Inf at step {k} in {bad} of {batch} "
+                        "samples; lower the learning rate, add damping, or make the dynamics "
+                        "contract (e.g. spectral normalisation of the recurrent weight)")
+            if static or not everyone:
+                s = [torch.where(_per_sample(active, t), n, t) for t, n in zip(s, new)]
+            else:
+                s = new
+            residual = torch.where(active, change.to(residual.dtype), residual)
+            steps = torch.where(active, torch.full_like(steps, k), steps)
+            active = active & ~converging
+            if not static:
+                everyone = relaxing == batch
+                if relaxing == 0:
+                    break
+        return RelaxResult(s, steps, residual)
