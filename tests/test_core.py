@@ -268,3 +268,21 @@ def test_trainer_trains_a_network_with_blocks():
     for _ in range(40):
         last = trainer.step(x, y)
     assert last["loss"] < 0.6 * first and last["free_steps_mean"] > 1
+
+
+def test_gradient_check_has_an_absolute_floor():
+    """A fully saturated layer: both gradients are zero up to round-off and must agree."""
+    from toreq.diagnostics import gradient_check
+
+    torch.manual_seed(9)
+    model = EPMLP(5, [6, 4], 3, activation="hard_sigmoid", schedule="sync").double().eval()
+    with torch.no_grad():
+        model.layers[0].bias.fill_(50.0)  # the second hidden layer sits at 1, its slope 0
+    x, y = torch.rand(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    check = gradient_check(model, x, y, fd_entries=0, gdd_steps=0)
+    saturated = {t.name: t for t in check.tensors}["layers.0.bias"]
+    assert saturated.bptt.cosine == 1.0 and saturated.bptt.relative_error == 0.0
+    assert check.worst().relative_error <= 1e-6
+    # without the floor two round-off vectors look unrelated
+    assert compare(torch.tensor([1e-18, -2e-18]), torch.tensor([-3e-18, 1e-18])).cosine < 0
+    assert compare(torch.tensor([1e-18, -2e-18]), torch.tensor([-3e-18, 1e-18]), 1e-12).cosine == 1

@@ -42,9 +42,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toreq.dynamics import default_loss
 from toreq.estimators import BPTT, EqProp, Estimator, ImplicitDifferentiation
 from toreq.nn.block import EquilibriumBlock
 from toreq.nn.equilibrium import EquilibriumModel
@@ -57,6 +57,10 @@ __all__ = [
 ]
 
 METHODS = ("eqprop", "bptt", "implicit")
+# gradient_check's absolute floor: ROUND_OFF times the largest BPTT gradient norm of the model,
+# or STATE_ROUND_OFF machine epsilons over beta, whichever is larger
+ROUND_OFF = 1e-9
+STATE_ROUND_OFF = 1e3
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -65,7 +69,8 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 class Comparison:
     """How close an estimate ``a`` is to a reference ``b``.
 
-    ``cosine``: ``<a, b> / (|a| |b|)``; ``relative_error``: ``|a - b| / |b|``;
+    ``cosine``: ``<a, b> / (|a| |b|)``; ``relative_error``: ``|a - b| / |b|`` (see
+    :func:`compare` for the absolute floor);
     ``sign_agreement``: the share of entries where ``sign(a) == sign(b)``, entries below
     ``1e-6 max |b|`` in magnitude counting as 0.
     """
@@ -75,23 +80,32 @@ class Comparison:
     sign_agreement: float
 
 
-def compare(estimate: Tensor, reference: Tensor) -> Comparison:
-    """:class:`Comparison` of two tensors of the same shape."""
+def compare(estimate: Tensor, reference: Tensor, floor: float = 0.0) -> Comparison:
+    """:class:`Comparison` of two tensors of the same shape.
+
+    ``floor``: an absolute scale below which a norm is round-off. Where both ``|a|`` and ``|b|``
+    are at most ``floor`` the two agree (cosine 1, relative error 0), so that two gradients that
+    are zero up to round-off (a fully saturated layer) compare as equal rather than as
+    unrelated; otherwise the relative error is ``|a - b| / max(|b|, floor)``.
+    """
     a, b = estimate.detach().flatten().double(), reference.detach().flatten().double()
     if a.shape != b.shape:
         raise ValueError(f"compare needs tensors of one shape, got {tuple(estimate.shape)} and "
                          f"{tuple(reference.shape)}")
     na, nb = float(a.norm()), float(b.norm())
+    diff = float((a - b).norm())
+    if na <= floor and nb <= floor:  # both zero up to round-off
+        return Comparison(1.0, 0.0, 1.0)
     if na == 0.0 or nb == 0.0:
         cosine = 1.0 if na == nb else 0.0
     else:
         cosine = float(a @ b) / (na * nb)
-    diff = float((a - b).norm())
-    relative = diff / nb if nb > 0 else (0.0 if diff == 0 else math.inf)
-    floor = 1e-6 * float(b.abs().max()) if b.numel() else 0.0
+    scale = max(nb, floor)
+    relative = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+    sign_floor = max(1e-6 * float(b.abs().max()) if b.numel() else 0.0, floor)
 
     def sign(t: Tensor) -> Tensor:
-        return torch.where(t.abs() <= floor, torch.zeros_like(t), t.sign())
+        return torch.where(t.abs() <= sign_floor, torch.zeros_like(t), t.sign())
 
     agree = float((sign(a) == sign(b)).double().mean()) if b.numel() else 1.0
     return Comparison(cosine, relative, agree)
@@ -182,7 +196,7 @@ class _WithBlocks:
                     setattr(b, name, value)
 
     def _loss(self, output: Tensor, y: Tensor) -> Tensor:
-        return _default_loss(output, y) if self.loss_fn is None else self.loss_fn(output, y)
+        return default_loss(output, y) if self.loss_fn is None else self.loss_fn(output, y)
 
     def loss(self, x: Tensor, y: Tensor) -> float:
         with torch.no_grad(), self._configured(**self.common):
@@ -200,13 +214,6 @@ class _WithBlocks:
         with self._configured(**options):
             self._loss(self.model(x), y).backward()
         return _collect(self.model, x)
-
-
-def _default_loss(output: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy for integer labels, else ``1/2 |o - y|^2`` averaged over the batch."""
-    if y.is_floating_point():
-        return 0.5 * (output - y).pow(2).flatten(1).sum(dim=1).mean()
-    return F.cross_entropy(output, y)
 
 
 def _collect(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
@@ -367,7 +374,10 @@ def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, beta: float = 1e-4
         gdd_steps: the GDD curve for ``k = 1 .. gdd_steps`` (0: none).
 
     Returns:
-        :class:`GradientCheck`. The model is put in eval mode during the check (spectral
+        :class:`GradientCheck`. Every comparison has an absolute floor (see :func:`compare`):
+        ``max(ROUND_OFF * the largest BPTT gradient norm, STATE_ROUND_OFF * eps / beta)``, so
+        that a tensor whose gradients are zero up to round-off agrees with BPTT's zero. The
+        model is put in eval mode during the check (spectral
         normalisation then keeps one weight for every estimator) and restored after; its
         ``.grad`` s are overwritten.
     """
@@ -380,6 +390,12 @@ def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, beta: float = 1e-4
     model.eval()
     try:
         grads = {m: subject.gradients(x, y, m) for m in METHODS}
+        # round-off: relative to the whole model's gradient, and EqProp's own (one ulp of a
+        # state difference over beta). A tensor whose gradients are all below it (a fully
+        # saturated layer) agrees rather than scoring cosine 0.
+        eps = torch.finfo(next(iter(grads["bptt"].values())).dtype).eps
+        floor = max(ROUND_OFF * max(float(g.norm()) for g in grads["bptt"].values()),
+                    STATE_ROUND_OFF * eps / beta)
         tensors = []
         for name, ep in grads["eqprop"].items():
             bp, im = grads["bptt"][name], grads["implicit"][name]
@@ -389,8 +405,8 @@ def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, beta: float = 1e-4
                 fd = _finite_differences(subject, model, x, y, name, index, fd_eps)
                 fd_error = compare(ep.flatten()[index], fd).relative_error
                 entries = len(index)
-            tensors.append(TensorCheck(name, tuple(ep.shape), compare(ep, bp), compare(ep, im),
-                                       fd_error, entries))
+            tensors.append(TensorCheck(name, tuple(ep.shape), compare(ep, bp, floor),
+                                       compare(ep, im, floor), fd_error, entries))
         gdd = []
         for k in range(1, gdd_steps + 1):
             c = compare(_flat(subject.gradients(x, y, "eqprop", k)),
@@ -477,7 +493,7 @@ def steps_vs_difficulty(model: nn.Module, x: Tensor, y: Tensor, *, measure: str 
             block = blocks[0]
         elif all(block is not b for b in blocks):
             raise ValueError("block must be one of model's EquilibriumBlocks")
-        source, per_sample_loss = block, (_default_loss if loss_fn is None else loss_fn)
+        source, per_sample_loss = block, (default_loss if loss_fn is None else loss_fn)
     training = model.training
     model.eval()
     try:

@@ -40,7 +40,8 @@ from toreq.validation import check_choice
 
 __all__ = [
     "COSTS", "CellDynamics", "Cost", "CouplingDynamics", "CrossEntropy", "Dynamics", "FieldDynamics",
-    "MeanSquaredError", "Network", "Nudge", "OutputGradient", "PrimitiveDynamics", "get_cost",
+    "MeanSquaredError", "Network", "Nudge", "OutputGradient", "PrimitiveDynamics", "default_loss",
+    "get_cost",
 ]
 
 Pairs = list[tuple[Tensor, Tensor | None]]
@@ -113,6 +114,12 @@ class OutputGradient(Cost):
 
 
 COSTS: dict[str, Cost] = {c.name: c for c in (MeanSquaredError(), CrossEntropy(), OutputGradient())}
+
+
+def default_loss(output: Tensor, y: Tensor) -> Tensor:
+    """The loss of a module that has no cost of its own (a network with blocks): cross-entropy
+    for integer labels, else ``1/2 |o - y|^2``, averaged over the batch."""
+    return (COSTS["mse"] if y.is_floating_point() else COSTS["cross_entropy"]).loss(output, y)
 
 
 def get_cost(name: str) -> Cost:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from toreq.distributed import average_over_ranks, is_main_process, shard
+from toreq.dynamics import default_loss
 from toreq.errors import DivergenceError, TrainingDiverged
 from toreq.estimators import BPTT, EqProp, Estimator, get_estimator
 from toreq.nn import EquilibriumBlock, EquilibriumModel
@@ -88,7 +89,8 @@ class EqPropTrainer:
         estimator: an estimator name of :func:`toreq.estimators.estimator_names` or a
             :class:`toreq.estimators.Estimator` (default: EqProp from ``beta``, ``symmetric``
             and ``nudged_steps``).
-        loss_fn: for modules with blocks, ``loss_fn(model(x), y)`` (default cross-entropy).
+        loss_fn: for modules with blocks, ``loss_fn(model(x), y)`` (default
+            :func:`toreq.dynamics.default_loss`: cross-entropy for integer labels).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -136,7 +138,7 @@ class EqPropTrainer:
         model = self.model
         if not isinstance(model, EquilibriumModel):  # blocks: their backward is the estimator
             output = model(x)
-            loss = (nn.functional.cross_entropy(output, y) if self.loss_fn is None
+            loss = (default_loss(output, y) if self.loss_fn is None
                     else self.loss_fn(output, y))
             loss.backward()
             phases = {"free": RelaxResult([], self.blocks[0].last_steps,
