@@ -286,3 +286,139 @@ def test_gradient_check_has_an_absolute_floor():
     # without the floor two round-off vectors look unrelated
     assert compare(torch.tensor([1e-18, -2e-18]), torch.tensor([-3e-18, 1e-18])).cosine < 0
     assert compare(torch.tensor([1e-18, -2e-18]), torch.tensor([-3e-18, 1e-18]), 1e-12).cosine == 1
+
+
+# ---------------------------------------------------------------- the field's other estimators
+def _plain_relax(model, x, net, states, clamp=None, beta=0.0, rows=None, steps=3000):
+    """A hand-written relaxation of an EPMLP (sync schedule), independent of the solvers."""
+    s = [t.clone() for t in states]
+    weights = [layer.weight for layer in model.layers]
+    for _ in range(steps):
+        new = []
+        for l in range(len(s)):
+            pre = (net.drives[0] if l == 0 else net.drives[l].expand_as(s[l])).clone()
+            if l > 0:
+                pre = pre + s[l - 1] @ weights[l - 1].T
+            if l + 1 < len(s):
+                pre = pre + s[l + 1] @ weights[l]
+            if l == len(s) - 1 and beta:
+                pre = pre - beta * (s[l] - rows)
+            new.append(torch.tanh(pre))
+        if clamp is not None:
+            new[-1] = clamp
+        s = new
+    return [t.detach() for t in s]
+
+
+def _hebbian_reference(model, x, a, b, delta):
+    """-(1/(delta B)) (dPhi/dtheta(a) - dPhi/dtheta(b)) for an EPMLP, written out."""
+    batch = x.shape[0]
+    grads = {"input.weight": -((a[0] - b[0]).T @ x) / (delta * batch),
+             "input.bias": -(a[0] - b[0]).sum(0) / (delta * batch)}
+    for l in range(len(model.layers)):
+        grads[f"layers.{l}.weight"] = -(a[l + 1].T @ a[l] - b[l + 1].T @ b[l]) / (delta * batch)
+        grads[f"layers.{l}.bias"] = -(a[l + 1] - b[l + 1]).sum(0) / (delta * batch)
+    return grads
+
+
+@pytest.mark.parametrize("rule", ["cl", "cpl positive", "cpl negative", "cpl centered"])
+def test_clamping_estimators_match_a_hand_written_reference(rule):
+    from toreq.estimators import ContrastiveLearning, CoupledLearning
+
+    torch.manual_seed(10)
+    model = EPMLP(5, [6], 3, activation="tanh", schedule="sync").double()
+    x, y = torch.rand(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    rows = torch.nn.functional.one_hot(y, 3).double()
+    model.max_steps, model.tol = 3000, 0.0
+    net = model.network(x)
+    with torch.no_grad():
+        free = _plain_relax(model, x, net, model.init_states(x, net))
+        o, eta = free[-1], 0.3
+        if rule == "cl":
+            estimator, a, b, delta = ContrastiveLearning(), _plain_relax(model, x, net, free, rows), free, 1.0
+        else:
+            nudging = rule.split()[1]
+            estimator = CoupledLearning(eta, nudging)
+            plus = _plain_relax(model, x, net, free, o + eta * (rows - o))
+            minus = _plain_relax(model, x, net, free, o - eta * (rows - o))
+            a, b, delta = {"positive": (plus, free, eta), "negative": (free, minus, eta),
+                           "centered": (plus, minus, 2 * eta)}[nudging]
+        want = _hebbian_reference(model, x, a, b, delta)
+    model.zero_grad(set_to_none=True)
+    estimator.backward(model, x, y, model.network(x))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert not estimator.exact_for(model)
+
+
+def test_coupled_and_contrastive_learning_point_downhill_but_are_not_exact():
+    from toreq.estimators import ContrastiveLearning, CoupledLearning
+
+    torch.manual_seed(11)
+    model = EPMLP(5, [6], 3, activation="tanh", schedule="sync").double()
+    x, y = torch.rand(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    exact = torch.cat([g.flatten() for g in _gradients(model, x, y, ImplicitDifferentiation()).values()])
+    for estimator in (CoupledLearning(0.05, "centered"), CoupledLearning(0.5), ContrastiveLearning()):
+        got = torch.cat([g.flatten() for g in _gradients(model, x, y, estimator).values()])
+        c = compare(got, exact)
+        assert c.cosine > 0.9 and c.relative_error > 1e-3, (estimator, c)
+
+
+def test_holomorphic_eqprop_error_falls_with_the_points():
+    from toreq.estimators import HolomorphicEqProp
+
+    torch.manual_seed(0)
+    model = EPMLP(5, [6, 4], 3, activation="tanh", schedule="sync").double().eval()
+    x, y = torch.rand(4, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    exact = torch.cat([g.flatten() for g in _gradients(model, x, y, ImplicitDifferentiation()).values()])
+
+    def error(estimator):
+        got = torch.cat([g.flatten() for g in _gradients(model, x, y, estimator).values()])
+        return compare(got, exact).relative_error
+
+    errors = [error(HolomorphicEqProp(0.1, n)) for n in (2, 4, 6, 8)]
+    assert all(a > 3 * b for a, b in zip(errors, errors[1:])), errors  # about |beta|^N
+    assert errors[0] == pytest.approx(error(EqProp(0.1)), rel=1e-6)  # N = 2 is centered EqProp
+    assert errors[-1] < 1e-3 < error(EqProp(0.1))
+    assert error(HolomorphicEqProp(0.01, 4)) < 1e-5
+
+
+def test_holomorphic_eqprop_refuses_what_is_not_holomorphic():
+    from toreq.estimators import HolomorphicEqProp
+
+    x, y = torch.rand(4, 5), torch.tensor([0, 1, 2, 0])
+    hard = EPMLP(5, [6], 3)  # hard sigmoid
+    with pytest.raises(ValueError, match=r"holomorphic activation, one of \('tanh', 'sigmoid', "
+                                         r"'identity'\); got 'hard_sigmoid'"):
+        HolomorphicEqProp().backward(hard, x, y, hard.network(x))
+    modern = __import__("toreq.nn", fromlist=["ModernEqProp"]).ModernEqProp(5, 6, 3)
+    with pytest.raises(ValueError, match="needs dynamics with an energy"):
+        HolomorphicEqProp().backward(modern, x, y, modern.network(x))
+    with pytest.raises(ValueError, match="points must be an int >= 2"):
+        HolomorphicEqProp(0.1, 1)
+
+
+def test_clamping_needs_the_output_as_the_last_layer():
+    from toreq.estimators import ContrastiveLearning
+
+    model = LoopedMLP(5, 8, 3)
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="reads its output through a readout"):
+        ContrastiveLearning().backward(model, x, torch.tensor([0, 1, 2, 0]), model.network(x))
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("eqprop", {"beta": 0.2, "nudging": "negative"}), ("cl", {}), ("cpl", {"eta": 0.5}),
+    ("holomorphic", {"beta": 0.2, "points": 4}), ("implicit", {}), ("bptt", {"truncation": 10}),
+])
+def test_every_estimator_trains_through_the_trainer(name, settings):
+    torch.manual_seed(12)
+    x = torch.rand(64, 5)
+    y = (x[:, 0] > x[:, 1]).long()
+    model = EPMLP(5, [16], 2, activation="sigmoid", schedule="sync", max_steps=40)
+    trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=0.05),
+                            estimator=get_estimator(name, **settings))
+    first = trainer.step(x, y)
+    for _ in range(30):
+        last = trainer.step(x, y)
+    assert last["loss"] < first["loss"], (name, first["loss"], last["loss"])

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from toreq.ops import Coupling, RelaxResult, activate, hebbian_update, labels_to_rows, relax
-from toreq.ops import relax_step
+from toreq.ops.relax import relax_step, row_softmax
 from toreq.validation import check_choice
 
 __all__ = [
@@ -94,7 +94,7 @@ class CrossEntropy(Cost):
         return -(y * torch.log_softmax(output, dim=1)).sum(dim=1).mean()
 
     def error(self, output: Tensor, rows: Tensor) -> Tensor:
-        return torch.softmax(output, dim=1) - rows
+        return row_softmax(output) - rows
 
 
 class OutputGradient(Cost):
@@ -129,11 +129,19 @@ def get_cost(name: str) -> Cost:
 
 @dataclass(frozen=True)
 class Nudge:
-    """The output nudge of a phase: strength ``beta`` (signed) toward ``rows`` (target rows, or
-    the output gradient for :class:`OutputGradient`)."""
+    """What a phase does to the output: a nudge of strength ``beta`` (signed, or complex for
+    holomorphic EqProp) toward ``rows`` (target rows, or the output gradient for
+    :class:`OutputGradient`), or, with ``clamp``, the output state held at those rows
+    (contrastive and coupled learning; ``beta`` is then 0)."""
 
-    beta: float
+    beta: complex
     rows: Tensor
+    clamp: Tensor | None = None
+
+    @classmethod
+    def clamped(cls, rows: Tensor) -> Nudge:
+        """The output state clamped to ``rows``."""
+        return cls(0.0, rows, rows)
 
 
 # ------------------------------------------------------------------------------------ base
@@ -207,6 +215,16 @@ class Network:
     readout_bias: Tensor | None = None
     widths: list[int] = field(default_factory=list)
 
+    def to(self, dtype: torch.dtype) -> Network:
+        """The same network with every tensor cast to ``dtype`` (e.g. complex, for the complex
+        phases of holomorphic EqProp; the casts keep the autograd graph)."""
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype)
+
+        return Network([c._replace(weight=cast(c.weight)) for c in self.couplings],
+                       [cast(d) for d in self.drives], cast(self.readout_weight),
+                       cast(self.readout_bias), list(self.widths))
+
 
 class CouplingDynamics(Dynamics):
     """Layered or looped networks given as couplings (:class:`Network`), the op's dynamics.
@@ -225,11 +243,32 @@ class CouplingDynamics(Dynamics):
 
     def step(self, x: Tensor, states: list[Tensor], net: Network,
              nudge: Nudge | None = None) -> list[Tensor]:
+        if states[0].dtype != (net.couplings[0].weight.dtype if net.couplings else states[0].dtype):
+            net = net.to(states[0].dtype)  # complex states: one dtype for every tensor
         return relax_step(
             states, net.couplings, net.drives, activation=self.activation, damping=self.damping,
             schedule=self.schedule, beta=0.0 if nudge is None else nudge.beta,
             loss=self.cost.name, target=None if nudge is None else nudge.rows,
-            readout_weight=net.readout_weight, readout_bias=net.readout_bias)
+            readout_weight=net.readout_weight, readout_bias=net.readout_bias,
+            clamp=None if nudge is None else nudge.clamp)
+
+    def primitive(self, x: Tensor, states: list[Tensor], net: Network) -> Tensor:
+        """``Phi(x, s)`` summed over the batch, for networks with an energy (tied couplings, or
+        a symmetric self-coupling): ``sum_c <s_target, M_c s_source>`` over the forward
+        couplings (``1/2`` of it for a self-coupling) plus ``sum_l <d_l, s_l>``; its gradient in
+        ``s_l`` is the pre-activation of :meth:`step`. States may be complex: every tensor is
+        cast to their dtype, differentiably."""
+        dtype = states[0].dtype
+        phi = states[0].new_zeros(())
+        for c in net.couplings:
+            if c.transposed:
+                continue  # the same weight's forward coupling carries the term
+            term = (states[c.target] * (states[c.source] @ c.weight.to(dtype).T)).sum()
+            phi = phi + (0.5 * term if c.target == c.source else term)
+        for layer, drive in enumerate(net.drives):
+            if drive is not None:
+                phi = phi + (states[layer] * drive.to(dtype)).sum()
+        return phi
 
     def relax_with_op(self, x: Tensor, net: Network, states: list[Tensor], nudge: Nudge | None,
                       settings: Any) -> RelaxResult:
@@ -316,14 +355,19 @@ class FieldDynamics(Dynamics):
 
     def step(self, x: Tensor, states: list[Tensor], net: Any,
              nudge: Nudge | None = None) -> list[Tensor]:
+        clamp = None if nudge is None else nudge.clamp
+        if clamp is not None:
+            states = [*states[:-1], clamp]
         pres = self.field(x, states, net)
-        if nudge is not None:
+        if nudge is not None and clamp is None:
             pres = list(pres)
             pres[-1] = pres[-1] - nudge.beta * self.output_error(states[-1], nudge, net)
         new = [self.rho(p) for p in pres]
-        if self.damping == 0.0:
-            return new
-        return [torch.lerp(n, s, self.damping) for n, s in zip(new, states)]
+        if self.damping != 0.0:
+            new = [torch.lerp(n, s, self.damping) for n, s in zip(new, states)]
+        if clamp is not None:
+            new[-1] = clamp
+        return new
 
     def contrast(self, x: Tensor, net: Any, free: RelaxResult, nudged: RelaxResult,
                  reference: RelaxResult, beta: float) -> Pairs:

@@ -28,6 +28,7 @@ and returns an :class:`Estimate`. It declares whether it is exact for a dynamics
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,8 @@ from toreq.validation import (check_choice, check_nonnegative_float, check_posit
                               check_positive_int)
 
 __all__ = [
-    "BPTT", "EqProp", "Estimate", "Estimator", "ImplicitDifferentiation", "apply_contrast",
+    "BPTT", "ContrastiveLearning", "CoupledLearning", "EqProp", "Estimate", "Estimator",
+    "HolomorphicEqProp", "ImplicitDifferentiation", "apply_contrast",
     "estimator_names", "run_free_phase",
     "get_estimator", "nudged_tolerance", "register_estimator",
 ]
@@ -289,6 +291,183 @@ class BPTT(Estimator):
                         {"free": free_settings.tol if self.truncation else 0.0})
 
 
+def _clamp_target(model: Any, x: Tensor, y: Tensor, net: Any, free: RelaxResult) -> Tensor:
+    """Target rows for the output state, checked to be clampable: the last state must be the
+    output (no feedforward readout) and the cost an output-state cost."""
+    if getattr(net, "readout_weight", None) is not None:
+        raise ValueError(f"clamping the output needs a model whose last layer is the output; "
+                         f"{type(model).__name__} reads its output through a readout "
+                         "(use loss='mse' without a readout, e.g. EPMLP(loss='mse'))")
+    last = free.states[-1]
+    return model.cost.rows(y, last[0].numel(), last.dtype).view_as(last)
+
+
+class ContrastiveLearning(Estimator):
+    """Contrastive learning (contrastive Hebbian learning; Movellan 1991).
+
+    The free phase, then a phase from it with the output units clamped to the target ``t``;
+    for descent ``-(1/B) (dPhi/dtheta(s^clamped) - dPhi/dtheta(s^free))`` (the dynamics'
+    ``contrast`` with ``delta = 1``). Not the gradient of the loss in general
+    (``exact_for`` is False): it follows the difference of the two equilibria's energies.
+    Needs a model whose last layer is the output (no readout).
+    """
+
+    name = "cl"
+
+    def exact_for(self, dynamics: Any) -> bool:
+        return False
+
+    def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
+        free_settings = model.free_settings if free_settings is None else free_settings
+        if free is None:
+            free = run_free_phase(model, x, net, free_settings)
+        target = _clamp_target(model, x, y, net, free)
+        clamped = model.solve(x, net, free.states, Nudge.clamped(target), model.nudged_settings,
+                              phase="clamped")
+        loss, output = apply_contrast(model, x, y, net, free, clamped, free, 1.0)
+        return Estimate(loss, output, {"free": free, "clamped": clamped},
+                        {"free": free_settings.tol, "clamped": model.nudged_settings.tol})
+
+
+class CoupledLearning(Estimator):
+    """Coupled learning (Stern et al. 2021).
+
+    The contrasted phase clamps the output units to ``o + eta (t - o)`` (``o`` the free
+    output, ``t`` the target; ``"negative"``: ``o - eta (t - o)``; ``"centered"``: both);
+    for descent ``-(1/(delta B)) (dPhi/dtheta(s^a) - dPhi/dtheta(s^b))`` with ``s^a`` the more
+    positively clamped phase and ``delta`` = ``eta`` (``2 eta`` centered). Not exact
+    (``exact_for`` is False): the output state is moved toward the target rather than pushed
+    by the loss's gradient, so the hidden layers respond to the output's displacement alone and
+    the estimate tends, as ``eta -> 0``, to a direction close to the gradient's but not equal to
+    it. Needs a model whose last layer is the output.
+
+    Args:
+        eta: the clamping's step toward the target, in ``(0, 1]``.
+        nudging: ``"positive"`` (default), ``"negative"`` or ``"centered"``.
+    """
+
+    name = "cpl"
+    NUDGINGS = ("positive", "negative", "centered")
+
+    def __init__(self, eta: float = 0.5, nudging: str = "positive") -> None:
+        self.eta = check_positive_float("eta", eta)
+        if self.eta > 1:
+            raise ValueError(f"eta must be in (0, 1], got {eta!r}")
+        self.nudging = check_choice("nudging", nudging, self.NUDGINGS)
+
+    def settings(self) -> dict[str, Any]:
+        return {"eta": self.eta, "nudging": self.nudging}
+
+    def exact_for(self, dynamics: Any) -> bool:
+        return False
+
+    def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
+        free_settings = model.free_settings if free_settings is None else free_settings
+        if free is None:
+            free = run_free_phase(model, x, net, free_settings)
+        target = _clamp_target(model, x, y, net, free)
+        output = free.states[-1]
+        run: dict[str, RelaxResult] = {}
+        for name, sign in (("positive", 1.0), ("negative", -1.0)):
+            if self.nudging in (name, "centered"):
+                clamp = output + sign * self.eta * (target - output)
+                run[name] = model.solve(x, net, free.states, Nudge.clamped(clamp),
+                                        model.nudged_settings, phase=name)
+        a, b = run.get("positive", free), run.get("negative", free)
+        delta = 2 * self.eta if self.nudging == "centered" else self.eta
+        loss, out = apply_contrast(model, x, y, net, free, a, b, delta)
+        return Estimate(loss, out, {"free": free, **run},
+                        {"free": free_settings.tol, **{n: model.nudged_settings.tol for n in run}})
+
+
+class HolomorphicEqProp(Estimator):
+    """Holomorphic EqProp (Laborieux & Zenke 2022): exact gradients at finite beta.
+
+    ``N`` nudged phases from the free equilibrium with complex strengths
+    ``beta_k = |beta| e^{2 pi i k / N}``, ``k = 0 .. N-1`` (complex states); the gradient is the
+    first Fourier coefficient of the phases' ``dPhi/dtheta``, for descent
+
+    .. math::  g_\theta = -\frac{1}{B N |\beta|}\,
+               \mathrm{Re} \sum_k e^{-2\pi i k/N}\, \frac{\partial \Phi}{\partial \theta}(s^{\beta_k}),
+
+    taken by one backward pass through ``Re sum_k e^{-2 pi i k/N} Phi(theta; s^{beta_k})`` at the
+    detached states; a readout gets the loss's gradient at the free equilibrium. Its error
+    against the gradient falls like ``|beta|^N`` (the Cauchy integral of ``dPhi/dtheta(s^beta)``
+    sampled at ``N`` points), where the dynamics is holomorphic in the states: a primitive
+    ``Phi`` (tied couplings) and a holomorphic activation (``tanh``, ``sigmoid``, ``identity``;
+    the hard sigmoid is refused). The phases run on the Python solver (the op has no complex
+    kernels).
+
+    Args:
+        beta: ``|beta|``, the radius of the circle of strengths, ``> 0``.
+        points: ``N >= 2``, the strengths sampled on the circle.
+        nudged_steps: each phase's step cap (None: the model's ``nudged_steps``).
+    """
+
+    name = "holomorphic"
+    ACTIVATIONS = ("tanh", "sigmoid", "identity")
+
+    def __init__(self, beta: float = 0.1, points: int = 4,
+                 nudged_steps: int | None = None) -> None:
+        self.beta = check_positive_float("beta", beta)
+        self.points = check_positive_int("points", points)
+        if self.points < 2:
+            raise ValueError(f"points must be an int >= 2, got {points!r}")
+        self.nudged_steps = check_positive_int("nudged_steps", nudged_steps, allow_none=True)
+
+    def settings(self) -> dict[str, Any]:
+        return {"beta": self.beta, "points": self.points, "nudged_steps": self.nudged_steps}
+
+    def exact_for(self, dynamics: Any) -> bool:
+        return getattr(dynamics, "gradient_regime", "approximate") == "exact"
+
+    def check(self, model: Any) -> None:
+        """Refuses dynamics that are not holomorphic, naming what is allowed."""
+        if not hasattr(model, "primitive") or not self.exact_for(model):
+            raise ValueError(f"holomorphic EqProp needs dynamics with an energy (a primitive "
+                             f"Phi and gradient_regime 'exact'); {type(model).__name__} has "
+                             "none")
+        if not hasattr(model, "relax_with_op"):
+            raise ValueError(f"holomorphic EqProp runs on coupling-list dynamics (tied "
+                             f"networks, e.g. EPMLP, LoopedMLP); {type(model).__name__}'s step "
+                             "is not holomorphic (pooling, normalisation)")
+        activation = getattr(model, "activation", None)
+        if activation not in self.ACTIVATIONS:
+            raise ValueError(f"holomorphic EqProp needs a holomorphic activation, one of "
+                             f"{self.ACTIVATIONS}; got {activation!r}")
+
+    def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
+        self.check(model)
+        free_settings = model.free_settings if free_settings is None else free_settings
+        if free is None:
+            free = run_free_phase(model, x, net, free_settings)
+        real = free.states[0].dtype
+        dtype = torch.complex128 if real == torch.float64 else torch.complex64
+        start = [s.to(dtype) for s in free.states]
+        cap = model.nudged_settings.max_steps if self.nudged_steps is None else self.nudged_steps
+        settings = PhaseSettings(cap, nudged_tolerance(model.nudged_settings.tol, self.beta, real))
+        surrogate = None
+        run: dict[str, RelaxResult] = {}
+        for k in range(self.points):
+            angle = 2 * math.pi * k / self.points
+            beta_k = self.beta * complex(math.cos(angle), math.sin(angle))
+            phase = model.solve(x, net, start, model.nudge(beta_k, y, x, net, start), settings,
+                                phase=f"holomorphic {k}")
+            run[f"holomorphic {k}"] = phase
+            weight = complex(math.cos(angle), -math.sin(angle))
+            term = weight * model.primitive(x, [s.detach() for s in phase.states], net)
+            surrogate = term if surrogate is None else surrogate + term
+        scale = -1.0 / (x.shape[0] * self.points * self.beta)
+        output = model.output([s.detach() for s in free.states], net)
+        loss = model.loss(output, y)
+        pairs = [(t, g) for t, g in ((scale * surrogate.real, None), (loss, None))
+                 if t.requires_grad]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs])
+        return Estimate(loss.detach(), output.detach(), {"free": free, **run},
+                        {"free": free_settings.tol, **{n: settings.tol for n in run}})
+
+
 _REGISTRY: dict[str, Callable[..., Estimator]] = {}
 
 
@@ -318,5 +497,6 @@ def get_estimator(estimator: str | Estimator, **settings: Any) -> Estimator:
     return _REGISTRY[estimator](**settings)
 
 
-for _estimator in (EqProp, ImplicitDifferentiation, BPTT):
+for _estimator in (EqProp, ImplicitDifferentiation, BPTT, ContrastiveLearning, CoupledLearning,
+                   HolomorphicEqProp):
     register_estimator(_estimator.name, _estimator)

@@ -180,16 +180,17 @@ class EqPropTrainer:
             if loss is not None:
                 with torch.no_grad():
                     free = phases["free"]
-                    nudged = [r for name, r in phases.items() if name in ("positive", "negative")]
+                    # every contrasted phase (nudged, clamped, holomorphic) besides the free one
+                    nudged_names = [n for n in phases if n not in ("free", "adjoint", "bptt")]
+                    nudged = [phases[n] for n in nudged_names]
                     correct = output.argmax(dim=1) == y
                     nudged_steps = (torch.stack([r.steps for r in nudged]).double().mean(0).sum()
                                     if nudged else free.steps.new_zeros(()))
                     unconverged = (~free.converged(tols["free"])).sum() if tols["free"] > 0 \
                         else free.steps.new_zeros(())
                     nudged_unconverged = sum(
-                        ((~r.converged(tols[name])).sum() if tols[name] > 0
-                         else r.steps.new_zeros(()))
-                        for name, r in phases.items() if name in ("positive", "negative"))
+                        ((~phases[n].converged(tols[n])).sum() if tols[n] > 0
+                         else phases[n].steps.new_zeros(())) for n in nudged_names)
                     sums = torch.stack([loss.double() * batch, correct.sum(), free.steps.sum(),
                                         nudged_steps, unconverged,
                                         torch.as_tensor(nudged_unconverged)]).double()

@@ -298,8 +298,13 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
              nudge: Nudge | None = None) -> list[Tensor]:
         s = list(states)
         n = len(s)
+        clamp = None if nudge is None else nudge.clamp
+        if clamp is not None:  # the output layer is held; every other layer sees it
+            s[-1] = clamp.view_as(s[-1])
         groups = ([list(range(n))] if self.schedule == "sync"
                   else [list(range(0, n, 2)), list(range(1, n, 2))])
+        if clamp is not None:
+            groups = [[layer for layer in group if layer != n - 1] for group in groups]
         for group in groups:
             # bottom-up inputs (and argmaxes) from the group's starting states, each computed
             # once: layer l needs its own and, for the feedback it receives, layer l+1's argmax
@@ -316,7 +321,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                 if layer + 1 < n:
                     argmax = from_below(layer + 1)[1] if layer + 1 < len(self.convs) else None
                     pre = pre + self._top_down(layer, s, argmax, net)
-                if layer == n - 1 and nudge is not None:
+                if layer == n - 1 and nudge is not None and clamp is None:
                     pre = pre - nudge.beta * self.output_error(s[layer], nudge, net)
                 pres[layer] = pre
             for layer in group:

@@ -112,7 +112,8 @@ def iterate(
         batch = like.shape[0]
         active = torch.ones(batch, dtype=torch.bool, device=like.device)
         steps = torch.zeros(batch, dtype=torch.long, device=like.device)
-        residual = torch.full((batch,), float("inf"), dtype=like.dtype, device=like.device)
+        real = like.real.dtype  # complex states (holomorphic EqProp) have real changes
+        residual = torch.full((batch,), float("inf"), dtype=real, device=like.device)
         everyone = True  # every sample still relaxing: no masking needed
         for k in range(1, max_steps + 1):
             out = list(step(s))
@@ -124,7 +125,7 @@ def iterate(
                         f"{what}: the step returned shape {tuple(o.shape)} for a state of shape "
                         f"{tuple(t.shape)} (layer {layer}); the step must keep every shape")
             plain = out
-            change = torch.zeros(batch, dtype=like.dtype, device=like.device)
+            change = torch.zeros(batch, dtype=real, device=like.device)
             for t, p in zip(s, plain):
                 if t.shape[1:].numel() > 0:  # a layer of width 0 has nothing to compare
                     change = torch.maximum(change, (p - t).detach().flatten(1).abs().amax(dim=1))
@@ -144,7 +145,7 @@ def iterate(
                 s = [torch.where(_per_sample(active, t), n, t) for t, n in zip(s, new)]
             else:
                 s = new
-            residual = torch.where(active, change.to(residual.dtype), residual)
+            residual = torch.where(active, change, residual)
             steps = torch.where(active, torch.full_like(steps, k), steps)
             active = active & ~converging
             if not static:

@@ -66,7 +66,7 @@ from toreq.ops.iteration import RelaxResult, iterate
 
 __all__ = [
     "ACTIVATIONS", "Coupling", "RelaxResult", "activate", "iterate_per_sample", "labels_to_rows",
-    "layered_couplings", "relax", "relax_reference", "relax_step",
+    "layered_couplings", "relax", "relax_reference", "relax_step", "row_softmax",
 ]
 
 # The activations the op's kernels implement; ``activate`` also takes "identity" (a linear
@@ -203,6 +203,15 @@ def _no_grad(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
+def row_softmax(x: Tensor) -> Tensor:
+    """``softmax`` over dim 1, also for complex rows (where torch has no kernel): softmax is
+    holomorphic, and shifting by the rows' largest real part keeps it finite."""
+    if not x.is_complex():
+        return torch.softmax(x, dim=1)
+    e = torch.exp(x - x.real.amax(dim=1, keepdim=True))
+    return e / e.sum(dim=1, keepdim=True)
+
+
 def activate(name: str, x: Tensor) -> Tensor:
     """``rho(x)`` for an activation's name: the op's activations and ``"identity"``."""
     if name == "hard_sigmoid":
@@ -229,15 +238,22 @@ def relax_step(
     target: Tensor | None = None,
     readout_weight: Tensor | None = None,
     readout_bias: Tensor | None = None,
+    clamp: Tensor | None = None,
 ) -> list[Tensor]:
     """One step of the dynamics of :func:`relax` for every sample, differentiable.
 
     This is the map ``s <- F(s)`` whose fixed point :func:`relax` finds: plain PyTorch, so
     autograd can unroll it (backprop through time, the baseline EqProp is compared with) and
     take vector-Jacobian products of it. ``target`` must be rows, not class labels.
+
+    ``clamp`` (Python only, not an op argument): the last layer's state is held at these rows
+    (the clamped phases of contrastive and coupled learning); every other layer sees it. States,
+    weights and drives may be complex (holomorphic EqProp), all of one dtype.
     """
     s = list(states)
     num_layers = len(s)
+    if clamp is not None:
+        s[-1] = clamp
     drives = list(drives or [None] * num_layers)
     if schedule == "sync":
         groups = [list(range(num_layers))]
@@ -259,13 +275,14 @@ def relax_step(
             if readout_bias is not None:
                 out = out + readout_bias
         if loss == "cross_entropy":
-            out = torch.softmax(out, dim=1)
+            out = row_softmax(out)
         error = out - target
         if readout_weight is not None:
             error = error @ readout_weight
         return pre - beta * error
 
     for group in groups:
+        group = [layer for layer in group if clamp is None or layer != num_layers - 1]
         pres = {layer: preactivation(layer) for layer in group}
         for layer in group:
             s[layer] = damping * s[layer] + (1.0 - damping) * activate(activation, pres[layer])
