@@ -43,3 +43,27 @@ def test_the_readme_holds_every_benchmark_block_filled():
         assert start in readme and end in readme, name
         block = readme.split(start, 1)[1].split(end, 1)[0]
         assert f"benchmarks/{name}.py" in block and "|---" in block, name
+
+
+def test_estimators_benchmark_measures_gradient_quality(tmp_path):
+    """The quick gradient part: centered EqProp tight at small beta, holomorphic EqProp's error
+    falling with N, one-sided nudging O(beta)."""
+    import json
+    import runpy
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        main = runpy.run_path(str(ROOT / "benchmarks" / "estimators.py"))["main"]
+        assert main(["--quick", "--parts", "gradients", "--out", str(tmp_path)]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = json.loads((tmp_path / "estimators.json").read_text())["gradients"]
+
+    def error(rule, value):
+        return next(r["relative_error"] for r in rows if r["rule"] == rule and r["value"] == value)
+
+    assert error("EqProp centered", 1e-4) < 1e-7
+    assert error("EqProp positive", 1e-2) > 50 * error("EqProp positive", 1e-4)  # O(beta)
+    holo = [error("holomorphic, radius 0.1", n) for n in (2, 4, 8)]
+    assert holo[0] > holo[1] > holo[2] and holo[2] < 1e-8
+    assert (tmp_path / "estimators.md").read_text().count("| EqProp centered |") == 3

@@ -1,0 +1,231 @@
+"""The field's learning rules on one network: gradient quality and learning.
+
+    python benchmarks/estimators.py [--quick] [--parts gradients learning] [--seeds 3]
+                                    [--epochs 5] [--threads N] [--out results/estimators]
+
+1. **Gradient quality**: on one fixed tied network in float64 (a deep Hopfield network
+   20-16-12-5, sigmoid, squared error, synchronous schedule, 8 samples), every estimator's
+   gradient of the loss at the free equilibrium against BPTT's (unrolled from rest, far past
+   convergence): cosine and relative error, for beta (or eta) from 1e-4 to 1, holomorphic
+   EqProp for N = 2 .. 12 points on circles of radius |beta| = 0.1 and 0.5, truncated BPTT for
+   K steps.
+2. **Learning**: MNIST and Fashion-MNIST test accuracy of a deep Hopfield network with one
+   hidden layer of 1024 units (the comparative study's shape, Scellier et al. 2023) and one with
+   two hidden layers of 512, trained by each algorithm with the same budget (epochs, batches,
+   AdamW, step caps), over seeds: mean ± std and seconds per epoch.
+
+``--quick``: the gradient part at fewer settings, and the learning part on 2,000 training and
+1,000 test images, one epoch, one seed, the one-hidden-layer network: it checks that
+everything runs; its accuracies are not the figures of the full run. Writes
+``estimators.json``, ``estimators.md`` and (with matplotlib) ``estimators.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from machine import machine_info, write_results
+from toreq.data import load_classification
+from toreq.diagnostics import compare
+from toreq.estimators import (BPTT, ContrastiveLearning, CoupledLearning, EqProp,
+                              HolomorphicEqProp, ImplicitDifferentiation)
+from toreq.nn import EPMLP
+from toreq.train import EqPropTrainer, evaluate
+
+
+def gradient_network() -> tuple[EPMLP, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = EPMLP(20, [16, 12], 5, activation="sigmoid", schedule="sync").double().eval()
+    with torch.no_grad():  # weights large enough that the layers interact
+        for layer in [model.input, *model.layers]:
+            layer.weight.mul_(2.0)
+    x = torch.rand(8, 20, dtype=torch.float64)
+    y = torch.randint(0, 5, (8,))
+    return model, x, y
+
+
+def gradient_of(model: EPMLP, x, y, estimator) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    model.max_steps, model.tol, model.nudged_steps = 20000, 1e-14, None
+    estimator.backward(model, x, y, model.network(x))
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def gradient_quality(quick: bool) -> list[dict]:
+    model, x, y = gradient_network()
+    reference = gradient_of(model, x, y, BPTT(steps=2000))
+    strengths = [1e-4, 1e-2, 1.0] if quick else [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]
+    rows = []
+
+    def add(rule: str, setting: str, value: float, estimator) -> None:
+        c = compare(gradient_of(model, x, y, estimator), reference)
+        rows.append({"rule": rule, "setting": setting, "value": value, "cosine": c.cosine,
+                     "relative_error": c.relative_error})
+
+    for nudging in EqProp.NUDGINGS:
+        for beta in strengths:
+            add(f"EqProp {nudging}", "beta", beta, EqProp(beta, nudging))
+    for nudging in CoupledLearning.NUDGINGS:
+        for eta in strengths:
+            add(f"CpL {nudging}", "eta", eta, CoupledLearning(eta, nudging))
+    add("CL", "-", math.nan, ContrastiveLearning())
+    for radius in (0.1, 0.5):
+        for points in ([2, 4, 8] if quick else [2, 3, 4, 6, 8, 10, 12]):
+            add(f"holomorphic, radius {radius:g}", "N", points, HolomorphicEqProp(radius, points))
+    add("implicit (RBP)", "-", math.nan, ImplicitDifferentiation())
+    for k in ([5, 50] if quick else [2, 5, 10, 20, 50, 100]):
+        add("truncated BPTT", "K", k, BPTT(truncation=k))
+    return rows
+
+
+ALGORITHMS = {  # name: estimator factory (the same budget for all; see learning())
+    "EqProp positive": lambda: EqProp(0.5, "positive"),
+    "EqProp negative": lambda: EqProp(0.5, "negative"),
+    "EqProp centered": lambda: EqProp(0.5, "centered"),
+    "CL": ContrastiveLearning,
+    "CpL positive": lambda: CoupledLearning(0.5, "positive"),
+    "CpL centered": lambda: CoupledLearning(0.5, "centered"),
+    "holomorphic N=4": lambda: HolomorphicEqProp(0.5, 4),
+    "implicit (RBP)": ImplicitDifferentiation,
+    "truncated BPTT (K=10)": lambda: BPTT(truncation=10),
+}
+NETWORKS = {"DHN 784-1024-10": [1024], "DHN 784-512-512-10": [512, 512]}
+
+
+def learning(quick: bool, seeds: int, epochs: int, data_dir: str | None) -> list[dict]:
+    rows = []
+    networks = dict(list(NETWORKS.items())[:1]) if quick else NETWORKS
+    for dataset in ("mnist", "fashion_mnist"):
+        data = load_classification(dataset, root=data_dir)
+        x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+        if quick:
+            x_train, y_train, x_test, y_test = x_train[:2000], y_train[:2000], x_test[:1000], y_test[:1000]
+        for network, hidden in networks.items():
+            for name, make in ALGORITHMS.items():
+                runs = []
+                for seed in range(seeds):
+                    torch.manual_seed(seed)
+                    model = EPMLP(data.input_dim, hidden, data.num_classes, activation="sigmoid",
+                                  loss="mse", schedule="async", max_steps=30, tol=1e-4)
+                    model.nudged_steps = 10
+                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+                    trainer = EqPropTrainer(model, optimizer, free_steps=30, estimator=make())
+                    order = torch.Generator().manual_seed(seed)
+                    started = time.perf_counter()
+                    for _ in range(epochs):
+                        perm = torch.randperm(x_train.shape[0], generator=order)
+                        for i in range(0, x_train.shape[0], 128):
+                            idx = perm[i:i + 128]
+                            trainer.step(x_train[idx], y_train[idx])
+                    seconds = (time.perf_counter() - started) / epochs
+                    accuracy = evaluate(model, x_test, y_test)["accuracy"]
+                    runs.append({"seed": seed, "test_accuracy": accuracy,
+                                 "seconds_per_epoch": seconds})
+                    print(f"{dataset} {network} {name} seed {seed}: {100 * accuracy:.2f}% "
+                          f"({seconds:.1f} s/epoch)", file=sys.stderr, flush=True)
+                accs = [r["test_accuracy"] for r in runs]
+                rows.append({"dataset": dataset, "network": network, "algorithm": name,
+                             "mean": statistics.fmean(accs),
+                             "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                             "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"]
+                                                                   for r in runs),
+                             "runs": runs})
+    return rows
+
+
+def markdown(record: dict) -> str:
+    info = record["machine"]
+    out = [f"`{record['command']}` on {info['date']} ({record['mode']}, {record['seconds']:.0f} s)."
+           f" CPU {info['cpu_model']} ({info['logical_cpus']} logical CPUs); torch "
+           f"{info['torch']}; torch.set_num_threads({info['threads']}).", ""]
+    if record.get("gradients"):
+        out += ["#### Gradient quality against BPTT", "",
+                "Deep Hopfield network 20-16-12-5 (sigmoid, squared error, synchronous), "
+                "float64, 8 samples; every phase relaxed to 1e-14.", "",
+                "| rule | setting | value | cosine | relative error |", "|---|---|---:|---:|---:|"]
+        for r in record["gradients"]:
+            value = "-" if math.isnan(r["value"]) else f"{r['value']:g}"
+            out.append(f"| {r['rule']} | {r['setting']} | {value} | {r['cosine']:.6f} | "
+                       f"{r['relative_error']:.2e} |")
+        out.append("")
+    if record.get("learning"):
+        out += ["#### Learning (test accuracy)", "",
+                f"{record['epochs']} epoch(s), batch 128, AdamW lr 1e-3, sigmoid, squared error, "
+                "async schedule, free/nudged caps 30/10, tol 1e-4; beta 0.5, eta 0.5; "
+                f"{record['seeds']} seed(s){' on 2,000/1,000 images' if record['mode'] == 'quick' else ''}.",
+                "", "| data | network | algorithm | test accuracy | s / epoch |",
+                "|---|---|---|---:|---:|"]
+        for r in record["learning"]:
+            out.append(f"| {r['dataset']} | {r['network']} | {r['algorithm']} | "
+                       f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}% | "
+                       f"{r['seconds_per_epoch']:.1f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(record: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    rows = record.get("gradients") or []
+    if not rows:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for rule in dict.fromkeys(r["rule"] for r in rows):
+        points = [r for r in rows if r["rule"] == rule and r["setting"] in ("beta", "eta")]
+        if points:
+            left.loglog([r["value"] for r in points], [r["relative_error"] for r in points],
+                        marker="o", label=rule)
+        holo = [r for r in rows if r["rule"] == rule and r["setting"] == "N"]
+        if holo:
+            right.semilogy([r["value"] for r in holo], [r["relative_error"] for r in holo],
+                           marker="o", label=rule)
+    left.set(xlabel="beta or eta", ylabel="relative error against BPTT")
+    right.set(xlabel="N (points on the circle)", ylabel="relative error against BPTT")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run that checks everything")
+    parser.add_argument("--parts", nargs="+", choices=("gradients", "learning"),
+                        default=["gradients", "learning"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="results/estimators")
+    args = parser.parse_args(argv)
+    default_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds, epochs = (1, 1) if args.quick else (args.seeds, args.epochs)
+    started = time.perf_counter()
+    record = {"command": "python benchmarks/estimators.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "mode": "quick" if args.quick else "full", "seeds": seeds, "epochs": epochs,
+              "machine": machine_info(torch.device("cpu"), torch.get_num_threads(), default_threads)}
+    if "gradients" in args.parts:
+        record["gradients"] = gradient_quality(args.quick)
+    if "learning" in args.parts:
+        record["learning"] = learning(args.quick, seeds, epochs, args.data_dir)
+    record["seconds"] = time.perf_counter() - started
+    write_results(args.out, "estimators", record, markdown(record))
+    plot(record, f"{args.out}/estimators.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
