@@ -422,3 +422,21 @@ def test_every_estimator_trains_through_the_trainer(name, settings):
     for _ in range(30):
         last = trainer.step(x, y)
     assert last["loss"] < first["loss"], (name, first["loss"], last["loss"])
+
+
+def test_the_trainer_keeps_a_given_estimators_beta():
+    torch.manual_seed(13)
+    model = LoopedMLP(5, 8, 3)
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                            estimator=EqProp(0.2, "positive"))
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    assert trainer.step(x, y)["beta"] == 0.2
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    EqProp(0.2, "positive").backward(model, x, y, model.network(x),
+                                     free_settings=PhaseSettings(model.max_steps, model.tol))
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    scheduled = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                              estimator=EqProp(0.2), beta_schedule=lambda step: 0.05)
+    assert scheduled.step(x, y)["beta"] == 0.05

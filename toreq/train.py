@@ -46,7 +46,7 @@ def _diverged(what: str, trainer: Any) -> TrainingDiverged:
     lrs = sorted({group["lr"] for group in trainer.optimizer.param_groups if "lr" in group})
     hints = ["lower the learning rate" + (f" (now {', '.join(map(str, lrs))})" if lrs else "")]
     if isinstance(trainer, EqPropTrainer) and isinstance(trainer.estimator, EqProp):
-        hints += [f"lower beta (now {trainer.beta})" if trainer.beta_schedule is None
+        hints += [f"lower beta (now {trainer.estimator.beta})" if trainer.beta_schedule is None
                   else "lower the betas of beta_schedule", "raise damping (e.g. 0.5)",
                   "keep spectral normalisation on (spectral_norm=True)"]
     return TrainingDiverged(f"training diverged: {what}. To fix it: " + "; ".join(hints) + ".")
@@ -70,7 +70,7 @@ class EqPropTrainer:
             ``loss_fn``).
         optimizer: any ``torch.optim`` optimizer over ``model.parameters()``.
         beta: nudging strength of the default EqProp estimator (fixed by default; the earlier
-            prototype found annealing it unstable).
+            prototype found annealing it unstable); a given ``estimator`` keeps its own.
         free_steps: the free phase's step cap (``None``: the model's ``max_steps``).
         nudged_steps: each nudged phase's step cap.
         symmetric: the default estimator's nudging: centered (``+beta`` against ``-beta``, bias
@@ -78,7 +78,8 @@ class EqPropTrainer:
         tol: overrides the model's relaxation tolerance when given.
         damping: overrides the model's damping when given.
         loss: override the model's loss (``"cross_entropy"`` or ``"mse"``) when given.
-        beta_schedule: optional ``step -> beta`` function (e.g. for annealing studies).
+        beta_schedule: optional ``step -> beta`` function (e.g. for annealing studies); it
+            overrides the estimator's beta at every step.
         max_loss_ratio: a step whose loss exceeds this multiple of ``max(1, first step's loss)``
             raises :class:`TrainingDiverged` (a blow-up that has not reached Inf yet, e.g. a
             learning rate far too large); None turns the check off.
@@ -133,7 +134,8 @@ class EqPropTrainer:
         self.steps_done = 0
         self._first_loss: float | None = None
 
-    def _phases(self, x: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tensor, dict, dict]:
+    def _phases(self, x: Tensor, y: Tensor,
+                beta: float | None) -> tuple[Tensor, Tensor, dict, dict]:
         """The estimator's phases and gradients: ``(loss, output, phases, tolerances)``."""
         model = self.model
         if not isinstance(model, EquilibriumModel):  # blocks: their backward is the estimator
@@ -166,8 +168,10 @@ class EqPropTrainer:
         """
         model, group = self.model, self.process_group
         model.train()
-        beta = self.beta if self.beta_schedule is None else self.beta_schedule(self.steps_done)
-        if x.is_floating_point() and not abs(beta) <= torch.finfo(x.dtype).max:
+        # the schedule's beta, else the estimator's own (None: estimators without one)
+        scheduled = None if self.beta_schedule is None else self.beta_schedule(self.steps_done)
+        beta = getattr(self.estimator, "beta", None) if scheduled is None else scheduled
+        if beta is not None and x.is_floating_point() and not abs(beta) <= torch.finfo(x.dtype).max:
             raise _diverged(f"beta = {beta} overflows {x.dtype}, so the nudge cannot be "
                             "represented", self)
         batch, failure, free = x.shape[0], None, None
@@ -176,7 +180,7 @@ class EqPropTrainer:
         sums = torch.zeros(6, dtype=torch.float64, device=x.device)
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            loss, output, phases, tols = self._phases(x, y, beta)
+            loss, output, phases, tols = self._phases(x, y, scheduled)
             if loss is not None:
                 with torch.no_grad():
                     free = phases["free"]
@@ -251,7 +255,7 @@ class EqPropTrainer:
             "nudged_steps_mean": nudged_sum / total,
             "unconverged": unconverged_sum / total,
             "nudged_unconverged": nudged_unconverged_sum / total,
-            "beta": beta,
+            "beta": math.nan if beta is None else beta,
         }
 
 
