@@ -67,3 +67,19 @@ def test_estimators_benchmark_measures_gradient_quality(tmp_path):
     holo = [error("holomorphic, radius 0.1", n) for n in (2, 4, 8)]
     assert holo[0] > holo[1] > holo[2] and holo[2] < 1e-8
     assert (tmp_path / "estimators.md").read_text().count("| EqProp centered |") == 3
+
+
+def test_train_step_benchmarks_plain_reference_gives_toreqs_gradients():
+    """The hand-written step the training-step benchmark compares with computes toreq's
+    gradients (float32 round-off), for every configuration that has one."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for config in train_step.configs(quick=True):
+        torch.manual_seed(1)
+        x, y = torch.rand(6, config.input_dim), torch.randint(0, 10, (6,))
+        assert train_step.plain_matches(config, x, y) < 1e-4, config.name
