@@ -440,3 +440,24 @@ def test_the_trainer_keeps_a_given_estimators_beta():
     scheduled = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
                               estimator=EqProp(0.2), beta_schedule=lambda step: 0.05)
     assert scheduled.step(x, y)["beta"] == 0.05
+
+
+def test_the_finite_checks_stop_nan_and_inf_but_not_large_finite_gradients():
+    from toreq.errors import TrainingDiverged
+
+    torch.manual_seed(14)
+    model = LoopedMLP(5, 8, 3)
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = EqPropTrainer(model, optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    for bad in (float("nan"), float("inf")):
+        hook = model.readout.weight.register_hook(lambda g: torch.full_like(g, bad))
+        with pytest.raises(TrainingDiverged, match="the gradient of readout.weight holds NaN or Inf"):
+            trainer.step(x, y)
+        hook.remove()
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # a gradient whose sum overflows float32 but whose entries are finite is not divergence
+    hook = model.readout.weight.register_hook(lambda g: torch.full_like(g, 3e37))
+    trainer.step(x, y)
+    hook.remove()

@@ -261,8 +261,16 @@ class EqPropTrainer:
 
 def _check_finite(named: list[tuple[str, Tensor]], what: str, tensor: Callable[[Tensor], Tensor],
                   trainer: Any) -> None:
-    """Raises TrainingDiverged naming the first tensor with NaN or Inf (one device sync)."""
+    """Raises TrainingDiverged naming the first tensor with NaN or Inf (one device sync).
+
+    The fast test is one sum per tensor: NaN and Inf propagate through it, so a finite sum
+    proves a finite tensor. Only when a sum is not finite (NaN or Inf in the tensor, or a sum of
+    finite values that overflowed) does the element-wise test run, which decides and names it.
+    """
     if not named:
+        return
+    sums = torch.stack([tensor(p).sum() for _, p in named])
+    if bool(torch.isfinite(sums).all()):
         return
     finite = torch.stack([torch.isfinite(tensor(p)).all() for _, p in named])
     if not bool(finite.all()):
