@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-API_PAGES = ["ops", "nn", "train", "data", "diagnostics", "presets", "utils", "distributed",
-             "export", "validate"]
+API_PAGES = ["ops", "nn", "train", "data", "control", "diagnostics", "presets", "utils",
+             "distributed", "export", "validate"]
 
 
 @pytest.fixture(scope="module")
