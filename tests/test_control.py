@@ -69,7 +69,8 @@ def test_data_generation_is_deterministic_for_a_seed_and_split_by_episode():
     assert set(np.unique(a.episodes).tolist()) == set(range(6)) and len(a.returns) == 6
     data = a.classification()
     n_train = int((a.episodes < 4).sum())
-    assert data.x_train.shape == (n_train, 6) and data.x_test.shape == (len(a.episodes) - n_train, 6)
+    assert data.x_train.shape == (n_train, 6)
+    assert data.x_test.shape == (len(a.episodes) - n_train, 6)
     expected = torch.from_numpy(TASKS["acrobot"].features(a.observations[a.episodes >= 4]))
     assert torch.equal(data.x_test, expected)  # the last episodes, in order: a split by episode
     assert data.num_classes == 3 and data.image_shape == (1, 1, 6)

@@ -5,14 +5,15 @@ state-feedback switch :math:`a = a_+` if :math:`K \\cdot s > 0` else :math:`a_-`
 
 * ``cartpole`` (``CartPole-v1``, observation :math:`s = (x, \\dot x, \\theta, \\dot\\theta)`):
   push right when :math:`K \\cdot s > 0` with :math:`K = (1, 1.5, 20, 3)`, a state-feedback
-  balance controller that also brings the cart back to the centre; it balances the pole for
+  balance controller that also keeps the cart near the centre; it balances the pole for
   the full 500 steps.
 * ``acrobot`` (``Acrobot-v1``, observation
   :math:`(\\cos\\theta_1, \\sin\\theta_1, \\cos\\theta_2, \\sin\\theta_2, \\dot\\theta_1,
   \\dot\\theta_2)`): energy pumping. The torque :math:`\\tau` on the actuated joint does work
-  at the rate :math:`dE/dt = \\tau \\dot\\theta_2`, so :math:`\\tau = \\mathrm{sign}(\\dot\\theta_2)`
-  adds energy as fast as the torque limit allows until the tip swings above the bar. The expert
-  adds a small term in the first link's angle,
+  at the rate :math:`dE/dt = \\tau \\dot\\theta_2`, so
+  :math:`\\tau = \\mathrm{sign}(\\dot\\theta_2)` adds energy as fast as the torque limit
+  allows until the tip swings above the bar. The expert adds a small term in the first link's
+  angle,
   :math:`\\tau = \\mathrm{sign}(\\dot\\theta_2 + 0.3 \\sin\\theta_1)` (action 2 for +1, action 0
   for -1), without which some starts lock into a swing that stops growing (the pure rule used
   all 500 steps on one of the 20 evaluation episodes).
@@ -20,8 +21,8 @@ state-feedback switch :math:`a = a_+` if :math:`K \\cdot s > 0` else :math:`a_-`
 :func:`generate` runs the expert in the environment for a number of episodes, each reset from
 a seed drawn from ``seed``; with probability ``exploration`` the action executed is a random
 one, so that the data also hold the states just off the expert's path that a cloned policy
-drifts into, while the label is always the expert's action. The states (scaled by the task's
-``obs_scale`` into roughly ``[-1, 1]``: the model's input features) and the expert's actions
+drifts into, while the label is always the expert's action. The states (divided by the task's
+``obs_scale``, to a spread of order 1: the model's input features) and the expert's actions
 form the behaviour-cloning data set, split into train and test **by episode**. The same seed,
 settings and Gymnasium version give the same data.
 
@@ -280,6 +281,8 @@ def _write_cache(path: Path, data: ControlData) -> None:
                      episodes=data.episodes, returns=data.returns,
                      settings=np.asarray(json.dumps(data.settings, sort_keys=True)))
         os.replace(tmp, path)
+    except OSError as error:  # e.g. a full disk: the data are still returned
+        warnings.warn(f"cannot cache the {data.task} data in {path} ({error})", stacklevel=3)
     finally:
         Path(tmp).unlink(missing_ok=True)
 
