@@ -280,6 +280,7 @@ def _write_cache(path: Path, data: ControlData) -> None:
             np.savez(f, observations=data.observations, actions=data.actions,
                      episodes=data.episodes, returns=data.returns,
                      settings=np.asarray(json.dumps(data.settings, sort_keys=True)))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(tmp, path)
     except OSError as error:  # e.g. a full disk: the data are still returned
         warnings.warn(f"cannot cache the {data.task} data in {path} ({error})", stacklevel=3)
