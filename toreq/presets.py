@@ -107,13 +107,13 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="cartpole-looped", dataset="cartpole", model="looped_mlp", hidden=128,
             epochs=10, batch_size=64, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=20,
-            result="EqProp 99.11 ± 0.11% held-out action accuracy and closed-loop return 500.0 ± 0.0 (expert 500.0 ± 0.0), backprop of the same width 99.70 ± 0.02% and 500.0 ± 0.0 (3 seeds, 20 episodes each, 8 s per run on one CPU thread)",
+            result="EqProp 99.11 ± 0.11% held-out action accuracy and closed-loop return 500.0 ± 0.0 (expert 500.0 ± 0.0), backprop of the same width 99.70 ± 0.02% and 500.0 ± 0.0 (3 seeds, 20 episodes each, 18 s per run on one CPU thread of a busy machine)",
             command="python benchmarks/accuracy.py --datasets cartpole acrobot --threads 1 --out results/accuracy_control",
         ),
         Preset(
             name="acrobot-looped", dataset="acrobot", model="looped_mlp", hidden=128,
             epochs=10, batch_size=64, lr=2e-3, beta=0.1, free_steps=30, nudged_steps=20,
-            result="EqProp 99.81 ± 0.14% held-out action accuracy and closed-loop return -81.6 ± 18.4 (expert -81.4 ± 18.4), backprop of the same width 99.89 ± 0.03% and -81.8 ± 18.3 (3 seeds, 20 episodes each, 7 s per run on one CPU thread)",
+            result="EqProp 99.78 ± 0.02% held-out action accuracy and closed-loop return -82.1 ± 18.6 (expert -81.4 ± 18.4), backprop of the same width 99.87 ± 0.03% and -82.0 ± 18.5 (3 seeds, 20 episodes each, 16 s per run on one CPU thread of a busy machine)",
             command="python benchmarks/accuracy.py --datasets cartpole acrobot --threads 1 --out results/accuracy_control",
         ),
     )
