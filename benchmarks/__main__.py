@@ -15,7 +15,9 @@ tables. Exits with 1 when a benchmark failed.
 ``--update-readme`` runs nothing: it copies each benchmark's Markdown from the results folder
 into the top-level ``README.md``, between the markers ``<!-- benchmark:NAME -->`` and
 ``<!-- /benchmark:NAME -->``, so that the README's results are the benchmarks' own output, each
-with the command that produced it and the machine it ran on.
+with the command that produced it and the machine it ran on. The control tasks' accuracy run
+(``python benchmarks/accuracy.py --datasets cartpole acrobot --out results/accuracy_control``,
+which needs the ``control`` extra) fills the block ``accuracy_control``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ sys.path.insert(0, str(HERE))  # the benchmarks' own modules are top-level modul
 from plots import write_plots  # noqa: E402
 
 BENCHMARKS = ("bench_ops", "memory", "accuracy")
+#: README block -> its Markdown under the results folder: each benchmark's own, and the control
+#: tasks' accuracy run, which needs the control extra and so is its own command
+#: (``accuracy.py --datasets cartpole acrobot --out <results>/accuracy_control``)
+README_BLOCKS = {**{name: f"{name}/{name}.md" for name in BENCHMARKS},
+                 "accuracy_control": "accuracy_control/accuracy.md"}
 README = HERE.parent / "README.md"
 
 
@@ -115,7 +122,8 @@ def index(runs: list[Run], command: str, quick: bool, seconds: float) -> str:
 
 
 def readme_with_results(readme: str, out: Path) -> tuple[str, list[str]]:
-    """``readme`` with each benchmark's marked block replaced by ``out/NAME/NAME.md``.
+    """``readme`` with each marked block replaced by its Markdown under ``out``
+    (:data:`README_BLOCKS`: ``out/NAME/NAME.md`` for a benchmark).
 
     The benchmark's own title is dropped (the README has its own) and its headings go two levels
     down, under the README's ``###`` sections; the interpreter's path in the recorded command
@@ -123,9 +131,9 @@ def readme_with_results(readme: str, out: Path) -> tuple[str, list[str]]:
     results file is missing is left as it was.
     """
     updated = []
-    for name in BENCHMARKS:
+    for name, markdown in README_BLOCKS.items():
         start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
-        path = out / name / f"{name}.md"
+        path = out / markdown
         if start not in readme or end not in readme or not path.exists():
             continue
         lines = path.read_text().strip().splitlines()

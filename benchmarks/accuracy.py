@@ -1,6 +1,7 @@
 """Test accuracy of EqProp against backprop of the same width, over several seeds.
 
     python benchmarks/accuracy.py [--datasets digits mnist fashion_mnist] [--seeds 3] [--quick]
+    python benchmarks/accuracy.py --datasets cartpole acrobot [--seeds 3] [--quick]
 
 For each data set, trains the model of its preset (``toreq.presets``) by EqProp and a
 feedforward MLP of the same width by backprop, with the same optimiser, learning-rate schedule,
@@ -11,10 +12,20 @@ accuracy and the training time on this machine, and judges the targets of the mo
 * MNIST: EqProp >= 98.0%, within 0.5 point of backprop;
 * Fashion-MNIST: EqProp >= 88.5%, within 0.5 point of backprop.
 
+The behaviour-cloning tasks of ``toreq.control`` (they need the ``control`` extra, so they run
+only when named) are judged twice, on the action accuracy on the held-out episodes' states and
+on the closed-loop return of each trained policy (greedy, the 20 evaluation episodes), next to
+the expert's return on the same episodes (the control issue's targets):
+
+* CartPole: EqProp >= 97.2%, within 2 points of backprop; mean return >= 95% of the expert's;
+* Acrobot: EqProp >= 96.9%, within 2 points of backprop; mean return within 10% of the
+  expert's.
+
 ``--quick`` (one seed, two epochs, 5,000 training images for MNIST and Fashion-MNIST) checks
 that everything runs; its accuracies are not the preset's figures. Writes ``accuracy.json``
 and ``accuracy.md`` into ``--out`` (default ``results/accuracy``). MNIST and Fashion-MNIST are
-read from ``--data-dir`` or ``$TOREQ_DATA`` (see ``toreq.data``).
+read from ``--data-dir`` or ``$TOREQ_DATA`` (see ``toreq.data``); the control data are generated
+and cached there.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import time
 import torch
 
 from machine import machine_info, write_results
+from toreq.control import evaluate_policy, expert_policy, model_policy
 from toreq.data import load_classification
 from toreq.presets import PRESETS, train_preset
 
@@ -35,7 +47,13 @@ TARGETS = {  # data set: (EqProp's least mean test accuracy, largest gap to back
     "digits": (97.0, 1.0),
     "mnist": (98.0, 0.5),
     "fashion_mnist": (88.5, 0.5),
+    "cartpole": (97.2, 2.0),
+    "acrobot": (96.9, 2.0),
 }
+#: control data set: how far below the expert's mean return EqProp's may fall, as a fraction of
+#: the expert's |mean| (CartPole: >= 95% of 500 = 475)
+RETURN_TOLERANCE = {"cartpole": 0.05, "acrobot": 0.10}
+VISION = ("digits", "mnist", "fashion_mnist")
 METHODS = ("eqprop", "backprop")
 
 
@@ -45,21 +63,35 @@ def preset_for(dataset: str):
 
 def summarise(runs: list[dict]) -> dict:
     accs = [r["test_accuracy"] for r in runs]
-    return {
+    summary = {
         "mean": statistics.fmean(accs),
         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
         "seconds_mean": statistics.fmean(r["seconds"] for r in runs),
         "parameters": runs[0]["parameters"],
         "seeds": len(runs),
     }
+    if "closed_loop" in runs[0]:  # every seed's evaluation episodes, pooled
+        returns = [x for r in runs for x in r["closed_loop"]["returns"]]
+        summary["return_mean"] = statistics.fmean(returns)
+        summary["return_std"] = statistics.pstdev(returns)
+    return summary
 
 
-def judge(dataset: str, eqprop: dict, backprop: dict) -> tuple[bool, str]:
+def judge(dataset: str, eqprop: dict, backprop: dict,
+          expert: dict | None = None) -> tuple[bool, str]:
     least, gap = TARGETS[dataset]
     measured_gap = backprop["mean"] - eqprop["mean"]
     ok = eqprop["mean"] >= least and measured_gap <= gap
-    return ok, (f"EqProp {eqprop['mean']:.2f}% (target >= {least}%), backprop "
-                f"{backprop['mean']:.2f}%, gap {measured_gap:+.2f} points (target <= {gap})")
+    verdict = (f"EqProp {eqprop['mean']:.2f}% (target >= {least}%), backprop "
+               f"{backprop['mean']:.2f}%, gap {measured_gap:+.2f} points (target <= {gap})")
+    if expert is not None:
+        bar = expert["mean"] - RETURN_TOLERANCE[dataset] * abs(expert["mean"])
+        ok = ok and eqprop["return_mean"] >= bar
+        verdict += (f"; closed-loop return EqProp {eqprop['return_mean']:.1f} (target >= "
+                    f"{bar:.1f}: expert {expert['mean']:.1f} less "
+                    f"{100 * RETURN_TOLERANCE[dataset]:.0f}%), backprop "
+                    f"{backprop['return_mean']:.1f}")
+    return ok, verdict
 
 
 def markdown(report: dict) -> str:
@@ -73,18 +105,36 @@ def markdown(report: dict) -> str:
         "backprop, with the same AdamW learning rate, cosine schedule, epochs and batches. "
         "Mean ± standard deviation of the final test accuracy over the seeds; time is the mean "
         "training time of one run on this machine.", "",
-        "| data | preset | method | params | seeds | test accuracy | train time (s) | target |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    control = [d for d in report["datasets"] if "expert" in d]
+    if control:
+        episodes = control[0]["expert"]["episodes"]
+        lines += [
+            "Control tasks (behaviour cloning, `toreq.control`): the test accuracy is the "
+            "expert's action predicted on the states of held-out episodes; the closed-loop "
+            f"return is the trained policy's (greedy) in the environment, mean ± standard "
+            f"deviation over {episodes} seeded episodes per seed, pooled over the seeds; the "
+            "expert's on the same episodes.", ""]
+    lines += [
+        "| data | preset | method | params | seeds | test accuracy | closed-loop return "
+        "| train time (s) | target |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for d in report["datasets"]:
+        if "expert" in d:
+            e = d["expert"]
+            lines.append(f"| {d['dataset']} | - | expert | - | - | - | "
+                         f"{e['mean']:.1f} ± {e['std']:.1f} | - | |")
         for method in METHODS:
             s = d["summary"][method]
             target = ("(quick)" if report["quick"] else "**PASS**" if d["pass"] else "**FAIL**"
                       ) if method == "eqprop" else ""
+            closed_loop = (f"{s['return_mean']:.1f} ± {s['return_std']:.1f}"
+                           if "return_mean" in s else "-")
             lines.append(
                 f"| {d['dataset']} | {d['preset']['name']} | {method} | {s['parameters']:,} | "
-                f"{s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f}% | {s['seconds_mean']:.0f} | "
-                f"{target} |")
+                f"{s['seeds']} | {s['mean']:.2f} ± {s['std']:.2f}% | {closed_loop} | "
+                f"{s['seconds_mean']:.0f} | {target} |")
     if report["quick"]:
         lines += ["", "Quick run (one seed, two epochs, a training subset): it checks that the "
                   "benchmark runs; the targets are judged on full runs only."]
@@ -105,7 +155,9 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    parser.add_argument("--datasets", nargs="+", choices=list(TARGETS), default=list(VISION),
+                        help="default: the vision sets; cartpole and acrobot need the control "
+                             "extra")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="one seed, two epochs, 5,000 training images: checks that it runs")
@@ -126,20 +178,30 @@ def main(argv: list[str] | None = None) -> int:
         data = load_classification(dataset, root=args.data_dir)
         if args.quick:
             preset = dataclasses.replace(preset, epochs=min(preset.epochs, 2))
-            if dataset != "digits":
+            if dataset in ("mnist", "fashion_mnist"):
                 data = dataclasses.replace(data, x_train=data.x_train[:5000],
                                            y_train=data.y_train[:5000])
+        entry = {"dataset": dataset, "preset": preset.as_dict()}
+        closed_loop = None
+        if dataset in RETURN_TOLERANCE:
+            entry["expert"] = evaluate_policy(expert_policy(dataset), dataset)
+
+            def closed_loop(model, task=dataset):
+                return {"closed_loop": evaluate_policy(model_policy(model, task), task)}
         runs = {method: [] for method in METHODS}
         for seed in range(seeds):
             for method in METHODS:
-                run = train_preset(preset, data, method, seed, progress=args.progress)
+                run = train_preset(preset, data, method, seed, progress=args.progress,
+                                   judge=closed_loop)
                 runs[method].append(run)
+                returns = (f" return {run['closed_loop']['mean']:.1f}"
+                           if "closed_loop" in run else "")
                 print(f"{dataset:<14} seed {seed} {method:<9} test {run['test_accuracy']:.2f}% "
-                      f"train {run['train_accuracy']:.2f}% {run['seconds']:.0f} s", flush=True)
+                      f"train {run['train_accuracy']:.2f}%{returns} {run['seconds']:.0f} s",
+                      flush=True)
         summary = {method: summarise(r) for method, r in runs.items()}
-        ok, verdict = judge(dataset, summary["eqprop"], summary["backprop"])
-        report["datasets"].append({"dataset": dataset, "preset": preset.as_dict(),
-                                   "summary": summary, "pass": ok, "verdict": verdict,
+        ok, verdict = judge(dataset, summary["eqprop"], summary["backprop"], entry.get("expert"))
+        report["datasets"].append({**entry, "summary": summary, "pass": ok, "verdict": verdict,
                                    "runs": runs})
     report["seconds"] = time.perf_counter() - started
     write_results(args.out, "accuracy", report, markdown(report))

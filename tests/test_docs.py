@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 API_PAGES = ["ops", "solvers", "dynamics", "estimators", "errors", "validation", "nn", "train",
-             "data", "diagnostics", "presets", "utils", "distributed", "export", "validate"]
+             "data", "control", "diagnostics", "presets", "utils", "distributed", "export",
+             "validate"]
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def test_digits_preset_reaches_its_accuracy_next_to_backprop(digits):
 @pytest.mark.parametrize("method", ["eqprop", "bptt", "backprop"])
 def test_every_preset_builds_and_takes_a_step(name, method):
     preset = dataclasses.replace(get_preset(name), hidden=16)
-    dims = {"digits": 64}.get(preset.dataset, 784)
+    dims = {"digits": 64, "cartpole": 4, "acrobot": 6}.get(preset.dataset, 784)
     model, trainer, scheduler = build_trainer(preset, dims, 10, method=method, seed=1)
     before = [p.detach().clone() for p in model.parameters()]
     metrics = trainer.step(torch.rand(8, dims), torch.randint(0, 10, (8,)))

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-DATASETS = ("digits", "mnist", "fashion_mnist")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cartpole", "acrobot")
+CONTROL_DATASETS = ("cartpole", "acrobot")  # judged by closed-loop return too (toreq.control)
 
 
 def _channels(text: str) -> list[int]:
@@ -38,10 +39,14 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits is embedded (scikit-learn); MNIST and Fashion-MNIST are read from "
-                        "--data-dir or $TOREQ_DATA, or downloaded")
+                        "--data-dir or $TOREQ_DATA, or downloaded; cartpole and acrobot are "
+                        "behaviour cloning of a scripted expert in Gymnasium (the control "
+                        "extra), generated and cached there, and also judged by the trained "
+                        "policy's closed-loop return")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the configuration to start from (default: the data set's preset)")
-    p.add_argument("--data-dir", default=None, help="folder holding mnist/ and fashion-mnist/")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding mnist/ and fashion-mnist/ (and the control data cache)")
     p.add_argument("--compare", choices=("none", "backprop", "bptt"), default="none",
                    help="also train a baseline on the same data: a feedforward MLP of the same "
                         "width by backprop, or the same model by backprop through time")
@@ -78,14 +83,18 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from toreq.data import load_classification
+    from toreq.control import evaluate_policy, expert_policy, model_policy
+    from toreq.data import DataError, load_classification
     from toreq.presets import build_trainer
     from toreq.train import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = _preset(args)
-    data = load_classification(args.dataset, root=args.data_dir)
+    try:
+        data = load_classification(args.dataset, root=args.data_dir)
+    except (DataError, ImportError) as error:
+        raise SystemExit(f"toreq train: {error}") from error
     common = dict(epochs=preset.epochs, batch_size=preset.batch_size, seed=args.seed,
                   progress=not args.no_progress, deterministic=args.deterministic)
     names = {"eqprop": f"{preset.model} (EqProp)", "backprop": "feedforward MLP (backprop)",
@@ -100,17 +109,32 @@ def _run_train(args: argparse.Namespace) -> int:
         results.append(_timed(names[method], model, lambda: fit(
             trainer, data.x_train, data.y_train, data.x_test, data.y_test, scheduler=scheduler,
             desc=method, **logging, **common)))
+        if args.dataset in CONTROL_DATASETS:
+            results[-1]["closed_loop"] = evaluate_policy(model_policy(model, args.dataset),
+                                                         args.dataset)
+    expert = None
+    if args.dataset in CONTROL_DATASETS:
+        expert = evaluate_policy(expert_policy(args.dataset), args.dataset)
 
     if args.json:
         print(json.dumps({"dataset": args.dataset, "preset": preset.as_dict(),
-                          "results": results}, indent=2))
+                          "results": results, **({"expert": expert} if expert else {})},
+                         indent=2))
     else:
         print(f"\n{data.name}: {data.x_train.shape[0]} training and {data.x_test.shape[0]} test "
               f"samples, {preset.epochs} epochs (preset {preset.name})")
-        print(f"{'model':<32} {'params':>9} {'test acc':>9} {'train acc':>10} {'time (s)':>9}")
+        returns = (f" {'return (' + str(expert['episodes']) + ' episodes)':>22}"
+                   if expert else "")
+        print(f"{'model':<32} {'params':>9} {'test acc':>9} {'train acc':>10} {'time (s)':>9}"
+              f"{returns}")
         for r in results:
+            closed_loop = (f" {r['closed_loop']['mean']:>13.1f} ± {r['closed_loop']['std']:>6.1f}"
+                           if expert else "")
             print(f"{r['model']:<32} {r['parameters']:>9,} {100 * r['test_accuracy']:>8.2f}% "
-                  f"{100 * r['train_accuracy']:>9.2f}% {r['seconds']:>9.1f}")
+                  f"{100 * r['train_accuracy']:>9.2f}% {r['seconds']:>9.1f}{closed_loop}")
+        if expert:
+            print(f"{'scripted expert':<32} {'':>9} {'':>9} {'':>10} {'':>9} "
+                  f"{expert['mean']:>13.1f} ± {expert['std']:>6.1f}")
     return 0
 
 

@@ -1,5 +1,8 @@
 """Data sets: scikit-learn digits (embedded), MNIST, Fashion-MNIST and Tiny Shakespeare.
 
+The behaviour-cloning sets of :mod:`toreq.control` (CartPole, Acrobot) load through
+:func:`load_classification` too.
+
 The digits ship inside scikit-learn. The other data sets are read from a data root, a folder
 with the layout::
 
@@ -121,9 +124,11 @@ class ClassificationData:
     """An image classification data set as flattened tensors.
 
     Attributes:
-        name: the data set (``"digits"``, ``"mnist"``, ``"fashion_mnist"``).
+        name: the data set (``"digits"``, ``"mnist"``, ``"fashion_mnist"``, ``"cartpole"``,
+            ``"acrobot"``).
         x_train: ``float32`` inputs of shape ``(N, D)``, ``D = C * H * W``, each image
-            flattened in ``(C, H, W)`` order, values in ``[0, 1]``.
+            flattened in ``(C, H, W)`` order, values in ``[0, 1]`` (the control sets: scaled
+            states, ``image_shape`` ``(1, 1, D)``).
         y_train: ``int64`` labels of shape ``(N,)`` in ``0 .. num_classes - 1``.
         x_test: the test inputs, as ``x_train``.
         y_test: the test labels, as ``y_train``.
@@ -569,18 +574,23 @@ def load_fashion_mnist(root: str | os.PathLike[str] | None = None,
     return _load_idx_set("fashion_mnist", "fashion-mnist", root, download)
 
 
-_CLASSIFICATION = ("digits", "mnist", "fashion_mnist")
+_CLASSIFICATION = ("digits", "mnist", "fashion_mnist", "cartpole", "acrobot")
 
 
 def load_classification(name: str, root: str | os.PathLike[str] | None = None,
                         download: bool = True, **kwargs: Any) -> ClassificationData:
-    """A classification data set by name: ``"digits"``, ``"mnist"`` or ``"fashion_mnist"``.
+    """A classification data set by name: ``"digits"``, ``"mnist"``, ``"fashion_mnist"``, or
+    the behaviour-cloning sets ``"cartpole"`` and ``"acrobot"``
+    (:func:`toreq.control.load_control`: generated in Gymnasium and cached under the data
+    root; the ``control`` extra).
 
     ``"fashion-mnist"`` is accepted too. ``root`` and ``download`` do not apply to the
-    embedded digits; ``kwargs`` go to the loader (e.g. ``seed=`` for the digits).
+    embedded digits, ``download`` not to the control sets; ``kwargs`` go to the loader (e.g.
+    ``seed=`` for the digits and the control sets).
 
     Raises:
         ValueError: for an unknown name (the message lists the valid ones).
+        ImportError: a control set without Gymnasium installed.
     """
     key = name.strip().lower().replace("-", "_")
     if key == "digits":
@@ -589,6 +599,10 @@ def load_classification(name: str, root: str | os.PathLike[str] | None = None,
         return load_mnist(root, download, **kwargs)
     if key == "fashion_mnist":
         return load_fashion_mnist(root, download, **kwargs)
+    if key in ("cartpole", "acrobot"):
+        from toreq.control import load_control  # toreq.control imports this module
+
+        return load_control(key, root, **kwargs)
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(_CLASSIFICATION)}")
 
 
