@@ -48,6 +48,9 @@ def _default(action: argparse.Action, help_text: str, group_title: str) -> tuple
         return "not set", help_text
     if isinstance(action.default, (list, tuple)):
         return "`" + " ".join(map(str, action.default)) + "`", help_text
+    if isinstance(action.default, str) and action.default != action.default.strip() or \
+            action.default == "":
+        return f"`{action.default!r}`", help_text  # whitespace: shown as Python writes it
     return f"`{action.default}`", help_text
 
 
