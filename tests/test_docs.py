@@ -26,6 +26,8 @@ CONVERTED_MODULES = [
     "toreq.presets",
 ]
 RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):`|\.\. (math|code-block)::")
+# TeX that was not typeset (a $$ block Markdown did not see as one, a formula outside $...$)
+RAW_TEX = re.compile(r"\$\$|\\(frac|sum|left|right|top|tanh|leftarrow|beta|rho|nabla|mathrm)\b")
 
 
 def build_site(out: Path) -> Path:
@@ -173,6 +175,8 @@ def test_converted_modules_render_no_restructuredtext(site, module):
     assert len(text) > 200, f"{module}: its documentation is empty"
     raw = sorted({m.group(0) for m in RAW_RST.finditer(text)})
     assert not raw, f"{module}'s built documentation shows raw reStructuredText: {raw}"
+    tex = sorted({m.group(0) for m in RAW_TEX.finditer(text)})
+    assert not tex, f"{module}'s built documentation shows TeX as text: {tex}"
 
 
 def test_module_text_finds_raw_roles_in_an_unconverted_section(site):

@@ -3,16 +3,16 @@ r"""Data-parallel EqProp over `torch.distributed`: each rank relaxes its share o
 Samples never interact during relaxation (every sample stops on its own tolerance), so a global
 batch split across ranks relaxes to the states one process would find for it (up to rounding,
 as the matrix products see fewer rows). Every
-EqProp gradient is a batch mean, so the gradient of the global batch of size `B = sum_r B_r`
-is the weighted mean of the ranks' gradients,
+EqProp gradient is a batch mean, so the gradient of the global batch of size $B = \sum_r B_r$
+(rank $r$ holding $B_r$ samples) is the weighted mean of the ranks' gradients $g_r$,
 
 $$
 g = \sum_r \frac{B_r}{B}\, g_r ,
 $$
 
 which [`average_over_ranks`][toreq.distributed.average_over_ranks] forms with one
-`torch.distributed.all_reduce` (sum) per tensor after scaling each rank's tensor by `B_r / B`.
-Weighting by `B_r` keeps this exact when the shards differ in size (a batch that does not split
+`torch.distributed.all_reduce` (sum) per tensor after scaling each rank's tensor by $B_r / B$.
+Weighting by $B_r$ keeps this exact when the shards differ in size (a batch that does not split
 evenly, the last batch of an epoch); the plain mean of the ranks' means would not be.
 
 Why not `DistributedDataParallel`: DDP averages gradients in autograd hooks that it arms in its
@@ -50,11 +50,11 @@ def is_main_process(group: dist.ProcessGroup | None) -> bool:
 
 def average_over_ranks(tensors: Sequence[Tensor], batch_size: int, total: int,
                        group: dist.ProcessGroup | None = None) -> None:
-    """Replaces, in place, each rank's batch mean by the mean over the global batch.
+    r"""Replaces, in place, each rank's batch mean by the mean over the global batch.
 
     `tensors` hold this rank's means over its `batch_size` samples (every rank passes tensors
     of the same shapes in the same order); `total` is the global batch size, the sum of the
-    ranks' `batch_size`. Afterwards every rank holds `sum_r (B_r / total) t_r`.
+    ranks' `batch_size`. Afterwards every rank holds $\sum_r (B_r / \mathrm{total})\, t_r$.
     """
     weight = batch_size / total
     works = []

@@ -31,34 +31,34 @@ Without the mask `S_t = S` and `z_t = z` are the same for every position. Softma
 The two EqProp attention modes ([`EqPropAttention`][toreq.nn.transformer.EqPropAttention]):
 
 * `"symmetric"` (energy-based, tied; EqProp exact as beta -> 0). A causal coupling between
-  positions is lower-triangular in time and can never be symmetric, and attention's Jacobian is
-  not symmetric even without the mask, so the token mixing enters as a *drive*: `a = Attn(u)`
-  is computed once from the sublayer input `u`, and a Hopfield state per position relaxes
-  under it,
+    positions is lower-triangular in time and can never be symmetric, and attention's Jacobian is
+    not symmetric even without the mask, so the token mixing enters as a *drive*: `a = Attn(u)`
+    is computed once from the sublayer input `u`, and a Hopfield state per position relaxes
+    under it,
 
-  $$
-  s_t \leftarrow \tanh(h_t), \qquad h_t = a_t + c\, W s_t + b, \qquad
-  W = W^\top,
-  $$
+    $$
+    s_t \leftarrow \tanh(h_t), \qquad h_t = a_t + c\, W s_t + b, \qquad
+    W = W^\top,
+    $$
 
-  the fixed point of the energy `E(s) = sum_t [ sum_i int_0^{s_ti} atanh - c/2 s_t^T W s_t
-  - (a_t + b)^T s_t ]`. `dh/ds = I_T (x) c W` is symmetric, so the nudged phases give the exact
-  adjoint `v` of the pre-activation, and every gradient below it (`W`, `b`, and through
-  `a` the attention's projections, and the input) is `v^T dh/d(.)`: exact up to O(beta^2)
-  with symmetric nudging. The positions are independent given `a`, so the block's state is one
-  position's `s_t` (the sequence is flattened to `(B*T, d)`) and each converges on its own.
+    the fixed point of the energy `E(s) = sum_t [ sum_i int_0^{s_ti} atanh - c/2 s_t^T W s_t
+    - (a_t + b)^T s_t ]`. `dh/ds = I_T (x) c W` is symmetric, so the nudged phases give the exact
+    adjoint `v` of the pre-activation, and every gradient below it (`W`, `b`, and through
+    `a` the attention's projections, and the input) is `v^T dh/d(.)`: exact up to O(beta^2)
+    with symmetric nudging. The positions are independent given `a`, so the block's state is one
+    position's `s_t` (the sequence is flattened to `(B*T, d)`) and each converges on its own.
 * `"nonsymmetric"` (vector-field EqProp, approximate). The attention reads the state itself,
-  so the positions are mixed inside the dynamics:
+    so the positions are mixed inside the dynamics:
 
-  $$
-  s \leftarrow \tanh(h), \qquad h = \mathrm{Attn}(u + c\, s) + b,
-  $$
+    $$
+    s \leftarrow \tanh(h), \qquad h = \mathrm{Attn}(u + c\, s) + b,
+    $$
 
-  with the whole sequence `s` of shape `(T, d)` as the block's state. Causal: inputs shorter
-  than `seq_len` are padded at the end with zeros, which causality keeps from reaching the real
-  positions; bidirectional: every position reads every other, so the input must have exactly
-  `seq_len` positions. `dh/ds` is untied (and block lower-triangular when causal), so EqProp
-  replaces the adjoint's `(I - J^T)^{-1}` by `(I - J)^{-1}`: an approximation, which in the
+    with the whole sequence `s` of shape `(T, d)` as the block's state. Causal: inputs shorter
+    than `seq_len` are padded at the end with zeros, which causality keeps from reaching the real
+    positions; bidirectional: every position reads every other, so the input must have exactly
+    `seq_len` positions. `dh/ds` is untied (and block lower-triangular when causal), so EqProp
+    replaces the adjoint's `(I - J^T)^{-1}` by `(I - J)^{-1}`: an approximation, which in the
   causal case sends the error signal of a position forward in time as well as back.
   Contraction is not guaranteed either (`c` and damping keep it in practice;
   `last_converged` reports it). Since a sequence stops relaxing only when all its positions
