@@ -11,7 +11,7 @@ __all__ = ["Symmetric", "lipschitz", "spectral_norm", "symmetric"]
 
 
 class Symmetric(nn.Module):
-    """`W = (A + A^T) / 2`: a symmetric recurrent weight makes vector-field EqProp exact."""
+    r"""$W = (A + A^\top) / 2$: a symmetric recurrent weight makes vector-field EqProp exact."""
 
     def forward(self, a: Tensor) -> Tensor:
         return 0.5 * (a + a.T)
@@ -41,11 +41,11 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
 
 
 def lipschitz(model, x: Tensor, iterations: int = 30) -> float:
-    """An estimate of the contraction constant of a model's dynamics at its free equilibrium.
+    r"""An estimate of the contraction constant of a model's dynamics at its free equilibrium.
 
     Returns the largest, over the batch `x`, spectral norm of the Jacobian `dF/ds` of one
     relaxation step (`model.step`, all layers' states together) at the free fixed point,
-    found by power iteration on `J^T J` with forward- and reverse-mode products. Below 1 the
+    found by power iteration on $J^\top J$ with forward- and reverse-mode products. Below 1 the
     dynamics contract near the equilibrium. Works for every
     [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel], whatever the shapes of its states
     (convolutional states included).

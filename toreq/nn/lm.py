@@ -122,7 +122,7 @@ class CharLM(nn.Module):
         \ \mathrm{top\_k} \ \text{largest logits (all when None), 0 elsewhere,}
         $$
 
-        so `top_k=1` is greedy (argmax) decoding and `tau -> 0` approaches it.
+        so `top_k=1` is greedy (argmax) decoding and $\tau \to 0$ approaches it.
 
         Args:
             prompt: a non-empty string in the model's `vocab`, or token ids of shape
@@ -230,9 +230,9 @@ class CharTransformerLM(CharLM):
         recurrent_scale: `c` of the EqProp sublayers.
         block_options: passed to every [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock].
         shared: one [`TransformerBlock`][toreq.nn.transformer.TransformerBlock] applied
-            `n_layers` times (`x^{(l)} = Block(x^{(l-1)})`, its parameters counted once; `eqprop` one value).
-            Each application of an EqProp sublayer relaxes and is nudged on its own, and the
-            gradients of the applications add up. Its spectral normalisation runs one power
+            `n_layers` times (`x^{(l)} = Block(x^{(l-1)})`, its parameters counted once; `eqprop`
+            one value). Each application of an EqProp sublayer relaxes and is nudged on its own, and
+            the gradients of the applications add up. Its spectral normalisation runs one power
             iteration per application in training mode, so the applications see weights that
             differ by that iteration's change (none once it has converged, none in eval mode).
         vocab: the characters of token ids `0 .. vocab_size - 1` (a corpus's
@@ -368,7 +368,8 @@ LM_VARIANTS: dict[str, str] = {
     "recurrent_core": "CharTransformerLM, one weight-shared EqProp block applied n_layers times",
     "looped_mlp": "LoopedMLPLM, no attention: the last characters through a looped EqProp layer",
 }
-"""The prototype's language-model variants ([`build_lm`][toreq.nn.lm.build_lm]), and what each is."""
+"""The prototype's language-model variants ([`build_lm`][toreq.nn.lm.build_lm]), and what each
+is."""
 
 
 def build_lm(variant: str, vocab_size: int, seq_len: int, *, params: int | None = None,
@@ -381,10 +382,11 @@ def build_lm(variant: str, vocab_size: int, seq_len: int, *, params: int | None 
     The width is the transformers' `d_model` (a multiple of `n_heads`;
     `d_ff = 4 d_model`) or [`LoopedMLPLM`][toreq.nn.lm.LoopedMLPLM]'s `hidden` (its `context`
     and `embed_dim` fixed). The count grows with the width, so for `params` a bisection on the
-    exact count (of models built and dropped, torch's global generator restored after each) finds the closest. Every
-    variant thus gets the same budget: an EqProp sublayer's relaxed state adds a `d x d` recurrent
-    weight (the feed-forward's `4d x 4d`), so an EqProp variant is narrower than the backprop
-    one of the same count, and `recurrent_core`, whose one block is counted once, is wider.
+    exact count (of models built and dropped, torch's global generator restored after each) finds
+    the closest. Every variant thus gets the same budget: an EqProp sublayer's relaxed state adds a
+    `d x d` recurrent weight (the feed-forward's `4d x 4d`), so an EqProp variant is narrower than
+    the backprop one of the same count, and `recurrent_core`, whose one block is counted once, is
+    wider.
 
     Args:
         variant: a key of [`LM_VARIANTS`][toreq.nn.lm.LM_VARIANTS].

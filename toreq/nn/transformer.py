@@ -44,9 +44,10 @@ The two EqProp attention modes ([`EqPropAttention`][toreq.nn.transformer.EqPropA
     the fixed point of the energy `E(s) = sum_t [ sum_i int_0^{s_ti} atanh - c/2 s_t^T W s_t
     - (a_t + b)^T s_t ]`. `dh/ds = I_T (x) c W` is symmetric, so the nudged phases give the exact
     adjoint `v` of the pre-activation, and every gradient below it (`W`, `b`, and through
-    `a` the attention's projections, and the input) is `v^T dh/d(.)`: exact up to O(beta^2)
-    with symmetric nudging. The positions are independent given `a`, so the block's state is one
-    position's `s_t` (the sequence is flattened to `(B*T, d)`) and each converges on its own.
+    `a` the attention's projections, and the input) is $v^\top \partial h / \partial(\cdot)$: exact
+    up to $O(\beta^2)$ with symmetric nudging. The positions are independent given `a`, so the
+    block's state is one position's `s_t` (the sequence is flattened to `(B*T, d)`) and each
+    converges on its own.
 * `"nonsymmetric"` (vector-field EqProp, approximate). The attention reads the state itself,
     so the positions are mixed inside the dynamics:
 
@@ -58,7 +59,7 @@ The two EqProp attention modes ([`EqPropAttention`][toreq.nn.transformer.EqPropA
     than `seq_len` are padded at the end with zeros, which causality keeps from reaching the real
     positions; bidirectional: every position reads every other, so the input must have exactly
     `seq_len` positions. `dh/ds` is untied (and block lower-triangular when causal), so EqProp
-    replaces the adjoint's `(I - J^T)^{-1}` by `(I - J)^{-1}`: an approximation, which in the
+    replaces the adjoint's $(I - J^\top)^{-1}$ by $(I - J)^{-1}$: an approximation, which in the
   causal case sends the error signal of a position forward in time as well as back.
   Contraction is not guaranteed either (`c` and damping keep it in practice;
   `last_converged` reports it). Since a sequence stops relaxing only when all its positions
@@ -66,9 +67,9 @@ The two EqProp attention modes ([`EqPropAttention`][toreq.nn.transformer.EqPropA
   the tolerance `tol` (exactly causal with `tol=0`).
 
 The EqProp feed-forward sublayer ([`EqPropFeedForward`][toreq.nn.transformer.EqPropFeedForward]) is
-the looped MLP per position, `s_t <- tanh(U u_t + c W s_t + b)` with `W = W^T` and the output
-`R s_t* + r`: exact as in the symmetric attention. Both symmetric cells are
-[`HopfieldCell`][toreq.nn.transformer.HopfieldCell]; their `W` is `(A + A^T)/2` normalised to
+the looped MLP per position, $s_t \leftarrow \tanh(U u_t + c W s_t + b)$ with $W = W^\top$ and the
+output `R s_t* + r`: exact as in the symmetric attention. Both symmetric cells are
+[`HopfieldCell`][toreq.nn.transformer.HopfieldCell]; their $W$ is $(A + A^\top)/2$ normalised to
 spectral norm 1 ([`symmetric`][toreq.utils.symmetric], [`spectral_norm`][toreq.utils.spectral_norm])
 and scaled by `c = recurrent_scale < 1`, so with tanh (slope <= 1) the relaxation contracts with
 rate at most `c`.
@@ -161,8 +162,8 @@ class FeedForward(nn.Module):
 
 
 class HopfieldCell(nn.Module):
-    """The pre-activation `h(x, s) = U x + c W s + b` (`U = I` when `input_dim` is None),
-    `W = (A + A^T)/2` at spectral norm 1, `c = recurrent_scale`. Use it with
+    r"""The pre-activation `h(x, s) = U x + c W s + b` (`U = I` when `input_dim` is None),
+    $W = (A + A^\top)/2$ at spectral norm 1, $c$ = `recurrent_scale`. Use it with
     `activation="tanh"`: `dh/ds = c W` is symmetric and EqProp is exact."""
 
     def __init__(self, state_dim: int, input_dim: int | None = None, *,
@@ -244,7 +245,8 @@ class EqPropAttention(nn.Module):
 
     @property
     def gradient_regime(self) -> str:
-        """`"exact"` where EqProp's gradient equals backprop's as beta -> 0, else `"approximate"`."""
+        r"""`"exact"` where EqProp's gradient equals backprop's as $\beta \to 0$, else
+        `"approximate"`."""
         return "exact" if self.mode == "symmetric" else "approximate"
 
     def forward(self, u: Tensor) -> Tensor:

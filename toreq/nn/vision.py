@@ -19,15 +19,15 @@ Hopfield state per patch driven by linear attention, or the non-symmetric cell) 
 sublayer (a looped tanh Hopfield layer per patch). Their parameters' gradients, and the gradients
 they pass down to their inputs, come from their nudged phases (`EQPROP-MATH.md` section 5), never
 from backprop through the relaxation: each block's EqProp vector `v` (the pre-activation's
-adjoint) is pushed through one step of its cell, `v^T dh/d(.)`. In the symmetric attention
-the block's input is the drive `a = Attn(u)`, computed once outside the relaxation, so its
-projections `Q, K, V, O` get the block's input gradient `v` carried by autograd through
-that one (non-iterative) attention. The patch embedding `E, e`, the position embedding `P`,
+adjoint) is pushed through one step of its cell, $v^\top \partial h / \partial(\cdot)$. In the
+symmetric attention the block's input is the drive `a = Attn(u)`, computed once outside the
+relaxation, so its projections `Q, K, V, O` get the block's input gradient `v` carried by autograd
+through that one (non-iterative) attention. The patch embedding `E, e`, the position embedding `P`,
 the LayerNorms, the residual additions, the feed-forward read-out `R_ffn` and the classifier
 `R, r` are ordinary autograd. `loss.backward()` therefore runs both: autograd
 carries `dL/dz` down through the readout, pooling and residuals, and each equilibrium
 sublayer turns the `dL/ds*` it receives into gradients by EqProp. With
-`attention_mode="symmetric"` (default) every EqProp sublayer is exact as `beta -> 0`.
+`attention_mode="symmetric"` (default) every EqProp sublayer is exact as $\beta \to 0$.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 r"""The contrastive Hebbian update: `torch.ops.toreq.hebbian_update`.
 
-From the activities of two phases, a nudged one (strength `beta_a`) and a reference one
-(the free phase, `beta_b = 0`, or the `-beta` phase of symmetric nudging), with
-`beta = beta_a - beta_b` and batch size `B`:
+From the activities of two phases, a nudged one (strength $\beta_a$) and a reference one
+(the free phase, $\beta_b = 0$, or the $-\beta$ phase of symmetric nudging), with
+$\beta = \beta_a - \beta_b$ and batch size $B$:
 
 $$
 \nabla W = -\frac{1}{\beta B} \left( \rho(S_{post}^{a})^\top \rho(S_{pre}^{a})
@@ -17,10 +17,10 @@ the rows of `S` being the batch's activities. The sign is that of `.grad` (desce
 
 * the energy-based (tied) update of Scellier & Bengio 2017 for a weight between two layers of
   states: `post`/`pre` are the two layers in each phase. It holds both directions of a tied
-  weight (the product rule of the difference); with symmetric nudging pass the `+beta` and
-  `-beta` phases and `beta = 2 beta`;
-* the vector-field update of a looped or untied layer, `grad W = v^T s_pre / B` with
-  `v = -(s^a - s^b)/beta`: pass the *same* tensor (the free equilibrium) as `pre_nudged`
+  weight (the product rule of the difference); with symmetric nudging pass the $+\beta$ and
+  $-\beta$ phases and $2\beta$ as `beta`;
+* the vector-field update of a looped or untied layer, $\nabla W = v^\top s_{pre} / B$ with
+  $v = -(s^a - s^b)/\beta$: pass the *same* tensor (the free equilibrium) as `pre_nudged`
   and `pre_free`; the op then uses one GEMM over `B` rows instead of `2B`.
 
 `rho` is chosen per side (`post_activation`, `pre_activation`): `"identity"` (the
