@@ -2,55 +2,250 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
+import importlib.util
 import inspect
+import pkgutil
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-API_PAGES = ["ops", "solvers", "dynamics", "estimators", "errors", "validation", "nn", "train",
-             "data", "control", "diagnostics", "presets", "utils", "distributed", "export",
-             "validate"]
+# The modules whose docstrings follow docs/contributing.md (Markdown, $...$ math, [`x`][path]
+# links). Add a module here once it is converted; in the end this is every module of toreq.
+CONVERTED_MODULES = [
+    "toreq", "toreq.ops.hebbian", "toreq.utils", "toreq.distributed", "toreq.data",
+    "toreq.nn.transformer", "toreq.nn.vision", "toreq.nn.lm", "toreq.lm_study", "toreq.validate",
+    "toreq.presets",
+]
+RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):`|\.\. (math|code-block)::")
+# TeX that was not typeset (a $$ block Markdown did not see as one, a formula outside $...$)
+RAW_TEX = re.compile(r"\$\$|\\(frac|sum|left|right|top|tanh|leftarrow|beta|rho|nabla|mathrm)\b")
+
+
+def build_site(out: Path) -> Path:
+    """``mkdocs build --strict`` into ``out`` (the ``docs`` extra installs what it needs)."""
+    for module in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python", "material",
+                   "latex2mathml"):
+        pytest.importorskip(module, reason=f"{module} is not installed: pip install -e '.[docs]'")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
+         str(ROOT / "mkdocs.yml"), "--site-dir", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})  # the theme's end-of-life banner
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not re.search(r"^WARNING", result.stderr, flags=re.M), result.stderr
+    return out
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """``mkdocs build --strict`` into a temporary folder (the ``docs`` extra installs mkdocs)."""
-    for module in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python"):
-        pytest.importorskip(module, reason=f"{module} is not installed: pip install -e '.[docs]'")
-    out = tmp_path_factory.mktemp("site")
-    result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-         str(ROOT / "mkdocs.yml"), "--site-dir", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "WARNING" not in result.stderr, result.stderr
-    return out
+    return build_site(tmp_path_factory.mktemp("site"))
+
+
+def load_hook(name: str):
+    """A module of docs/hooks/ (MkDocs loads them by path; they are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"docs_hook_{name}", DOCS / "hooks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class ModuleText(HTMLParser):
+    """The text of each module's section of an API page, keyed by the module's dotted name.
+
+    mkdocstrings puts a module in ``<div class="doc doc-object doc-module">`` whose heading's id
+    is the module's path; text outside any titled module section goes under ``page``.
+    """
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.stack: list[str | None] = []  # per open div: the module it opens, or None
+        self.current = [page]
+        self.text: dict[str, list[str]] = {page: []}
+        self.pending = False  # a module div is open and waits for its heading
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div":
+            opens = "doc-module" in (attrs.get("class") or "").split()
+            self.stack.append("module" if opens else None)
+            self.pending = self.pending or opens
+        elif self.pending and re.fullmatch(r"h[1-6]", tag) and attrs.get("id", "").startswith("toreq"):
+            self.current.append(attrs["id"])
+            self.text.setdefault(attrs["id"], [])
+            self.stack[-1] = "titled"
+            self.pending = False
+
+    def handle_endtag(self, tag):
+        if tag == "div" and self.stack:
+            if self.stack.pop() == "titled":
+                self.current.pop()
+
+    def handle_data(self, data):
+        self.text[self.current[-1]].append(data)
+
+
+def module_text(site: Path, module: str) -> str:
+    """The rendered text of ``module``'s documentation (its section, or its whole page)."""
+    for page in sorted((DOCS / "api").glob("*.md")):
+        directives = re.findall(r"^::: ([\w.]+)", page.read_text(), flags=re.M)
+        if module in directives:
+            parser = ModuleText(page.stem)
+            parser.feed((site / "api" / page.stem / "index.html").read_text())
+            if len(directives) == 1:
+                return "".join(t for texts in parser.text.values() for t in texts)
+            assert module in parser.text, f"docs/api/{page.name}: no section for {module}"
+            return "".join(parser.text[module])
+    raise AssertionError(f"no page of docs/api/ documents {module} (a '::: {module}' line)")
 
 
 def test_docs_build_strict(site):
-    for page in ["index.html", "concepts/index.html", "hyperparameters/index.html"]:
+    for page in ["index.html", "concepts/index.html", "hyperparameters/index.html",
+                 "papers/index.html", "cli/index.html", "contributing/index.html"]:
         assert (site / page).exists(), page
-    assert 'class="arithmatex"' in (site / "concepts" / "index.html").read_text()  # the equations
+    concepts = (site / "concepts" / "index.html").read_text()
+    # the equations are MathML written at build time: no TeX left for a script, and no script
+    assert concepts.count("<math") > 50, "the concepts page lost its equations"
+    assert 'display="block"' in concepts
+    assert "arithmatex" not in concepts and "\\frac" not in concepts
+    for html in site.rglob("*.html"):
+        text = html.read_text()
+        assert "mathjax" not in text.lower() and "cdn.jsdelivr" not in text, html
+        assert "fonts.googleapis" not in text, f"{html}: the theme loads web fonts"
 
 
-@pytest.mark.parametrize("name", API_PAGES)
-def test_api_reference_documents_every_public_class_and_function(site, name):
-    module = importlib.import_module(f"toreq.{name}")
-    # a name re-exported from another module is documented on its home module's page
-    anchors = {anchor for page in API_PAGES
-               for anchor in re.findall(r'id="(toreq\.[\w.]+)"',
-                                        (site / "api" / page / "index.html").read_text())}
-    missing = [f"{obj.__module__}.{attr}" for attr in module.__all__
-               for obj in [getattr(module, attr)]
-               if (inspect.isclass(obj) or inspect.isfunction(obj))
-               and f"{obj.__module__}.{attr}" not in anchors]
-    assert not missing, f"no page of docs/api documents {missing} (exported by toreq.{name})"
+def test_mathml_hook_typesets_inline_and_display_math_and_refuses_bad_tex():
+    hook = load_hook("mathml")
+    html = hook.to_mathml('<p>with <span class="arithmatex">\\(\\beta &lt; 1\\)</span></p>'
+                          '<div class="arithmatex">\\[\\frac{1}{B}\\]</div>')
+    assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="inline">' in html
+    assert "<mi>&#x003B2;</mi><mo>&#x0003C;</mo><mn>1</mn>" in html  # beta < 1, unescaped first
+    assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block"><mrow><mfrac>' in html
+    assert "arithmatex" not in html
+    with pytest.raises(ValueError, match="cannot typeset"):
+        hook.to_mathml('<span class="arithmatex">\\(\\left( x\\)</span>')
+    with pytest.raises(ValueError, match=r"does not know \\bta"):
+        hook.to_mathml('<span class="arithmatex">\\(\\bta + 1\\)</span>')
+
+
+def public_names() -> list[tuple[str, str, str]]:
+    """``(module, name, the dotted path of its API entry)`` for every name in an ``__all__``."""
+    import toreq
+
+    modules = ["toreq"] + [m.name for m in pkgutil.walk_packages(toreq.__path__, "toreq.")
+                           if not any(part.startswith("_") for part in m.name.split("."))]
+    names = []
+    for module_name in modules:
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", ()):
+            obj = getattr(module, name)
+            if inspect.ismodule(obj):
+                path = obj.__name__
+            elif inspect.isclass(obj) or inspect.isfunction(obj):
+                path = f"{obj.__module__}.{obj.__qualname__}"
+            else:  # data: documented where it is defined
+                path = f"{module_name}.{name}"
+            names.append((module_name, name, path))
+    return names
+
+
+def test_every_public_name_has_an_api_entry(site):
+    names = public_names()
+    assert ("toreq", "__version__", "toreq.__version__") in names
+    assert len(names) > 100
+    anchors = set()
+    for page in (site / "api").glob("*/index.html"):
+        anchors |= set(re.findall(r'id="(toreq[\w.]*)"', page.read_text()))
+    missing = [f"{module}.{name} (entry {path})" for module, name, path in names
+               if path not in anchors]
+    assert not missing, f"no API entry for {missing}"
+
+
+@pytest.mark.parametrize("module", CONVERTED_MODULES)
+def test_converted_modules_render_no_restructuredtext(site, module):
+    text = module_text(site, module)
+    assert len(text) > 200, f"{module}: its documentation is empty"
+    raw = sorted({m.group(0) for m in RAW_RST.finditer(text)})
+    assert not raw, f"{module}'s built documentation shows raw reStructuredText: {raw}"
+    tex = sorted({m.group(0) for m in RAW_TEX.finditer(text)})
+    assert not tex, f"{module}'s built documentation shows TeX as text: {tex}"
+
+
+def test_module_text_finds_raw_roles_in_an_unconverted_section(site):
+    # the check above can fail: toreq.ops.relax is not converted yet and shows its roles
+    if "toreq.ops.relax" in CONVERTED_MODULES:
+        pytest.skip("toreq.ops.relax is converted: nothing unconverted left to detect")
+    assert RAW_RST.search(module_text(site, "toreq.ops.relax"))
+    assert not RAW_RST.search(module_text(site, "toreq.ops.hebbian"))
+
+
+def cli_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{parser.prog} {name}", a) for a in sub._actions
+                            if not isinstance(a, argparse._HelpAction))
+        elif not isinstance(action, argparse._HelpAction):
+            yield parser.prog, action
+
+
+def test_cli_reference_lists_every_subcommand_and_option_with_its_default():
+    from toreq.cli import make_parser
+
+    text = load_hook("cli_reference").cli_reference(make_parser())
+    sections = dict(re.findall(r"^## (toreq [\w-]+)\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S))
+    commands = {command for command, _ in cli_actions(make_parser())} - {"toreq"}
+    assert set(sections) == commands == {
+        "toreq train", "toreq export", "toreq lm-train", "toreq lm-study", "toreq generate",
+        "toreq validate"}
+    for command, action in cli_actions(make_parser()):
+        body = sections.get(command, text)
+        row = next((line for line in body.splitlines()
+                    if line.startswith(f"| `{action.option_strings[0]}")), None)
+        assert row is not None, f"{command} {action.option_strings[0]} is not in the reference"
+        default = row.split(" | ")[1]
+        if action.required:
+            assert default == "required", row
+        elif isinstance(action.default, (int, float, str)) and not isinstance(action.default, bool) \
+                and action.default is not argparse.SUPPRESS and "(default" not in (action.help or ""):
+            shown = repr(action.default) if action.default.__class__ is str \
+                and action.default != action.default.strip() else action.default
+            assert default == f"`{shown}`", row
+        assert row.count("default") <= 1, f"a doubled default: {row}"
+    train = sections["toreq train"]
+    assert "| `--preset PRESET` | the data set's preset | the configuration to start from;" in train
+    assert "| `--lr LR` | the preset's | AdamW learning rate" in train
+    assert "| `--deterministic` | off |" in train
+    assert "| `--seeds SEEDS` | 5; with --quick 2 | seeds per claim |" in sections["toreq validate"]
+    assert "| `--checkpoint CHECKPOINT` | required |" in sections["toreq generate"]
+    assert "95% confidence" in sections["toreq validate"]  # argparse's %% expanded once
+
+
+def test_cli_page_is_generated_from_the_parsers(site):
+    html = (site / "cli" / "index.html").read_text()
+    assert "cli-reference" not in html  # the marker was replaced
+    for command, action in cli_actions(__import__("toreq.cli").cli.make_parser()):
+        assert f'id="{command.replace(" ", "-")}"' in html or command == "toreq", command
+        assert f"<code>{action.option_strings[0]}" in html, (command, action.option_strings)
+
+
+def test_paper_page_names_every_preset():
+    from toreq.presets import PRESETS
+
+    page = (DOCS / "papers.md").read_text()
+    for name, preset in PRESETS.items():
+        row = next((line for line in page.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/papers.md does not list preset {name}"
+        assert preset.command in row, f"docs/papers.md: {name}'s command is not {preset.command}"
+    assert "not reproduced here yet" in page
 
 
 def test_hyperparameter_page_quotes_the_presets_measurements():

@@ -3,8 +3,8 @@
 A network's prediction is the fixed point of its own dynamics; toreq relaxes it (free phase),
 nudges its output toward the target and relaxes again (nudged phase), and turns the
 difference between the two equilibria into local, contrastive weight updates. The relaxation
-and the Hebbian update are C++/CUDA operators (``torch.ops.toreq.*``) with pure-PyTorch
-references in :mod:`toreq.ops`.
+and the Hebbian update are C++/CUDA operators (`torch.ops.toreq.*`) with pure-PyTorch
+references in [`toreq.ops`][toreq.ops].
 """
 
 __version__ = "0.1.0"

@@ -68,9 +68,9 @@ __all__ = ["EVAL_SEED", "TASKS", "ControlData", "ControlTask", "control_data", "
 
 _log = logging.getLogger(__name__)
 
-#: The first reset seed of the closed-loop evaluation episodes (``EVAL_SEED + k`` for episode
-#: ``k``); the data's episodes are reset from seeds drawn from the data seed instead.
 EVAL_SEED = 1_000_000
+"""The first reset seed of the closed-loop evaluation episodes (`EVAL_SEED + k` for episode
+`k`); the data's episodes are reset from seeds drawn from the data seed instead."""
 
 #: Bump when the way the data are generated changes: the cache's checksum includes it.
 GENERATOR_VERSION = 1
@@ -150,6 +150,7 @@ TASKS: dict[str, ControlTask] = {
                     test_episodes=50, exploration=0.2),
     )
 }
+"""The behaviour-cloning tasks by name (`"cartpole"`, `"acrobot"`)."""
 
 
 def _task(name: str) -> ControlTask:

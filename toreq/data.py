@@ -1,22 +1,22 @@
 """Data sets: scikit-learn digits (embedded), MNIST, Fashion-MNIST and Tiny Shakespeare.
 
-The behaviour-cloning sets of :mod:`toreq.control` (CartPole, Acrobot) load through
-:func:`load_classification` too.
+The behaviour-cloning sets of [`toreq.control`][toreq.control] (CartPole, Acrobot) load
+through [`load_classification`][toreq.data.load_classification] too.
 
 The digits ship inside scikit-learn. The other data sets are read from a data root, a folder
-with the layout::
+with the layout:
 
     <root>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
     <root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
     <root>/tinyshakespeare/input.txt
 
-The root is, in order: the ``root=`` argument, the ``TOREQ_DATA`` environment variable, or
-``~/.cache/toreq`` (see :func:`data_root`). Every file is checked against its SHA-256 digest
-(:data:`SHA256`) before it is parsed; a missing file is downloaded from its public source
-(:data:`MIRRORS`) when ``download=True``, into a temporary file beside it that is verified and
-then atomically renamed, so a partial or wrong download never sits under the final name.
-Every problem with the data raises :class:`DataError`, whose message says where toreq looked,
-what it expected and what to do.
+The root is, in order: the `root=` argument, the `TOREQ_DATA` environment variable, or
+`~/.cache/toreq` (see [`data_root`][toreq.data.data_root]). Every file is checked against its
+SHA-256 digest ([`SHA256`][toreq.data.SHA256]) before it is parsed; a missing file is downloaded
+from its public source ([`MIRRORS`][toreq.data.MIRRORS]) when `download=True`, into a temporary file
+beside it that is verified and then atomically renamed, so a partial or wrong download never sits
+under the final name. Every problem with the data raises [`DataError`][toreq.data.DataError], whose
+message says where toreq looked, what it expected and what to do.
 """
 
 from __future__ import annotations
@@ -55,10 +55,9 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Environment variable naming the data root when no ``root=`` is given.
 ENV_VAR = "TOREQ_DATA"
+"""Environment variable naming the data root when no `root=` is given."""
 
-#: SHA-256 of every data file (the official files), per data set folder and file name.
 SHA256: dict[str, dict[str, str]] = {
     "mnist": {
         "train-images-idx3-ubyte.gz":
@@ -85,10 +84,8 @@ SHA256: dict[str, dict[str, str]] = {
             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     },
 }
+"""SHA-256 of every data file (the official files), per data set folder and file name."""
 
-#: Download sources per data set folder: base URLs, tried in order; a file's URL is the base
-#: followed by its name. Point an entry elsewhere (a local mirror, a ``file://`` URL) to
-#: download from there.
 MIRRORS: dict[str, list[str]] = {
     "mnist": [
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -101,6 +98,9 @@ MIRRORS: dict[str, list[str]] = {
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",
     ],
 }
+"""Download sources per data set folder: base URLs, tried in order; a file's URL is the base
+followed by its name. Point an entry elsewhere (a local mirror, a `file://` URL) to download
+from there."""
 
 _IDX_IMAGES, _IDX_LABELS = 2051, 2049  # IDX magic numbers: unsigned bytes, 3 resp. 1 dims
 _IDX_SPLITS = {"train": "train", "test": "t10k"}  # split -> file name prefix
@@ -124,16 +124,16 @@ class ClassificationData:
     """An image classification data set as flattened tensors.
 
     Attributes:
-        name: the data set (``"digits"``, ``"mnist"``, ``"fashion_mnist"``, ``"cartpole"``,
-            ``"acrobot"``).
-        x_train: ``float32`` inputs of shape ``(N, D)``, ``D = C * H * W``, each image
-            flattened in ``(C, H, W)`` order, values in ``[0, 1]`` (the control sets: scaled
-            states, ``image_shape`` ``(1, 1, D)``).
-        y_train: ``int64`` labels of shape ``(N,)`` in ``0 .. num_classes - 1``.
-        x_test: the test inputs, as ``x_train``.
-        y_test: the test labels, as ``y_train``.
+        name: the data set (`"digits"`, `"mnist"`, `"fashion_mnist"`, `"cartpole"`,
+            `"acrobot"`).
+        x_train: `float32` inputs of shape `(N, D)`, `D = C * H * W`, each image
+            flattened in `(C, H, W)` order, values in `[0, 1]` (the control sets: scaled
+            states, `image_shape` `(1, 1, D)`).
+        y_train: `int64` labels of shape `(N,)` in `0 .. num_classes - 1`.
+        x_test: the test inputs, as `x_train`.
+        y_test: the test labels, as `y_train`.
         num_classes: number of classes.
-        image_shape: ``(C, H, W)``, so that a model can do ``x.view(-1, *image_shape)``.
+        image_shape: `(C, H, W)`, so that a model can do `x.view(-1, *image_shape)`.
 
     Instances compare by identity (tensors have no single truth value).
 
@@ -171,11 +171,11 @@ class ClassificationData:
 
     @property
     def input_dim(self) -> int:
-        """Number of input features ``D = C * H * W``."""
+        """Number of input features `D = C * H * W`."""
         return int(self.x_train.shape[1])
 
     def tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)`` of a split, ``"train"`` or ``"test"``."""
+        """`(x, y)` of a split, `"train"` or `"test"`."""
         if split == "train":
             return self.x_train, self.y_train
         if split == "test":
@@ -184,22 +184,22 @@ class ClassificationData:
 
     def to_loader(self, split: str, batch_size: int, shuffle: bool = False,
                   generator: torch.Generator | None = None, **kwargs: Any) -> DataLoader:
-        """A :class:`~torch.utils.data.DataLoader` of ``(x, y)`` batches over a split.
+        """A `DataLoader` of `(x, y)` batches over a split.
 
         Args:
-            split: ``"train"`` or ``"test"``.
+            split: `"train"` or `"test"`.
             batch_size: samples per batch (the last one may be smaller unless
-                ``drop_last=True``).
-            shuffle: reshuffle every epoch; pass ``generator`` for a reproducible order.
+                `drop_last=True`).
+            shuffle: reshuffle every epoch; pass `generator` for a reproducible order.
             generator: the random generator used for shuffling.
-            **kwargs: passed on to ``DataLoader`` (``drop_last``, ``num_workers``, ...).
+            **kwargs: passed on to `DataLoader` (`drop_last`, `num_workers`, ...).
         """
         x, y = self.tensors(split)
         return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle,
                           generator=generator, **kwargs)
 
     def to(self, device: torch.device | str) -> ClassificationData:
-        """A copy with every tensor on ``device`` (e.g. a small data set kept on the GPU)."""
+        """A copy with every tensor on `device` (e.g. a small data set kept on the GPU)."""
         return dataclasses.replace(
             self, x_train=self.x_train.to(device), y_train=self.y_train.to(device),
             x_test=self.x_test.to(device), y_test=self.y_test.to(device))
@@ -217,10 +217,10 @@ class CharCorpus:
     Attributes:
         text: the whole text.
         vocab: its distinct characters, sorted; a character's token id is its index here.
-        train: ``int64`` token ids of the first part of the text.
-        val: ``int64`` token ids of the rest (the validation split).
+        train: `int64` token ids of the first part of the text.
+        val: `int64` token ids of the rest (the validation split).
 
-    Build one from any text with :meth:`from_text`. Instances compare by identity.
+    Build one from any text with `from_text`. Instances compare by identity.
     """
 
     text: str
@@ -248,7 +248,7 @@ class CharCorpus:
 
     @classmethod
     def from_text(cls, text: str, val_fraction: float = 0.1) -> CharCorpus:
-        """A corpus over ``text``: its first ``1 - val_fraction`` trains, the rest validates."""
+        """A corpus over `text`: its first `1 - val_fraction` trains, the rest validates."""
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if not text:
@@ -261,14 +261,14 @@ class CharCorpus:
 
     @property
     def vocab_size(self) -> int:
-        """Number of distinct characters (token ids are ``0 .. vocab_size - 1``)."""
+        """Number of distinct characters (token ids are `0 .. vocab_size - 1`)."""
         return len(self.vocab)
 
     def encode(self, s: str) -> torch.Tensor:
-        """Token ids (``int64``, shape ``(len(s),)``) of a string.
+        """Token ids (`int64`, shape `(len(s),)`) of a string.
 
         Raises:
-            ValueError: when ``s`` holds characters outside the vocabulary (they are named).
+            ValueError: when `s` holds characters outside the vocabulary (they are named).
         """
         cp = _codepoints(s)
         ids = np.full(cp.shape, -1, dtype=np.int64)
@@ -286,7 +286,7 @@ class CharCorpus:
         """The string of a sequence of token ids (a tensor, an array or an iterable of ints).
 
         Raises:
-            ValueError: for non-integer ids or ids outside ``0 .. vocab_size - 1``.
+            ValueError: for non-integer ids or ids outside `0 .. vocab_size - 1`.
         """
         if isinstance(ids, torch.Tensor):
             arr = ids.detach().cpu().numpy()
@@ -315,7 +315,7 @@ def _codepoints(s: str) -> np.ndarray:
 
 
 def data_root(root: str | os.PathLike[str] | None = None) -> Path:
-    """The data root: ``root`` if given, else ``$TOREQ_DATA`` if set, else ``~/.cache/toreq``.
+    """The data root: `root` if given, else `$TOREQ_DATA` if set, else `~/.cache/toreq`.
 
     Nothing is created here (a download creates the folders it needs).
     """
@@ -389,7 +389,7 @@ def _fetch(folder: str, name: str, root: str | os.PathLike[str] | None, download
 
 
 def _download(url: str, dest: Path, expected: str) -> None:
-    """Downloads ``url`` into a temporary file beside ``dest``, verifies it, renames it."""
+    """Downloads `url` into a temporary file beside `dest`, verifies it, renames it."""
     import urllib.request
     from http.client import HTTPException
 
@@ -458,9 +458,9 @@ def _gunzip(path: Path) -> bytes:
 
 
 def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
-    """Reads a gzip-compressed IDX file of unsigned bytes into a read-only ``uint8`` array.
+    """Reads a gzip-compressed IDX file of unsigned bytes into a read-only `uint8` array.
 
-    ``expected_magic`` is 2051 for images (3 dimensions) or 2049 for labels (1 dimension).
+    `expected_magic` is 2051 for images (3 dimensions) or 2049 for labels (1 dimension).
     The gzip stream, the magic number, the dimensions and the data length are all checked;
     the file's sha256 is not (the loaders check it before).
 
@@ -495,7 +495,7 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int) -> np.ndarray:
 
 def _read_idx_pair(images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str],
                    num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)``: images flattened to float32 in [0, 1], int64 labels, consistency checked."""
+    """`(x, y)`: images flattened to float32 in [0, 1], int64 labels, consistency checked."""
     images = read_idx(images_path, _IDX_IMAGES)
     labels = read_idx(labels_path, _IDX_LABELS)
     if images.shape[0] != labels.shape[0]:
@@ -529,8 +529,8 @@ def _load_idx_set(name: str, folder: str, root: str | os.PathLike[str] | None,
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ClassificationData:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); nothing downloaded.
 
-    Pixels (0..16) are divided by 16 into ``[0, 1]``. The train/test split is stratified by
-    class and deterministic in ``seed`` (``test_fraction=0.2``: 1,437 / 360 images).
+    Pixels (0..16) are divided by 16 into `[0, 1]`. The train/test split is stratified by
+    class and deterministic in `seed` (`test_fraction=0.2`: 1,437 / 360 images).
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -552,11 +552,12 @@ def load_mnist(root: str | os.PathLike[str] | None = None,
                download: bool = True) -> ClassificationData:
     """MNIST handwritten digits: 60,000 training and 10,000 test images, 28x28, 10 classes.
 
-    Read from ``<root>/mnist/`` (the official gzip IDX files; see :func:`data_root`), and
-    downloaded there first when absent and ``download=True``. Pixels are divided by 255.
+    Read from `<root>/mnist/` (the official gzip IDX files; see
+    [`data_root`][toreq.data.data_root]), and downloaded there first when absent and
+    `download=True`. Pixels are divided by 255.
 
     Raises:
-        DataError: a file is missing (``download=False``), cannot be downloaded, fails its
+        DataError: a file is missing (`download=False`), cannot be downloaded, fails its
             sha256 check or cannot be parsed.
     """
     return _load_idx_set("mnist", "mnist", root, download)
@@ -566,10 +567,10 @@ def load_fashion_mnist(root: str | os.PathLike[str] | None = None,
                        download: bool = True) -> ClassificationData:
     """Fashion-MNIST (Zalando articles): 60,000 / 10,000 images, 28x28, 10 classes.
 
-    Read from ``<root>/fashion-mnist/`` like :func:`load_mnist`.
+    Read from `<root>/fashion-mnist/` like [`load_mnist`][toreq.data.load_mnist].
 
     Raises:
-        DataError: as :func:`load_mnist`.
+        DataError: as [`load_mnist`][toreq.data.load_mnist].
     """
     return _load_idx_set("fashion_mnist", "fashion-mnist", root, download)
 
@@ -579,14 +580,14 @@ _CLASSIFICATION = ("digits", "mnist", "fashion_mnist", "cartpole", "acrobot")
 
 def load_classification(name: str, root: str | os.PathLike[str] | None = None,
                         download: bool = True, **kwargs: Any) -> ClassificationData:
-    """A classification data set by name: ``"digits"``, ``"mnist"``, ``"fashion_mnist"``, or
-    the behaviour-cloning sets ``"cartpole"`` and ``"acrobot"``
-    (:func:`toreq.control.load_control`: generated in Gymnasium and cached under the data
-    root; the ``control`` extra).
+    """A classification data set by name: `"digits"`, `"mnist"`, `"fashion_mnist"`, or
+    the behaviour-cloning sets `"cartpole"` and `"acrobot"`
+    ([`load_control`][toreq.control.load_control]: generated in Gymnasium and cached under the
+    data root; the `control` extra).
 
-    ``"fashion-mnist"`` is accepted too. ``root`` and ``download`` do not apply to the
-    embedded digits, ``download`` not to the control sets; ``kwargs`` go to the loader (e.g.
-    ``seed=`` for the digits and the control sets).
+    `"fashion-mnist"` is accepted too. `root` and `download` do not apply to the
+    embedded digits, `download` not to the control sets; `kwargs` go to the loader (e.g.
+    `seed=` for the digits and the control sets).
 
     Raises:
         ValueError: for an unknown name (the message lists the valid ones).
@@ -610,9 +611,9 @@ def load_tiny_shakespeare(root: str | os.PathLike[str] | None = None, download: 
                           val_fraction: float = 0.1) -> CharCorpus:
     """Tiny Shakespeare (1,115,394 characters, 65 distinct) as a character corpus.
 
-    Read from ``<root>/tinyshakespeare/input.txt`` (see :func:`data_root`), and downloaded
-    there first when absent and ``download=True``. The first ``1 - val_fraction`` of the text
-    is ``train``, the rest ``val``.
+    Read from `<root>/tinyshakespeare/input.txt` (see [`data_root`][toreq.data.data_root]), and
+    downloaded there first when absent and `download=True`. The first `1 - val_fraction` of the text
+    is `train`, the rest `val`.
 
     Raises:
         DataError: the file is missing, cannot be downloaded or fails its sha256 check.

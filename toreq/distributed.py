@@ -1,25 +1,27 @@
-"""Data-parallel EqProp over ``torch.distributed``: each rank relaxes its share of the batch.
+r"""Data-parallel EqProp over `torch.distributed`: each rank relaxes its share of the batch.
 
 Samples never interact during relaxation (every sample stops on its own tolerance), so a global
 batch split across ranks relaxes to the states one process would find for it (up to rounding,
 as the matrix products see fewer rows). Every
-EqProp gradient is a batch mean, so the gradient of the global batch of size ``B = sum_r B_r``
-is the weighted mean of the ranks' gradients,
+EqProp gradient is a batch mean, so the gradient of the global batch of size $B = \sum_r B_r$
+(rank $r$ holding $B_r$ samples) is the weighted mean of the ranks' gradients $g_r$,
 
-.. math::  g = \\sum_r \\frac{B_r}{B}\\, g_r ,
+$$
+g = \sum_r \frac{B_r}{B}\, g_r ,
+$$
 
-which :func:`average_over_ranks` forms with one ``torch.distributed.all_reduce`` (sum) per
-tensor after scaling each rank's tensor by ``B_r / B``. Weighting by ``B_r`` keeps this exact
-when the shards differ in size (a batch that does not split evenly, the last batch of an epoch);
-the plain mean of the ranks' means would not be.
+which [`average_over_ranks`][toreq.distributed.average_over_ranks] forms with one
+`torch.distributed.all_reduce` (sum) per tensor after scaling each rank's tensor by $B_r / B$.
+Weighting by $B_r$ keeps this exact when the shards differ in size (a batch that does not split
+evenly, the last batch of an epoch); the plain mean of the ranks' means would not be.
 
-Why not ``DistributedDataParallel``: DDP averages gradients in autograd hooks that it arms in its
-own ``forward()``. An EqProp step never calls the model's ``forward``: the phases run through
-``model.relax`` and ``model.eqprop_backward`` writes ``.grad``, so under DDP the hooks stay
+Why not `DistributedDataParallel`: DDP averages gradients in autograd hooks that it arms in its
+own `forward()`. An EqProp step never calls the model's `forward`: the phases run through
+`model.relax` and `model.eqprop_backward` writes `.grad`, so under DDP the hooks stay
 unarmed and every rank silently keeps its own gradients (tests/test_distributed.py shows it).
-:class:`toreq.train.EqPropTrainer` therefore takes ``process_group=`` and all-reduces ``.grad``
-explicitly before the optimizer step; :func:`toreq.train.fit` then gives each rank its shard
-(:func:`shard`) of every global batch.
+[`EqPropTrainer`][toreq.train.EqPropTrainer] therefore takes `process_group=` and all-reduces
+`.grad` explicitly before the optimizer step; [`fit`][toreq.train.fit] then gives each rank its
+shard ([`shard`][toreq.distributed.shard]) of every global batch.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ __all__ = ["average_over_ranks", "is_main_process", "shard"]
 
 
 def shard(indices: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """This rank's share of a global batch: ``indices[rank::world_size]``.
+    """This rank's share of a global batch: `indices[rank::world_size]`.
 
-    Every rank must pass the same ``indices`` (e.g. the same seeded permutation); the shards are
+    Every rank must pass the same `indices` (e.g. the same seeded permutation); the shards are
     disjoint, cover the batch and differ in size by at most one.
     """
     return indices[dist.get_rank(group)::dist.get_world_size(group)]
@@ -48,11 +50,11 @@ def is_main_process(group: dist.ProcessGroup | None) -> bool:
 
 def average_over_ranks(tensors: Sequence[Tensor], batch_size: int, total: int,
                        group: dist.ProcessGroup | None = None) -> None:
-    """Replaces, in place, each rank's batch mean by the mean over the global batch.
+    r"""Replaces, in place, each rank's batch mean by the mean over the global batch.
 
-    ``tensors`` hold this rank's means over its ``batch_size`` samples (every rank passes tensors
-    of the same shapes in the same order); ``total`` is the global batch size, the sum of the
-    ranks' ``batch_size``. Afterwards every rank holds ``sum_r (B_r / total) t_r``.
+    `tensors` hold this rank's means over its `batch_size` samples (every rank passes tensors
+    of the same shapes in the same order); `total` is the global batch size, the sum of the
+    ranks' `batch_size`. Afterwards every rank holds $\sum_r (B_r / \mathrm{total})\, t_r$.
     """
     weight = batch_size / total
     works = []

@@ -114,6 +114,7 @@ class OutputGradient(Cost):
 
 
 COSTS: dict[str, Cost] = {c.name: c for c in (MeanSquaredError(), CrossEntropy(), OutputGradient())}
+"""The costs by name (`"mse"`, `"cross_entropy"`, `"gradient"`)."""
 
 
 def default_loss(output: Tensor, y: Tensor) -> Tensor:

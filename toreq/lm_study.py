@@ -1,29 +1,31 @@
 """The character-level language-model study: EqProp variants against backprop on Tiny Shakespeare.
 
-It reproduces the prototype's design (``lm-scale-study-design.md`` and ``lm-comparison-*.md``
-in the prototype's reports) with the variants of :func:`toreq.nn.lm.build_lm`, three
+It reproduces the prototype's design (`lm-scale-study-design.md` and `lm-comparison-*.md`
+in the prototype's reports) with the variants of [`build_lm`][toreq.nn.lm.build_lm], three
 experiments:
 
-* ``"variants"``: every variant of :data:`~toreq.nn.lm.LM_VARIANTS` at ``scales`` of a base
+* `"variants"`: every variant of [`LM_VARIANTS`][toreq.nn.lm.LM_VARIANTS] at `scales` of a base
   parameter count (all variants of one scale at the same count), trained on the training split;
-* ``"data_size"``: the training text cut to its first ``N`` characters, ``N`` in ``data_sizes``,
-  for backprop and the prototype's EqProp variants (``data_variants``) at ``data_params``;
-* ``"seq_len"``: context lengths ``seq_lens`` on ``seq_chars`` characters, backprop against the
-  best EqProp variant (the lowest perplexity of the ``"variants"`` experiment at its largest
-  scale, or ``seq_variant``).
+* `"data_size"`: the training text cut to its first `N` characters, `N` in `data_sizes`,
+  for backprop and the prototype's EqProp variants (`data_variants`) at `data_params`;
+* `"seq_len"`: context lengths `seq_lens` on `seq_chars` characters, backprop against the
+  best EqProp variant (the lowest perplexity of the `"variants"` experiment at its largest
+  scale, or `seq_variant`).
 
-Every run trains a fresh model with :func:`toreq.lm_training.train_lm` (Adam, random windows) and is
-measured on the first ``eval_chars`` characters of the held-out validation split
-(:func:`toreq.nn.lm.evaluate_lm`: perplexity, next-character accuracy, bits per character), next
-to the unigram perplexity of its own training text (:func:`toreq.nn.lm.unigram_perplexity`).
-Each finished run's row (with its hyper-parameters) is added to ``results.jsonl`` at once, by
-writing a new file and renaming it over the old, so an interruption loses at most the current
-run, and :func:`run_study` with ``resume=True`` skips the runs already there. At the end
-:func:`write_outputs` writes ``results.json``, ``results.csv`` and ``summary.md`` (the tables and
-the crossover point: the smallest training text at which an EqProp variant beats backprop).
+Every run trains a fresh model with [`train_lm`][toreq.lm_training.train_lm] (Adam, random windows) and is
+measured on the first `eval_chars` characters of the held-out validation split
+([`evaluate_lm`][toreq.nn.lm.evaluate_lm]: perplexity, next-character accuracy, bits per character),
+next to the unigram perplexity of its own training text
+([`unigram_perplexity`][toreq.nn.lm.unigram_perplexity]). Each finished run's row (with its
+hyper-parameters) is added to `results.jsonl` at once, by writing a new file and renaming it over
+the old, so an interruption loses at most the current run, and
+[`run_study`][toreq.lm_study.run_study] with `resume=True` skips the runs already there. At the end
+[`write_outputs`][toreq.lm_study.write_outputs] writes `results.json`, `results.csv` and
+`summary.md` (the tables and the crossover point: the smallest training text at which an EqProp
+variant beats backprop).
 
-``toreq lm-study`` is the command line; :data:`QUICK` (minutes on a CPU) and :data:`FULL` (the
-~2.2M-parameter base, for a GPU) its configurations.
+`toreq lm-study` is the command line; [`QUICK`][toreq.lm_study.QUICK] (minutes on a CPU) and
+[`FULL`][toreq.lm_study.FULL] (the ~2.2M-parameter base, for a GPU) its configurations.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ __all__ = ["EXPERIMENTS", "FULL", "QUICK", "Run", "StudyConfig", "best_eqprop_va
            "summarize", "write_outputs"]
 
 EXPERIMENTS = ("variants", "data_size", "seq_len")
+"""The experiments of the study, in the order they run (`toreq lm-study --experiments`)."""
 EQPROP_VARIANTS = tuple(v for v in LM_VARIANTS if v != "backprop")
 
 
@@ -60,25 +63,25 @@ class StudyConfig:
     """The study's sizes and hyper-parameters (every run records those it used).
 
     Attributes:
-        name: a label written with the results (``"quick"``, ``"full"``, ...).
-        base_params: the parameter count of scale 1.0 of the ``"variants"`` experiment.
-        scales: the fractions of ``base_params`` compared.
-        n_layers, n_heads: the transformers' blocks and heads (:func:`~toreq.nn.lm.build_lm`).
-        seq_len: the context of the ``"variants"`` and ``"data_size"`` runs.
-        batch_size, steps, lr: :func:`~toreq.lm_training.train_lm`'s windows per step, optimizer
-            steps (of the ``"variants"`` runs) and Adam's learning rate (of every run).
-        block_options: every EqProp sublayer's :class:`~toreq.nn.EquilibriumBlock` options.
-        looped_options: ``context``, ``embed_dim`` of ``looped_mlp``.
+        name: a label written with the results (`"quick"`, `"full"`, ...).
+        base_params: the parameter count of scale 1.0 of the `"variants"` experiment.
+        scales: the fractions of `base_params` compared.
+        n_layers, n_heads: the transformers' blocks and heads ([`build_lm`][toreq.nn.lm.build_lm]).
+        seq_len: the context of the `"variants"` and `"data_size"` runs.
+        batch_size, steps, lr: [`train_lm`][toreq.lm_training.train_lm]'s windows per step, optimizer
+            steps (of the `"variants"` runs) and Adam's learning rate (of every run).
+        block_options: every EqProp sublayer's [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock]
+        options. looped_options: `context`, `embed_dim` of `looped_mlp`.
         eval_chars: the validation characters every run is measured on.
-        variants: the variants of the ``"variants"`` experiment.
-        data_sizes, data_params, data_variants: the ``"data_size"`` experiment's training texts
+        variants: the variants of the `"variants"` experiment.
+        data_sizes, data_params, data_variants: the `"data_size"` experiment's training texts
             (first characters of the training split), parameter count and variants.
-        data_steps: the optimizer steps of the ``"data_size"`` and ``"seq_len"`` runs (the same
+        data_steps: the optimizer steps of the `"data_size"` and `"seq_len"` runs (the same
             for every size: the same compute, however small the text).
-        seq_lens, seq_chars, seq_variant: the ``"seq_len"`` experiment's contexts, training
-            characters, and EqProp variant (``None``: the best of ``"variants"``, else
-            ``"attention_only"``, the prototype's best).
-        tolerance: :func:`~toreq.nn.lm.build_lm`'s largest relative parameter mismatch.
+        seq_lens, seq_chars, seq_variant: the `"seq_len"` experiment's contexts, training
+            characters, and EqProp variant (`None`: the best of `"variants"`, else
+            `"attention_only"`, the prototype's best).
+        tolerance: [`build_lm`][toreq.nn.lm.build_lm]'s largest relative parameter mismatch.
     """
 
     name: str = "full"
@@ -116,18 +119,18 @@ class StudyConfig:
             raise ValueError(f"scales must be positive fractions, got {self.scales}")
 
     def identity(self) -> str:
-        """A hash of every field: the rows of one ``results.jsonl`` share it."""
+        """A hash of every field: the rows of one `results.jsonl` share it."""
         text = json.dumps(dataclasses.asdict(self), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 FULL = StudyConfig()
-"""The prototype's sizes: a ~2.2M-parameter base (``d_model`` 244 for backprop, 3 blocks of 4
-heads), 5,000 steps of 64 windows of 64 characters per ``"variants"`` run (about 20 passes over
+"""The prototype's sizes: a ~2.2M-parameter base (`d_model` 244 for backprop, 3 blocks of 4
+heads), 5,000 steps of 64 windows of 64 characters per `"variants"` run (about 20 passes over
 the training split), 2,000 steps at ~600K parameters in the size and length experiments, the
-EqProp blocks at :data:`~toreq.nn.transformer.BLOCK_DEFAULTS`. For a GPU (``device="cuda"``):
-with the EqProp sublayers' relaxations it takes days on a CPU. Its learning rate was not tuned
-at this size."""
+EqProp blocks at `BLOCK_DEFAULTS`. For a GPU
+(`device="cuda"`): with the EqProp sublayers' relaxations it takes days on a CPU. Its learning rate
+was not tuned at this size."""
 
 QUICK = StudyConfig(
     name="quick", base_params=80_000, n_layers=2, n_heads=2, seq_len=32, batch_size=16,
@@ -139,7 +142,7 @@ QUICK = StudyConfig(
 
 @dataclass(frozen=True)
 class Run:
-    """One training run of the study; ``key`` identifies it in ``results.jsonl``."""
+    """One training run of the study; `key` identifies it in `results.jsonl`."""
 
     experiment: str
     variant: str
@@ -152,7 +155,7 @@ class Run:
 
     @property
     def key(self) -> str:
-        """``experiment/variant/scale-or-size-or-seq_len/seed``."""
+        """`experiment/variant/scale-or-size-or-seq_len/seed`."""
         level = {"variants": f"scale={self.scale}", "data_size": f"chars={self.train_chars}",
                  "seq_len": f"seq_len={self.seq_len}"}[self.experiment]
         return f"{self.experiment}/{self.variant}/{level}/seed={self.seed}"
@@ -160,8 +163,8 @@ class Run:
 
 def plan(experiment: str, config: StudyConfig, seed: int,
          rows: Sequence[dict[str, Any]] = ()) -> list[Run]:
-    """The runs of one experiment; ``rows`` (the results so far) choose the ``"seq_len"``
-    experiment's EqProp variant when ``config.seq_variant`` is None."""
+    """The runs of one experiment; `rows` (the results so far) choose the `"seq_len"`
+    experiment's EqProp variant when `config.seq_variant` is None."""
     if experiment == "variants":
         return [Run(experiment, v, round(config.base_params * s), config.seq_len, None,
                     config.steps, seed, s) for s in config.scales for v in config.variants]
@@ -176,7 +179,7 @@ def plan(experiment: str, config: StudyConfig, seed: int,
 
 
 def best_eqprop_variant(rows: Iterable[dict[str, Any]]) -> str | None:
-    """The EqProp variant of the lowest validation perplexity in the ``"variants"`` experiment
+    """The EqProp variant of the lowest validation perplexity in the `"variants"` experiment
     at its largest scale, or None without such rows."""
     runs = [r for r in rows if r["experiment"] == "variants" and r["variant"] != "backprop"]
     if not runs:
@@ -235,7 +238,7 @@ def run_one(run: Run, config: StudyConfig, corpus: CharCorpus,
 
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a ``results.jsonl`` (none when it does not exist)."""
+    """The rows of a `results.jsonl` (none when it does not exist)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -243,8 +246,8 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
-    """Adds a row to ``path`` atomically: the old lines and the new one go to a temporary file
-    renamed over ``path``, so the file holds either the old rows or all of them."""
+    """Adds a row to `path` atomically: the old lines and the new one go to a temporary file
+    renamed over `path`, so the file holds either the old rows or all of them."""
     temporary = path.with_name(path.name + ".tmp")
     old = path.read_text() if path.exists() else ""
     with temporary.open("w") as f:
@@ -258,11 +261,12 @@ def run_study(corpus: CharCorpus, out: str | os.PathLike, config: StudyConfig = 
               experiments: Sequence[str] = EXPERIMENTS, seed: int = 0,
               device: str | torch.device = "cpu", resume: bool = False,
               log: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
-    """Runs the chosen experiments (in :data:`EXPERIMENTS` order), adding each run's row to
-    ``<out>/results.jsonl`` as it finishes, then :func:`write_outputs`. Returns every row.
+    """Runs the chosen experiments (in [`EXPERIMENTS`][toreq.lm_study.EXPERIMENTS] order), adding
+    each run's row to `<out>/results.jsonl` as it finishes, then
+    [`write_outputs`][toreq.lm_study.write_outputs]. Returns every row.
 
-    With ``resume=True`` the runs whose key is already in ``results.jsonl`` are skipped (its rows
-    must come from the same configuration); without it an existing ``results.jsonl`` is an
+    With `resume=True` the runs whose key is already in `results.jsonl` are skipped (its rows
+    must come from the same configuration); without it an existing `results.jsonl` is an
     error, so that no finished results are overwritten.
     """
     unknown = [e for e in experiments if e not in EXPERIMENTS]
@@ -299,9 +303,9 @@ def run_study(corpus: CharCorpus, out: str | os.PathLike, config: StudyConfig = 
 
 
 def size_comparison(rows: Iterable[dict[str, Any]]) -> list[tuple[int, str, float, float]]:
-    """Per training-text size of the ``"data_size"`` experiment (ascending) with both a backprop
-    and an EqProp run: ``(characters, the best EqProp variant, its validation perplexity,
-    backprop's)``."""
+    """Per training-text size of the `"data_size"` experiment (ascending) with both a backprop
+    and an EqProp run: `(characters, the best EqProp variant, its validation perplexity,
+    backprop's)`."""
     runs = [r for r in rows if r["experiment"] == "data_size"]
     backprop = {r["train_chars"]: r["val_perplexity"] for r in runs if r["variant"] == "backprop"}
     comparison = []
@@ -314,16 +318,17 @@ def size_comparison(rows: Iterable[dict[str, Any]]) -> list[tuple[int, str, floa
 
 
 def crossover(rows: Iterable[dict[str, Any]]) -> tuple[int, str, float, float] | None:
-    """The smallest training text of the ``"data_size"`` experiment at which an EqProp variant's
-    validation perplexity is below backprop's: ``(characters, variant, its perplexity,
-    backprop's)`` (the best variant there, :func:`size_comparison`), or None when none is."""
+    """The smallest training text of the `"data_size"` experiment at which an EqProp variant's
+    validation perplexity is below backprop's: `(characters, variant, its perplexity,
+    backprop's)` (the best variant there, [`size_comparison`][toreq.lm_study.size_comparison]),
+    or None when none is."""
     return next((c for c in size_comparison(rows) if c[2] < c[3]), None)
 
 
 def write_outputs(rows: Sequence[dict[str, Any]], out: str | os.PathLike,
                   config: StudyConfig) -> Path:
-    """Writes ``results.json`` (the configuration and the rows), ``results.csv`` (one line a
-    run; nested values as JSON) and ``summary.md`` into ``out``; returns the summary's path."""
+    """Writes `results.json` (the configuration and the rows), `results.csv` (one line a
+    run; nested values as JSON) and `summary.md` into `out`; returns the summary's path."""
     out = Path(out)
     (out / "results.json").write_text(json.dumps(
         {"config": dataclasses.asdict(config), "config_id": config.identity(),
@@ -347,8 +352,8 @@ def _table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> list[str]:
 
 def _by_level(rows: Sequence[dict[str, Any]], level: str
               ) -> tuple[list[str], list[tuple[Any, dict[str, dict[str, Any]]]]]:
-    """The variants among ``rows`` (in :data:`LM_VARIANTS` order), and for each value of the
-    column ``level``, ascending, its rows by variant: a table with a line per level."""
+    """The variants among `rows` (in `LM_VARIANTS` order), and for each value of the
+    column `level`, ascending, its rows by variant: a table with a line per level."""
     names = [v for v in LM_VARIANTS if any(r["variant"] == v for r in rows)]
     levels = [(value, {r["variant"]: r for r in rows if r[level] == value})
               for value in sorted({r[level] for r in rows})]
@@ -356,7 +361,7 @@ def _by_level(rows: Sequence[dict[str, Any]], level: str
 
 
 def summarize(rows: Sequence[dict[str, Any]], config: StudyConfig) -> str:
-    """``summary.md``: one table per experiment run, the crossover point and the settings."""
+    """`summary.md`: one table per experiment run, the crossover point and the settings."""
     text = [f"# Character-level LM study ({config.name})", "",
             f"Tiny Shakespeare, {len(rows)} runs. Validation: the first {config.eval_chars:,} "
             f"characters of the held-out split. Every run: Adam lr {config.lr}, "

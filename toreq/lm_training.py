@@ -1,7 +1,8 @@
 """Training a character language model: next-token cross-entropy on random windows.
 
-The models are in :mod:`toreq.nn.lm`; this loop trains any of them (their EqProp sublayers get
-their gradients from their own backward, :class:`toreq.nn.EquilibriumBlock`).
+The models are in [`toreq.nn.lm`][toreq.nn.lm]; this loop trains any of them (their EqProp
+sublayers get their gradients from their own backward,
+[`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock]).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ __all__ = ["random_windows", "train_lm"]
 
 def random_windows(ids: Tensor, batch_size: int, seq_len: int,
                    generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """``batch_size`` random windows of a 1-D id sequence: inputs ``ids[i : i+T]`` and targets
-    ``ids[i+1 : i+T+1]``, each ``(batch_size, seq_len)``."""
+    """`batch_size` random windows of a 1-D id sequence: inputs `ids[i : i+T]` and targets
+    `ids[i+1 : i+T+1]`, each `(batch_size, seq_len)`."""
     if ids.dim() != 1 or ids.numel() < seq_len + 1:
         raise ValueError(f"ids must be 1-D with more than seq_len={seq_len} tokens, got shape "
                          f"{tuple(ids.shape)}")
@@ -32,16 +33,18 @@ def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tens
              *, batch_size: int = 32, seq_len: int | None = None,
              generator: torch.Generator | None = None, eval_ids: Tensor | None = None,
              eval_every: int = 0) -> list[dict[str, float]]:
-    """``steps`` optimizer steps on the next-token cross-entropy of random windows of ``train_ids``:
+    r"""`steps` optimizer steps on the next-token cross-entropy of random windows of `train_ids`:
 
-    .. math::  L = -\\frac{1}{B T} \\sum_{b, t} \\log \\mathrm{softmax}(\\mathrm{logits}_{b,t})
-               [y_{b,t}],
+    $$
+    L = -\frac{1}{B T} \sum_{b, t} \log \mathrm{softmax}(\mathrm{logits}_{b,t})
+    [y_{b,t}],
+    $$
 
-    with windows from :func:`random_windows` (``seq_len`` defaults to ``model.seq_len``). Returns
-    one record per step, ``{"step", "loss"}``; with ``eval_ids``, ``"val_perplexity"``
-    (:func:`perplexity` on ``eval_ids``) is added every ``eval_every`` steps and at the last
-    (``eval_every=0``: only there), and a first record ``{"step": 0, "val_perplexity"}`` holds
-    the untrained model's.
+    with windows from [`random_windows`][toreq.lm_training.random_windows] (`seq_len` defaults to
+    `model.seq_len`). Returns one record per step, `{"step", "loss"}`; with `eval_ids`,
+    `"val_perplexity"` ([`perplexity`][toreq.nn.lm.perplexity] on `eval_ids`) is added every
+    `eval_every` steps and at the last (`eval_every=0`: only there), and a first record
+    `{"step": 0, "val_perplexity"}` holds the untrained model's.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")

@@ -1,9 +1,9 @@
 """Named training configurations whose results we measured.
 
-Each :class:`Preset` holds the hyper-parameters of one model on one data set, the test
-accuracy it reached and the command that reproduces that figure (``benchmarks/accuracy.py``
+Each [`Preset`][toreq.presets.Preset] holds the hyper-parameters of one model on one data set, the
+test accuracy it reached and the command that reproduces that figure (`benchmarks/accuracy.py`
 runs every preset over several seeds and writes the table in the README). The command line
-(``toreq train --preset NAME``) and the benchmarks read them from here, so a figure and the
+(`toreq train --preset NAME`) and the benchmarks read them from here, so a figure and the
 configuration that produced it never drift apart.
 """
 
@@ -20,17 +20,19 @@ __all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "get_p
            "train_preset"]
 
 MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp", "modern_eqprop", "conv_ep")
+"""The model names [`build_model`][toreq.presets.build_model] builds (`toreq train --model`)."""
 
 
 def build_model(name: str, input_dim: int, output_dim: int, hidden: int, *, layers: int = 1,
                 activation: str | None = None, max_steps: int | None = None,
                 image_shape: Sequence[int] | None = None,
                 channels: Sequence[int] = (16, 32)) -> torch.nn.Module:
-    """An equilibrium model by its name in :data:`MODELS` (the command line's ``--model``).
+    """An equilibrium model by its name in [`MODELS`][toreq.presets.MODELS] (the command line's
+    `--model`).
 
-    ``conv_ep`` reads its flattened input as images of ``image_shape`` ``(C, H, W)`` and has one
-    convolutional layer per entry of ``channels``; ``hidden`` and ``layers`` size the other
-    models. ``activation`` and ``max_steps`` left as None keep the model's own defaults.
+    `conv_ep` reads its flattened input as images of `image_shape` `(C, H, W)` and has one
+    convolutional layer per entry of `channels`; `hidden` and `layers` size the other
+    models. `activation` and `max_steps` left as None keep the model's own defaults.
     """
     from toreq.nn import EPMLP, ConvEP, LoopedMLP, ModernEqProp, ToroidalMLP
 
@@ -56,10 +58,10 @@ def build_model(name: str, input_dim: int, output_dim: int, hidden: int, *, laye
 class Preset:
     """One configuration: model, EqProp hyper-parameters and optimisation schedule.
 
-    ``lr`` is AdamW's learning rate, annealed to 0 by a cosine schedule over ``epochs``; the
+    `lr` is AdamW's learning rate, annealed to 0 by a cosine schedule over `epochs`; the
     backprop baseline of the same width uses the same optimiser, schedule and batches.
-    ``activation`` None keeps the model's own; ``channels`` sizes ``conv_ep`` only.
-    ``result`` is the measured figure in words (with its seeds), ``command`` what produced it.
+    `activation` None keeps the model's own; `channels` sizes `conv_ep` only.
+    `result` is the measured figure in words (with its seeds), `command` what produced it.
     """
 
     name: str
@@ -118,17 +120,18 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+"""The measured configurations by name (`toreq train --preset NAME`)."""
 
 
 def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: str = "eqprop",
                   seed: int = 0, image_shape: Sequence[int] | None = None):
-    """The model, trainer and LR scheduler of ``preset`` for one training run.
+    """The model, trainer and LR scheduler of `preset` for one training run.
 
-    ``method`` is ``"eqprop"`` (the preset's model trained by EqProp), ``"bptt"`` (the same model
-    trained by backprop through ``free_steps`` unrolled steps) or ``"backprop"`` (a feedforward
+    `method` is `"eqprop"` (the preset's model trained by EqProp), `"bptt"` (the same model
+    trained by backprop through `free_steps` unrolled steps) or `"backprop"` (a feedforward
     MLP of the same width). Every method gets AdamW with the preset's learning rate, annealed to
-    0 over ``preset.epochs`` by a cosine schedule. The parameters are initialised from ``seed``.
-    ``image_shape`` is the data's ``(C, H, W)``, which ``conv_ep`` needs.
+    0 over `preset.epochs` by a cosine schedule. The parameters are initialised from `seed`.
+    `image_shape` is the data's `(C, H, W)`, which `conv_ep` needs.
     """
     from toreq.nn import FeedforwardMLP
     from toreq.train import BackpropTrainer, BPTTTrainer, EqPropTrainer
@@ -160,12 +163,13 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
 def train_preset(preset: Preset, data, method: str, seed: int, *, progress: bool = False,
                  beta_schedule: Callable[[int], float] | None = None,
                  judge: Callable[[torch.nn.Module], dict] | None = None) -> dict:
-    """One training run of ``preset`` on ``data`` (a :class:`toreq.data.ClassificationData`) by
-    ``method`` (see :func:`build_trainer`) from ``seed``, evaluated on the test split after
-    every epoch. ``beta_schedule`` (``step -> beta``, EqProp only) replaces the preset's fixed
-    beta, as in :class:`toreq.train.EqPropTrainer`. ``judge``, called with the trained model,
-    measures it further (e.g. a policy's closed-loop return, :mod:`toreq.control`); its entries
-    join the result.
+    """One training run of `preset` on `data` (a
+    [`ClassificationData`][toreq.data.ClassificationData]) by `method` (see
+    [`build_trainer`][toreq.presets.build_trainer]) from `seed`, evaluated on the test split after
+    every epoch. `beta_schedule` (`step -> beta`, EqProp only) replaces the preset's fixed beta, as
+    in [`EqPropTrainer`][toreq.train.EqPropTrainer]. `judge`, called with the trained model,
+    measures it further (e.g. a policy's closed-loop return, [`toreq.control`][toreq.control]);
+    its entries join the result.
 
     Returns the last epoch's test and train accuracy in %, the training time in seconds, the
     parameter count, the mean relaxation steps on the test set (EqProp) and the epochs' history.
@@ -196,7 +200,7 @@ def train_preset(preset: Preset, data, method: str, seed: int, *, progress: bool
 
 
 def get_preset(name: str) -> Preset:
-    """The preset called ``name``; a clear error lists the known names otherwise."""
+    """The preset called `name`; a clear error lists the known names otherwise."""
     try:
         return PRESETS[name]
     except KeyError:

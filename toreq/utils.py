@@ -11,7 +11,7 @@ __all__ = ["Symmetric", "lipschitz", "spectral_norm", "symmetric"]
 
 
 class Symmetric(nn.Module):
-    """``W = (A + A^T) / 2``: a symmetric recurrent weight makes vector-field EqProp exact."""
+    r"""$W = (A + A^\top) / 2$: a symmetric recurrent weight makes vector-field EqProp exact."""
 
     def forward(self, a: Tensor) -> Tensor:
         return 0.5 * (a + a.T)
@@ -21,7 +21,7 @@ class Symmetric(nn.Module):
 
 
 def symmetric(module: nn.Module, name: str = "weight") -> nn.Module:
-    """Parametrizes ``module.<name>`` (square) as a symmetric matrix; returns the module."""
+    """Parametrizes `module.<name>` (square) as a symmetric matrix; returns the module."""
     weight = getattr(module, name)
     if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
         raise ValueError(f"symmetric() needs a square matrix, got shape {tuple(weight.shape)}")
@@ -30,7 +30,7 @@ def symmetric(module: nn.Module, name: str = "weight") -> nn.Module:
 
 
 def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1) -> nn.Module:
-    """Parametrizes ``module.<name>`` to spectral norm 1 (``torch.nn.utils.parametrizations``).
+    """Parametrizes `module.<name>` to spectral norm 1 (`torch.nn.utils.parametrizations`).
 
     With activations of slope at most 1 (hard sigmoid, tanh; sigmoid's is 1/4) and a spectral
     norm below 1 for the recurrent weights, the dynamics is a contraction: the fixed point
@@ -41,13 +41,14 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
 
 
 def lipschitz(model, x: Tensor, iterations: int = 30) -> float:
-    """An estimate of the contraction constant of a model's dynamics at its free equilibrium.
+    r"""An estimate of the contraction constant of a model's dynamics at its free equilibrium.
 
-    Returns the largest, over the batch ``x``, spectral norm of the Jacobian ``dF/ds`` of one
-    relaxation step (``model.step``, all layers' states together) at the free fixed point,
-    found by power iteration on ``J^T J`` with forward- and reverse-mode products. Below 1 the
-    dynamics contract near the equilibrium. Works for every :class:`toreq.nn.EquilibriumModel`,
-    whatever the shapes of its states (convolutional states included).
+    Returns the largest, over the batch `x`, spectral norm of the Jacobian `dF/ds` of one
+    relaxation step (`model.step`, all layers' states together) at the free fixed point,
+    found by power iteration on $J^\top J$ with forward- and reverse-mode products. Below 1 the
+    dynamics contract near the equilibrium. Works for every
+    [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel], whatever the shapes of its states
+    (convolutional states included).
     """
     with torch.no_grad():
         net = model.network(x)

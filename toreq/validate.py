@@ -1,18 +1,19 @@
 """Our claims, measured over several seeds, with statistics and a verdict against each bar.
 
-``toreq validate`` runs every claim of :data:`CLAIMS` for the seeds ``0 .. n-1`` and writes
-``validation.md`` and ``validation.json``. Each claim is a function ``(seeds, quick, ...) ->``
-:class:`ClaimResult` reusing the library's own code (presets, trainers, diagnostics): it
-records the measured values per seed (:class:`Metric`) and judges them against its bars
-(:class:`Check`), which are keyword arguments so that a bar can be changed, and a failure seen.
+`toreq validate` runs every claim of [`CLAIMS`][toreq.validate.CLAIMS] for the seeds `0 .. n-1` and
+writes `validation.md` and `validation.json`. Each claim is a function `(seeds, quick, ...) ->`
+[`ClaimResult`][toreq.validate.ClaimResult] reusing the library's own code (presets, trainers,
+diagnostics): it records the measured values per seed ([`Metric`][toreq.validate.Metric]) and judges
+them against its bars ([`Check`][toreq.validate.Check]), which are keyword arguments so that a bar
+can be changed, and a failure seen.
 
-Statistics of the ``n`` values ``v_i`` of one metric (:func:`summarise`): mean
-``m = sum_i v_i / n``, sample standard deviation ``s = sqrt(sum_i (v_i - m)^2 / (n - 1))`` and
-the 95% confidence interval of the mean ``m +- t_{0.975, n-1} s / sqrt(n)``, with Student's t
-quantile from ``scipy.stats.t.ppf`` (none for ``n = 1``).
+Statistics of the `n` values `v_i` of one metric ([`summarise`][toreq.validate.summarise]): mean
+`m = sum_i v_i / n`, sample standard deviation `s = sqrt(sum_i (v_i - m)^2 / (n - 1))` and
+the 95% confidence interval of the mean `m +- t_{0.975, n-1} s / sqrt(n)`, with Student's t
+quantile from `scipy.stats.t.ppf` (none for `n = 1`).
 
 A bar on a statistical quantity (accuracy, time) is judged on the mean over seeds; a bar on a
-deterministic one (a gradient's error, a peak of memory) on every seed. ``quick=True`` runs
+deterministic one (a gradient's error, a peak of memory) on every seed. `quick=True` runs
 Fashion-MNIST for fewer epochs on a training subset and fewer timed repeats: its verdicts
 are indicative only, and the report says so.
 """
@@ -46,10 +47,10 @@ __all__ = [
 
 # -------------------------------------------------------------------------------- statistics
 def summarise(values: Sequence[float], confidence: float = 0.95) -> dict[str, float | None]:
-    """Mean, sample standard deviation and the ``confidence`` interval of the mean (Student t).
+    """Mean, sample standard deviation and the `confidence` interval of the mean (Student t).
 
-    ``ci_low, ci_high = m -+ t s / sqrt(n)``, ``t = scipy.stats.t.ppf((1 + confidence) / 2,
-    n - 1)``; for one value the standard deviation is 0 and the interval None.
+    `ci_low, ci_high = m -+ t s / sqrt(n)`, `t = scipy.stats.t.ppf((1 + confidence) / 2,
+    n - 1)`; for one value the standard deviation is 0 and the interval None.
     """
     from scipy.stats import t as student_t
 
@@ -66,7 +67,7 @@ def summarise(values: Sequence[float], confidence: float = 0.95) -> dict[str, fl
 
 @dataclass
 class Metric:
-    """One measured quantity, one value per seed; ``fmt`` formats its numbers in the report."""
+    """One measured quantity, one value per seed; `fmt` formats its numbers in the report."""
 
     name: str
     unit: str
@@ -79,7 +80,7 @@ class Metric:
 
 @dataclass
 class Check:
-    """One bar: what it asks (``bar``), the value judged (``measured``) and the verdict."""
+    """One bar: what it asks (`bar`), the value judged (`measured`) and the verdict."""
 
     bar: str
     measured: str
@@ -127,10 +128,10 @@ def claim_accuracy(seeds: Sequence[int], quick: bool = False, *, dataset: str = 
                    min_accuracy: float | None = None, max_gap: float | None = None,
                    data_dir: str | None = None) -> ClaimResult:
     """The data set's preset trained by EqProp and its backprop baseline of the same width
-    (:func:`toreq.presets.train_preset`, as ``benchmarks/accuracy.py``), per seed: test
-    accuracy of each and ``gap = backprop - EqProp`` in points. Passes when the mean EqProp
-    accuracy is ``>= min_accuracy`` and the mean gap ``<= max_gap`` (default: the bars of
-    :data:`ACCURACY_BARS`)."""
+    ([`train_preset`][toreq.presets.train_preset], as `benchmarks/accuracy.py`), per seed: test
+    accuracy of each and `gap = backprop - EqProp` in points. Passes when the mean EqProp
+    accuracy is `>= min_accuracy` and the mean gap `<= max_gap` (default: the bars of
+    `ACCURACY_BARS`)."""
     from toreq.data import load_classification
     from toreq.presets import PRESETS, train_preset
 
@@ -174,12 +175,13 @@ def claim_accuracy(seeds: Sequence[int], quick: bool = False, *, dataset: str = 
 # -------------------------------------------------------------------------------- 2. gradient
 def claim_gradient(seeds: Sequence[int], quick: bool = False, *, min_cosine: float = 0.99999,
                    max_relative_error: float = 1e-4) -> ClaimResult:
-    """:func:`toreq.diagnostics.gradient_check` of a tied :class:`toreq.nn.EPMLP` (8 -> [7, 6]
-    -> 3, tanh, squared error, float64) on 6 random samples, beta 1e-4, symmetric nudging, per
-    seed (the seed draws the weights and the batch). Per seed: the lowest cosine and the
-    highest relative error of EqProp's gradient against BPTT's and implicit differentiation's
-    over every tensor (the input included). Passes when, on every seed, every tensor has
-    ``cosine >= min_cosine`` and ``relative error <= max_relative_error`` against both."""
+    """[`gradient_check`][toreq.diagnostics.gradient_check] of a tied
+    [`EPMLP`][toreq.nn.models.EPMLP] (8 -> [7, 6] -> 3, tanh, squared error, float64) on 6 random
+    samples, beta 1e-4, symmetric nudging, per seed (the seed draws the weights and the batch). Per
+    seed: the lowest cosine and the highest relative error of EqProp's gradient against BPTT's and
+    implicit differentiation's over every tensor (the input included). Passes when, on every seed,
+    every tensor has `cosine >= min_cosine` and `relative error <= max_relative_error` against
+    both."""
     from toreq.diagnostics import gradient_check
     from toreq.nn import EPMLP
 
@@ -219,10 +221,10 @@ INPUTS, CLASSES, NUDGED_STEPS = 64, 10, 10
 def looped_step(method: str, steps: int, *, batch: int, hidden: int,
                 nudged_steps: int = NUDGED_STEPS, seed: int = 0,
                 device: torch.device | str = "cpu") -> Callable[[], object]:
-    """One training step of a :class:`toreq.nn.LoopedMLP` (64 -> ``hidden`` -> 10, SGD) with
-    exactly ``steps`` free steps (``tol=0``), as a closure on a fixed random batch: ``method``
-    ``"eqprop"`` (two nudged phases of ``nudged_steps``, beta 0.5), ``"eqprop_one_sided"`` (one)
-    or ``"bptt"`` (``steps`` steps unrolled with autograd). The seed draws weights and batch."""
+    """One training step of a [`LoopedMLP`][toreq.nn.models.LoopedMLP] (64 -> `hidden` -> 10, SGD)
+    with exactly `steps` free steps (`tol=0`), as a closure on a fixed random batch: `method`
+    `"eqprop"` (two nudged phases of `nudged_steps`, beta 0.5), `"eqprop_one_sided"` (one)
+    or `"bptt"` (`steps` steps unrolled with autograd). The seed draws weights and batch."""
     from toreq.nn import LoopedMLP
     from toreq.train import BPTTTrainer, EqPropTrainer
 
@@ -240,11 +242,11 @@ def looped_step(method: str, steps: int, *, batch: int, hidden: int,
 
 
 def tensor_peak(step: Callable[[], object]) -> int:
-    """Peak of live bytes of the tensors allocated during ``step()``, from the allocation
-    records of ``torch.profiler`` (``profile_memory=True``): every CPU tensor allocation and
+    """Peak of live bytes of the tensors allocated during `step()`, from the allocation
+    records of `torch.profiler` (`profile_memory=True`): every CPU tensor allocation and
     free, in time order, summed (the profiler leaves out frees of blocks allocated before it
     started). The records are read from the profiler's event tree,
-    ``kineto_results.experimental_event_tree()``, which torch does not promise to keep."""
+    `kineto_results.experimental_event_tree()`, which torch does not promise to keep."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -272,11 +274,11 @@ def _peak(method: str, steps: int, seed: int, size: dict) -> int:
 def claim_memory(seeds: Sequence[int], quick: bool = False, *, max_growth: float = 0.05,
                  max_ratio: float = 0.2) -> ClaimResult:
     """EqProp's memory is flat in the number of free steps T. Per seed, peak tensor bytes of
-    one training step of a LoopedMLP (:func:`looped_step`, symmetric nudging, batch 256,
-    hidden 512) measured in-process by :func:`tensor_peak` after a warm-up:
-    ``growth = peak(T=300) / peak(T=10) - 1`` and ``ratio = peak_EqProp(T=100) /
-    peak_BPTT(T=100)``. Passes when on every seed ``growth <= max_growth`` and
-    ``ratio <= max_ratio``."""
+    one training step of a LoopedMLP ([`looped_step`][toreq.validate.looped_step], symmetric
+    nudging, batch 256, hidden 512) measured in-process by
+    [`tensor_peak`][toreq.validate.tensor_peak] after a warm-up:
+    `growth = peak(T=300) / peak(T=10) - 1` and `ratio = peak_EqProp(T=100) / peak_BPTT(T=100)`.
+    Passes when on every seed `growth <= max_growth` and `ratio <= max_ratio`."""
     size = SIZES[quick]
     growth, ratio, low, high = [], [], [], []
     for seed in seeds:
@@ -304,9 +306,9 @@ def claim_memory(seeds: Sequence[int], quick: bool = False, *, max_growth: float
 def claim_speed(seeds: Sequence[int], quick: bool = False, *,
                 max_ratio: float = 0.6) -> ClaimResult:
     """EqProp is faster than BPTT. Per seed, the median over repeats (3 quick, 7 full) of one
-    training step's wall time at T=30 of a LoopedMLP (:func:`looped_step`): EqProp with one
-    one-sided nudged phase of 10 steps against BPTT, the two alternated so both see the same
-    machine load, after a warm-up each. Passes when the mean ratio is ``<= max_ratio``."""
+    training step's wall time at T=30 of a LoopedMLP ([`looped_step`][toreq.validate.looped_step]):
+    EqProp with one one-sided nudged phase of 10 steps against BPTT, the two alternated so both see
+    the same machine load, after a warm-up each. Passes when the mean ratio is `<= max_ratio`."""
     size = SIZES[quick]
     eqprop_ms, bptt_ms, ratio = [], [], []
     for seed in seeds:
@@ -337,8 +339,8 @@ def claim_speed(seeds: Sequence[int], quick: bool = False, *,
 
 # -------------------------------------------------------------------------------- 5. beta
 def annealed_beta(start: float, end: float, total_steps: int) -> Callable[[int], float]:
-    """``beta(k) = start (end / start)^(k / (total_steps - 1))``: geometric from ``start`` at the
-    first step to ``end`` at the last (and ``end`` after)."""
+    """`beta(k) = start (end / start)^(k / (total_steps - 1))`: geometric from `start` at the
+    first step to `end` at the last (and `end` after)."""
     if not (start > 0 and end > 0 and total_steps >= 2):
         raise ValueError(f"annealed_beta needs start, end > 0 and total_steps >= 2, got "
                          f"{start}, {end}, {total_steps}")
@@ -349,11 +351,11 @@ def claim_beta_stability(seeds: Sequence[int], quick: bool = False, *,
                          min_accuracy: float = 96.0, anneal: tuple[float, float] = (0.5, 0.01),
                          data_dir: str | None = None) -> ClaimResult:
     """Fixed beta against annealed beta, on the digits preset (LoopedMLP, EqProp), per seed:
-    the preset's fixed beta (0.1) and ``beta`` annealed geometrically from ``anneal[0]`` to
-    ``anneal[1]`` over all training steps (:func:`annealed_beta`,
-    ``EqPropTrainer(beta_schedule=...)``), everything else the preset's. The prototype claimed
-    annealing collapses training while a fixed beta is stable; the check is ``fixed beta's test
-    accuracy >= min_accuracy on every seed``; the annealed runs are reported as measured, with
+    the preset's fixed beta (0.1) and `beta` annealed geometrically from `anneal[0]` to
+    `anneal[1]` over all training steps ([`annealed_beta`][toreq.validate.annealed_beta],
+    `EqPropTrainer(beta_schedule=...)`), everything else the preset's. The prototype claimed
+    annealing collapses training while a fixed beta is stable; the check is `fixed beta's test
+    accuracy >= min_accuracy on every seed`; the annealed runs are reported as measured, with
     a note that says whether they collapsed (a seed below 50%, or diverged)."""
     from toreq.data import load_classification
     from toreq.presets import get_preset, train_preset
@@ -399,6 +401,8 @@ CLAIMS: dict[str, Callable[..., ClaimResult]] = {
     "speed": claim_speed,
     "beta": claim_beta_stability,
 }
+"""Each claim by name (`toreq validate --claims`): a function of the seeds and `quick` that
+returns its [`ClaimResult`][toreq.validate.ClaimResult]."""
 USES_DATA = ("accuracy_digits", "accuracy_fashion_mnist", "beta")
 
 
@@ -427,8 +431,9 @@ def environment() -> dict:
 
 def run_claims(names: Sequence[str], seeds: int, quick: bool, *, data_dir: str | None = None,
                log: Callable[[str], None] | None = None) -> dict:
-    """Runs the claims ``names`` (keys of :data:`CLAIMS`) for seeds ``0 .. seeds-1``; returns the
-    report: ``{"environment", "quick", "seeds", "seconds", "claims": [ClaimResult.as_dict()]}``."""
+    """Runs the claims `names` (keys of [`CLAIMS`][toreq.validate.CLAIMS]) for seeds `0 .. seeds-1`;
+    returns the report:
+    `{"environment", "quick", "seeds", "seconds", "claims": [ClaimResult.as_dict()]}`."""
     unknown = [n for n in names if n not in CLAIMS]
     if unknown or not names:
         raise ValueError(f"claims must be among {', '.join(CLAIMS)}, got {list(names)}")
@@ -496,7 +501,7 @@ def markdown(report: dict) -> str:
 
 
 def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
-    """Writes ``validation.json`` and ``validation.md`` into ``out_dir``; returns the .md."""
+    """Writes `validation.json` and `validation.md` into `out_dir`; returns the .md."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "validation.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -74,7 +74,8 @@ from toreq.dynamics import CellDynamics, Nudge
 from toreq.errors import ConvergenceWarning
 from toreq.estimators import BPTT, EqProp, Estimator, ImplicitDifferentiation
 from toreq.nn.equilibrium import warn_unconverged
-from toreq.ops import ACTIVATIONS, RelaxResult, activate
+from toreq.ops import RelaxResult, activate
+from toreq.ops.relax import ACTIVATIONS
 from toreq.solvers import PhaseSettings, Solver, get_solver, solve_map
 from toreq.validation import (check_choice, check_fraction, check_positive_float,
                               check_positive_int)

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from toreq.dynamics import Cost, Network, Nudge, get_cost
 from toreq.errors import ConvergenceWarning
 from toreq.estimators import apply_contrast
-from toreq.ops import ACTIVATIONS, RelaxResult
+from toreq.ops import RelaxResult
+from toreq.ops.relax import ACTIVATIONS
 from toreq.solvers import Iteration, PhaseSettings, Solver, get_solver, solve_map
 from toreq.validation import (check_choice, check_fraction, check_nonnegative_float,
                               check_positive_int)

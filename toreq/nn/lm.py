@@ -1,22 +1,28 @@
-"""A character-level transformer language model with EqProp sublayers, and its measures.
+r"""A character-level transformer language model with EqProp sublayers, and its measures.
 
-:class:`CharTransformerLM` maps token ids ``idx`` of shape ``(B, T)`` to next-token logits
+[`CharTransformerLM`][toreq.nn.lm.CharTransformerLM] maps token ids `idx` of shape `(B, T)` to
+next-token logits
 
-.. math::  x^{(0)}_t = E[\\mathrm{idx}_t] + P[t], \\qquad x^{(l)} = \\mathrm{Block}_l(x^{(l-1)}),
-           \\qquad \\mathrm{logits}_t = R\\, \\mathrm{LN}(x^{(L)}_t) + r,
+$$
+x^{(0)}_t = E[\mathrm{idx}_t] + P[t], \qquad x^{(l)} = \mathrm{Block}_l(x^{(l-1)}),
+\qquad \mathrm{logits}_t = R\, \mathrm{LN}(x^{(L)}_t) + r,
+$$
 
-with :class:`~toreq.nn.transformer.TransformerBlock` s whose sublayers are backprop or EqProp
-(``eqprop``, per block). Train it with ``F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-.backward()`` (:func:`train_lm` runs that loop): the EqProp sublayers' gradients come from their
-nudged phases, the rest from autograd. :meth:`CharTransformerLM.generate` samples text from it;
-a model built with its corpus's ``vocab`` keeps it in its ``state_dict``, so a checkpoint
-(:meth:`CharLM.from_checkpoint`) generates on its own.
+with [`TransformerBlock`][toreq.nn.transformer.TransformerBlock] s whose sublayers are backprop or
+EqProp (`eqprop`, per block). Train it with
+`F.cross_entropy(logits.flatten(0, 1), targets.flatten()) .backward()`
+([`train_lm`][toreq.lm_training.train_lm] runs that loop): the EqProp sublayers' gradients come from their
+nudged phases, the rest from autograd.
+[`CharTransformerLM.generate`][toreq.nn.lm.CharTransformerLM.generate] samples text from it; a model
+built with its corpus's `vocab` keeps it in its `state_dict`, so a checkpoint
+([`CharLM.from_checkpoint`][toreq.nn.lm.CharLM.from_checkpoint]) generates on its own.
 
-:class:`LoopedMLPLM` is the attention-free model: position ``t``'s logits from the embeddings of
-its last ``context`` characters through one looped EqProp layer. :func:`build_lm` builds the
-prototype's language-model variants (:data:`LM_VARIANTS`) at a given parameter count, for the
-scale study of :mod:`toreq.lm_study`; :func:`evaluate_lm` measures perplexity, next-character
-accuracy and bits per character.
+[`LoopedMLPLM`][toreq.nn.lm.LoopedMLPLM] is the attention-free model: position `t`'s logits from the
+embeddings of its last `context` characters through one looped EqProp layer.
+[`build_lm`][toreq.nn.lm.build_lm] builds the prototype's language-model variants
+([`LM_VARIANTS`][toreq.nn.lm.LM_VARIANTS]) at a given parameter count, for the scale study of
+[`toreq.lm_study`][toreq.lm_study]; [`evaluate_lm`][toreq.nn.lm.evaluate_lm] measures perplexity,
+next-character accuracy and bits per character.
 """
 
 from __future__ import annotations
@@ -54,11 +60,11 @@ def __getattr__(name: str):
 
 
 class CharLM(nn.Module):
-    """What every character-level language model here shares: token ids ``(B, T)`` in, next-token
-    logits ``(B, T, vocab_size)`` out, for ``T <= seq_len``; an optional vocabulary kept in the
-    ``state_dict``; :meth:`generate`; ``config`` (``type(lm)(**lm.config)`` rebuilds the
-    architecture) and :meth:`from_checkpoint`. Subclasses set ``config`` and implement
-    :meth:`forward` (checking ``idx`` with :meth:`_check_ids`).
+    """What every character-level language model here shares: token ids `(B, T)` in, next-token
+    logits `(B, T, vocab_size)` out, for `T <= seq_len`; an optional vocabulary kept in the
+    `state_dict`; `generate`; `config` (`type(lm)(**lm.config)` rebuilds the
+    architecture) and `from_checkpoint`. Subclasses set `config` and implement
+    `forward` (checking `idx` with `_check_ids`).
     """
 
     config: dict[str, Any]
@@ -85,7 +91,7 @@ class CharLM(nn.Module):
     # -------------------------------------------------------------------- vocabulary
     @property
     def vocab(self) -> str | None:
-        """The characters of the token ids, or ``None`` when the model was built without them."""
+        """The characters of the token ids, or `None` when the model was built without them."""
         return None if self._corpus is None else self._corpus.vocab
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -101,7 +107,7 @@ class CharLM(nn.Module):
         self._corpus = None if vocab is None else CharCorpus("", vocab, empty, empty)
 
     def encode(self, text: str) -> Tensor:
-        """Token ids ``(len(text),)`` of a string; a ``ValueError`` names unknown characters."""
+        """Token ids `(len(text),)` of a string; a `ValueError` names unknown characters."""
         return self._vocabulary().encode(text)
 
     def decode(self, ids: Tensor) -> str:
@@ -119,29 +125,31 @@ class CharLM(nn.Module):
     def generate(self, prompt: str | Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None,
                  generator: torch.Generator | int | None = None) -> str | Tensor:
-        """Samples ``max_new_tokens`` tokens after ``prompt``, one at a time, in eval mode.
+        r"""Samples `max_new_tokens` tokens after `prompt`, one at a time, in eval mode.
 
         Each new token is drawn from the model's next-token distribution given the last
-        ``seq_len`` tokens (a sliding window over the prompt and what was sampled so far),
+        `seq_len` tokens (a sliding window over the prompt and what was sampled so far),
 
-        .. math::  p(i) \\propto \\exp(\\mathrm{logits}_i / \\tau) \\ \\text{over the}
-                   \\ \\mathrm{top\\_k} \\ \\text{largest logits (all when None), 0 elsewhere,}
+        $$
+        p(i) \propto \exp(\mathrm{logits}_i / \tau) \ \text{over the}
+        \ \mathrm{top\_k} \ \text{largest logits (all when None), 0 elsewhere,}
+        $$
 
-        so ``top_k=1`` is greedy (argmax) decoding and ``tau -> 0`` approaches it.
+        so `top_k=1` is greedy (argmax) decoding and $\tau \to 0$ approaches it.
 
         Args:
-            prompt: a non-empty string in the model's :attr:`vocab`, or token ids of shape
-                ``(T,)`` or ``(B, T)`` with ``T >= 1``.
-            max_new_tokens: how many tokens to append (``>= 0``).
-            temperature: ``tau > 0``; lower is more conservative.
-            top_k: sample only among the ``top_k`` most likely tokens (``1 .. vocab_size``).
-            generator: a ``torch.Generator`` on the model's device, or an int seed: the same
+            prompt: a non-empty string in the model's `vocab`, or token ids of shape
+                `(T,)` or `(B, T)` with `T >= 1`.
+            max_new_tokens: how many tokens to append (`>= 0`).
+            temperature: `tau > 0`; lower is more conservative.
+            top_k: sample only among the `top_k` most likely tokens (`1 .. vocab_size`).
+            generator: a `torch.Generator` on the model's device, or an int seed: the same
                 seed gives the same text.
 
         Returns:
             the prompt followed by the sampled text (a string for a string prompt), or the
             token ids with the new ones appended (the prompt's shape, longer by
-            ``max_new_tokens``). The model's training mode is restored.
+            `max_new_tokens`). The model's training mode is restored.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
@@ -190,10 +198,11 @@ class CharLM(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu"
                         ) -> CharLM:
-        """The model of a checkpoint written by ``toreq lm-train`` (its ``extra["lm_config"]``
-        rebuilds the architecture of the class named by ``extra["lm_class"]``, a
-        :class:`CharTransformerLM` when absent; the weights and the vocabulary come from its
-        ``state_dict``). Called on a subclass, the checkpoint must hold that class.
+        """The model of a checkpoint written by `toreq lm-train` (its `extra["lm_config"]`
+        rebuilds the architecture of the class named by `extra["lm_class"]`, a
+        [`CharTransformerLM`][toreq.nn.lm.CharTransformerLM] when absent; the weights and the
+        vocabulary come from its `state_dict`). Called on a subclass, the checkpoint must hold that
+        class.
         """
         from toreq.train import read_checkpoint  # toreq.train imports toreq.nn
 
@@ -217,33 +226,33 @@ def _check_positive(name: str, value: object) -> None:
 
 
 class CharTransformerLM(CharLM):
-    """Token and position embeddings, ``n_layers`` transformer blocks, a LayerNorm and a readout.
+    """Token and position embeddings, `n_layers` transformer blocks, a LayerNorm and a readout.
 
     Args:
         vocab_size: the number of token ids.
         d_model: the model width.
-        n_layers: the number of blocks (applications of the one block when ``shared``).
+        n_layers: the number of blocks (applications of the one block when `shared`).
         n_heads: attention heads per block.
         seq_len: the longest input (position embeddings).
-        eqprop: which sublayers are EqProp (``"none"``, ``"attention"``, ``"ffn"``, ``"both"``),
-            one value for every block or a sequence of ``n_layers`` values (e.g. EqProp only in
+        eqprop: which sublayers are EqProp (`"none"`, `"attention"`, `"ffn"`, `"both"`),
+            one value for every block or a sequence of `n_layers` values (e.g. EqProp only in
             the last blocks).
-        d_ff: the feed-forward width (default ``4 d_model``).
-        attention: the backprop attention, ``"linear"`` or ``"softmax"``.
-        attention_mode: the EqProp attention's mode, ``"symmetric"`` or ``"nonsymmetric"``.
-        recurrent_scale: ``c`` of the EqProp sublayers.
-        block_options: passed to every :class:`~toreq.nn.EquilibriumBlock`.
-        shared: one :class:`~toreq.nn.transformer.TransformerBlock` applied ``n_layers`` times
-            (``x^{(l)} = Block(x^{(l-1)})``, its parameters counted once; ``eqprop`` one value).
-            Each application of an EqProp sublayer relaxes and is nudged on its own, and the
-            gradients of the applications add up. Its spectral normalisation runs one power
+        d_ff: the feed-forward width (default `4 d_model`).
+        attention: the backprop attention, `"linear"` or `"softmax"`.
+        attention_mode: the EqProp attention's mode, `"symmetric"` or `"nonsymmetric"`.
+        recurrent_scale: `c` of the EqProp sublayers.
+        block_options: passed to every [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock].
+        shared: one [`TransformerBlock`][toreq.nn.transformer.TransformerBlock] applied
+            `n_layers` times (`x^{(l)} = Block(x^{(l-1)})`, its parameters counted once; `eqprop`
+            one value). Each application of an EqProp sublayer relaxes and is nudged on its own, and
+            the gradients of the applications add up. Its spectral normalisation runs one power
             iteration per application in training mode, so the applications see weights that
             differ by that iteration's change (none once it has converged, none in eval mode).
-        vocab: the characters of token ids ``0 .. vocab_size - 1`` (a corpus's
-            :attr:`~toreq.data.CharCorpus.vocab`: sorted, distinct), for :meth:`generate` from a
-            string; kept in the ``state_dict`` (extra state) so that a checkpoint knows it.
+        vocab: the characters of token ids `0 .. vocab_size - 1` (a corpus's
+            `vocab`: sorted, distinct), for `generate` from a
+            string; kept in the `state_dict` (extra state) so that a checkpoint knows it.
 
-    ``config`` holds the constructor's arguments: ``CharTransformerLM(**lm.config)`` rebuilds the
+    `config` holds the constructor's arguments: `CharTransformerLM(**lm.config)` rebuilds the
     architecture.
     """
 
@@ -282,7 +291,7 @@ class CharTransformerLM(CharLM):
         self.readout = nn.Linear(d_model, vocab_size)
 
     def forward(self, idx: Tensor) -> Tensor:
-        """Next-token logits ``(B, T, vocab_size)`` for token ids ``idx`` of shape ``(B, T)``."""
+        """Next-token logits `(B, T, vocab_size)` for token ids `idx` of shape `(B, T)`."""
         self._check_ids(idx)
         x = self.token(idx) + self.position(torch.arange(idx.shape[1], device=idx.device))
         for layer in range(len(self.eqprop)):
@@ -294,28 +303,31 @@ class CharTransformerLM(CharLM):
 
 
 class LoopedMLPLM(CharLM):
-    """An attention-free LM: each position's logits from its last ``context`` characters through
+    r"""An attention-free LM: each position's logits from its last `context` characters through
     one looped EqProp layer,
 
-    .. math::  x_t = [E[\\mathrm{idx}_{t-K+1}], \\dots, E[\\mathrm{idx}_t]], \\qquad
-               s_t^* = \\tanh(U x_t + c W s_t^* + b), \\qquad \\mathrm{logits}_t = R s_t^* + r,
+    $$
+    x_t = [E[\mathrm{idx}_{t-K+1}], \dots, E[\mathrm{idx}_t]], \qquad
+    s_t^* = \tanh(U x_t + c W s_t^* + b), \qquad \mathrm{logits}_t = R s_t^* + r,
+    $$
 
-    ``K = context``, positions before the sequence's start read a learned padding embedding
-    (so ``logits_t`` depends on ``idx_{<=t}`` only: causal), ``W = W^T`` (a
-    :class:`~toreq.nn.transformer.HopfieldCell`, exact EqProp for ``U``, ``W``, ``b`` and, through
-    ``x``, ``E``); ``R, r`` by autograd. The prototype's ``looped_mlp`` variant. ``seq_len`` only
+    `K = context`, positions before the sequence's start read a learned padding embedding
+    (so `logits_t` depends on `idx_{<=t}` only: causal), `W = W^T` (a
+    [`HopfieldCell`][toreq.nn.transformer.HopfieldCell], exact EqProp for `U`, `W`, `b` and, through
+    `x`, `E`); `R, r` by autograd. The prototype's `looped_mlp` variant. `seq_len` only
     bounds the input (there are no position embeddings).
 
     Args:
         vocab_size: the number of token ids.
-        hidden: the width of the state ``s_t``.
+        hidden: the width of the state `s_t`.
         seq_len: the longest input.
-        context: ``K``, the characters each prediction sees.
-        embed_dim: the width of ``E``.
-        recurrent_scale: ``c`` in ``(0, 1)``.
-        block_options: passed to the :class:`~toreq.nn.EquilibriumBlock` over
-            :data:`~toreq.nn.transformer.BLOCK_DEFAULTS` (not ``activation``: the cell is tanh).
-        vocab: as in :class:`CharTransformerLM`.
+        context: `K`, the characters each prediction sees.
+        embed_dim: the width of `E`.
+        recurrent_scale: `c` in `(0, 1)`.
+        block_options: passed to the [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] over
+            `BLOCK_DEFAULTS` (not `activation`: the cell is
+            tanh).
+        vocab: as in [`CharTransformerLM`][toreq.nn.lm.CharTransformerLM].
     """
 
     def __init__(self, vocab_size: int, hidden: int, seq_len: int, *, context: int = 8,
@@ -342,7 +354,7 @@ class LoopedMLPLM(CharLM):
     gradient_regime = "exact"
 
     def forward(self, idx: Tensor) -> Tensor:
-        """Next-token logits ``(B, T, vocab_size)`` for token ids ``idx`` of shape ``(B, T)``."""
+        """Next-token logits `(B, T, vocab_size)` for token ids `idx` of shape `(B, T)`."""
         self._check_ids(idx)
         b, t = idx.shape
         padded = F.pad(idx, (self.context - 1, 0), value=self.vocab_size)
@@ -356,7 +368,7 @@ class LoopedMLPLM(CharLM):
 
 def count_parameters(model: nn.Module) -> int:
     """The number of trainable scalars (each shared tensor once; a parametrized weight counts its
-    underlying tensor, e.g. ``A`` of ``W = (A + A^T)/2``)."""
+    underlying tensor, e.g. `A` of `W = (A + A^T)/2`)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -369,38 +381,41 @@ LM_VARIANTS: dict[str, str] = {
     "recurrent_core": "CharTransformerLM, one weight-shared EqProp block applied n_layers times",
     "looped_mlp": "LoopedMLPLM, no attention: the last characters through a looped EqProp layer",
 }
-"""The prototype's language-model variants (:func:`build_lm`), and what each is."""
+"""The prototype's language-model variants ([`build_lm`][toreq.nn.lm.build_lm]), and what each
+is."""
 
 
 def build_lm(variant: str, vocab_size: int, seq_len: int, *, params: int | None = None,
              width: int | None = None, n_layers: int = 3, n_heads: int = 4,
              tolerance: float = 0.05, vocab: str | None = None, **options: Any) -> CharLM:
-    """The language model of a :data:`LM_VARIANTS` variant, of a given width or of the trainable
-    parameter count (:func:`count_parameters`) closest to ``params`` that its width allows.
+    """The language model of a [`LM_VARIANTS`][toreq.nn.lm.LM_VARIANTS] variant, of a given width or
+    of the trainable parameter count ([`count_parameters`][toreq.nn.lm.count_parameters]) closest to
+    `params` that its width allows.
 
-    The width is the transformers' ``d_model`` (a multiple of ``n_heads``; ``d_ff =
-    4 d_model``) or :class:`LoopedMLPLM`'s ``hidden`` (its ``context`` and ``embed_dim`` fixed).
-    The count grows with the width, so for ``params`` a bisection on the exact count (of models
-    built and dropped, torch's global generator restored after each) finds the closest. Every
-    variant thus gets the same budget: an EqProp sublayer's relaxed state adds a ``d x d`` recurrent
-    weight (the feed-forward's ``4d x 4d``), so an EqProp variant is narrower than the backprop
-    one of the same count, and ``recurrent_core``, whose one block is counted once, is wider.
+    The width is the transformers' `d_model` (a multiple of `n_heads`;
+    `d_ff = 4 d_model`) or [`LoopedMLPLM`][toreq.nn.lm.LoopedMLPLM]'s `hidden` (its `context`
+    and `embed_dim` fixed). The count grows with the width, so for `params` a bisection on the
+    exact count (of models built and dropped, torch's global generator restored after each) finds
+    the closest. Every variant thus gets the same budget: an EqProp sublayer's relaxed state adds a
+    `d x d` recurrent weight (the feed-forward's `4d x 4d`), so an EqProp variant is narrower than
+    the backprop one of the same count, and `recurrent_core`, whose one block is counted once, is
+    wider.
 
     Args:
-        variant: a key of :data:`LM_VARIANTS`.
+        variant: a key of [`LM_VARIANTS`][toreq.nn.lm.LM_VARIANTS].
         vocab_size: the number of token ids.
         seq_len: the longest input.
-        params: the target number of trainable parameters (or give ``width``).
-        width: ``d_model`` or ``hidden`` itself (or give ``params``).
+        params: the target number of trainable parameters (or give `width`).
+        width: `d_model` or `hidden` itself (or give `params`).
         n_layers: transformer blocks (applications of the shared block for
-            ``recurrent_core``); ``hybrid`` makes the last ``max(1, n_layers // 2)`` EqProp.
+            `recurrent_core`); `hybrid` makes the last `max(1, n_layers // 2)` EqProp.
         n_heads: attention heads per block.
-        tolerance: the largest relative difference ``|count / params - 1|`` accepted; a
-            ``ValueError`` when the variant cannot come that close (a budget too small for its
+        tolerance: the largest relative difference `|count / params - 1|` accepted; a
+            `ValueError` when the variant cannot come that close (a budget too small for its
             embeddings, or too coarse a width step).
-        vocab: the corpus's characters (see :class:`CharTransformerLM`).
-        **options: passed to the model's constructor (``recurrent_scale``, ``block_options``,
-            ``attention``, ``attention_mode``; ``context``, ``embed_dim`` for ``looped_mlp``).
+        vocab: the corpus's characters (see [`CharTransformerLM`][toreq.nn.lm.CharTransformerLM]).
+        **options: passed to the model's constructor (`recurrent_scale`, `block_options`,
+            `attention`, `attention_mode`; `context`, `embed_dim` for `looped_mlp`).
 
     Returns:
         the model on the CPU, initialised from torch's global generator.
@@ -451,23 +466,26 @@ def build_lm(variant: str, vocab_size: int, seq_len: int, *, params: int | None 
     return make(best * step)
 
 def perplexity(model: nn.Module, ids: Tensor, seq_len: int, batch_size: int = 64) -> float:
-    """``exp`` of the mean next-token cross-entropy over consecutive non-overlapping windows of
-    ``ids`` (1-D), in eval mode (the model's mode is restored): :func:`evaluate_lm`'s
-    ``"perplexity"``."""
+    """`exp` of the mean next-token cross-entropy over consecutive non-overlapping windows of
+    `ids` (1-D), in eval mode (the model's mode is restored):
+    [`evaluate_lm`][toreq.nn.lm.evaluate_lm]'s `"perplexity"`."""
     return evaluate_lm(model, ids, seq_len, batch_size)["perplexity"]
 
 
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, ids: Tensor, seq_len: int, batch_size: int = 64
                 ) -> dict[str, float]:
-    """A language model's measures on ``ids`` (1-D), over the ``N`` targets of its consecutive
-    non-overlapping windows of ``seq_len`` tokens, in eval mode (the model's mode is restored):
+    r"""A language model's measures on `ids` (1-D), over the `N` targets of its consecutive
+    non-overlapping windows of `seq_len` tokens, in eval mode (the model's mode is restored):
 
-    .. math::  \\mathrm{CE} = -\\frac{1}{N} \\sum_t \\log p(y_t), \\quad
-               \\mathrm{perplexity} = e^{\\mathrm{CE}}, \\quad
-               \\mathrm{bits\\_per\\_char} = \\mathrm{CE} / \\ln 2, \\quad
-               \\mathrm{accuracy} = \\frac{1}{N} \\sum_t
-               [\\arg\\max_i \\mathrm{logits}_{t,i} = y_t].
+    $$
+    \mathrm{CE} = -\frac{1}{N} \sum_t \log p(y_t), \quad
+    \mathrm{perplexity} = e^{\mathrm{CE}}, \quad
+    \mathrm{bits\_per\_char} = \mathrm{CE} / \ln 2, \quad
+    \mathrm{accuracy} = \frac{1}{N} \sum_t
+    [\operatorname{argmax}_i \mathrm{logits}_{t,i} = y_t].
+    $$
+
     """
     n = (ids.numel() - 1) // seq_len
     if n < 1:
@@ -491,8 +509,8 @@ def evaluate_lm(model: nn.Module, ids: Tensor, seq_len: int, batch_size: int = 6
 
 
 def unigram_perplexity(train_ids: Tensor, eval_ids: Tensor, vocab_size: int) -> float:
-    """The perplexity on ``eval_ids`` of the character frequencies of ``train_ids`` (add-one
-    smoothed): ``exp(-mean_t log p(eval_t))``, the bar a language model must beat."""
+    """The perplexity on `eval_ids` of the character frequencies of `train_ids` (add-one
+    smoothed): `exp(-mean_t log p(eval_t))`, the bar a language model must beat."""
     counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
     log_p = (counts / counts.sum()).log()
     return math.exp(-float(log_p[eval_ids].mean()))

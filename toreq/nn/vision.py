@@ -1,31 +1,33 @@
-"""A vision transformer over image patches whose transformer sublayers are trained by EqProp.
+r"""A vision transformer over image patches whose transformer sublayers are trained by EqProp.
 
-:class:`PatchTransformer` classifies images ``x`` of shape ``(B, C, H, W)`` (or flattened to
-``(B, C*H*W)``, as :class:`toreq.data.ClassificationData` holds them). With the patch size
-``p`` the image is cut into ``T = (H/p) (W/p)`` non-overlapping patches ``x_t`` of
-``C p^2`` pixels each (row-major over the patch grid), and
+[`PatchTransformer`][toreq.nn.vision.PatchTransformer] classifies images `x` of shape `(B, C, H, W)`
+(or flattened to `(B, C*H*W)`, as [`ClassificationData`][toreq.data.ClassificationData] holds them).
+With the patch size `p` the image is cut into `T = (H/p) (W/p)` non-overlapping patches `x_t` of
+`C p^2` pixels each (row-major over the patch grid), and
 
-.. math::  z^{(0)}_t = E\\, x_t + e + P_t, \\qquad z^{(l)} = \\mathrm{Block}_l(z^{(l-1)}),
-           \\qquad \\mathrm{logits} = R\\, \\frac{1}{T} \\sum_t \\mathrm{LN}(z^{(L)}_t) + r,
+$$
+z^{(0)}_t = E\, x_t + e + P_t, \qquad z^{(l)} = \mathrm{Block}_l(z^{(l-1)}),
+\qquad \mathrm{logits} = R\, \frac{1}{T} \sum_t \mathrm{LN}(z^{(L)}_t) + r,
+$$
 
-with ``n_layers`` pre-LayerNorm :class:`~toreq.nn.transformer.TransformerBlock` s whose
-attention is bidirectional (``causal=False``: every patch attends to every patch).
+with `n_layers` pre-LayerNorm [`TransformerBlock`][toreq.nn.transformer.TransformerBlock] s whose
+attention is bidirectional (`causal=False`: every patch attends to every patch).
 
-What is EqProp and what is autograd. With ``eqprop="both"`` (the default) every sublayer of
-every block is an :class:`~toreq.nn.EquilibriumBlock`: the attention sublayer (a Hopfield state
-per patch driven by linear attention, or the non-symmetric cell) and the feed-forward sublayer
-(a looped tanh Hopfield layer per patch). Their parameters' gradients, and the gradients they
-pass down to their inputs, come from their nudged phases (``EQPROP-MATH.md`` section 5), never
-from backprop through the relaxation: each block's EqProp vector ``v`` (the pre-activation's
-adjoint) is pushed through one step of its cell, ``v^T dh/d(.)``. In the symmetric attention
-the block's input is the drive ``a = Attn(u)``, computed once outside the relaxation, so its
-projections ``Q, K, V, O`` get the block's input gradient ``v`` carried by autograd through
-that one (non-iterative) attention. The patch embedding ``E, e``, the position embedding ``P``,
-the LayerNorms, the residual additions, the feed-forward read-out ``R_ffn`` and the classifier
-``R, r`` are ordinary autograd. ``loss.backward()`` therefore runs both: autograd
-carries ``dL/dz`` down through the readout, pooling and residuals, and each equilibrium
-sublayer turns the ``dL/ds*`` it receives into gradients by EqProp. With
-``attention_mode="symmetric"`` (default) every EqProp sublayer is exact as ``beta -> 0``.
+What is EqProp and what is autograd. With `eqprop="both"` (the default) every sublayer of
+every block is an [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock]: the attention sublayer (a
+Hopfield state per patch driven by linear attention, or the non-symmetric cell) and the feed-forward
+sublayer (a looped tanh Hopfield layer per patch). Their parameters' gradients, and the gradients
+they pass down to their inputs, come from their nudged phases (`EQPROP-MATH.md` section 5), never
+from backprop through the relaxation: each block's EqProp vector `v` (the pre-activation's
+adjoint) is pushed through one step of its cell, $v^\top \partial h / \partial(\cdot)$. In the
+symmetric attention the block's input is the drive `a = Attn(u)`, computed once outside the
+relaxation, so its projections `Q, K, V, O` get the block's input gradient `v` carried by autograd
+through that one (non-iterative) attention. The patch embedding `E, e`, the position embedding `P`,
+the LayerNorms, the residual additions, the feed-forward read-out `R_ffn` and the classifier
+`R, r` are ordinary autograd. `loss.backward()` therefore runs both: autograd
+carries `dL/dz` down through the readout, pooling and residuals, and each equilibrium
+sublayer turns the `dL/ds*` it receives into gradients by EqProp. With
+`attention_mode="symmetric"` (default) every EqProp sublayer is exact as $\beta \to 0$.
 """
 
 from __future__ import annotations
@@ -44,28 +46,28 @@ __all__ = ["PatchTransformer"]
 
 
 class PatchTransformer(nn.Module):
-    """Patch embedding, ``n_layers`` bidirectional transformer blocks, LayerNorm, mean over the
+    """Patch embedding, `n_layers` bidirectional transformer blocks, LayerNorm, mean over the
     patches and a linear classifier (module docstring for the equations).
 
     Args:
-        image_shape: ``(C, H, W)`` of the images; ``H`` and ``W`` divisible by ``patch_size``.
+        image_shape: `(C, H, W)` of the images; `H` and `W` divisible by `patch_size`.
         num_classes: the number of classes (logits).
-        patch_size: ``p``, the side of the square non-overlapping patches.
+        patch_size: `p`, the side of the square non-overlapping patches.
         d_model: the model width.
         n_layers: the number of blocks.
-        n_heads: attention heads per block (dividing ``d_model``).
-        eqprop: which sublayers are EqProp, ``"none"``, ``"attention"``, ``"ffn"`` or
-            ``"both"`` (default: every sublayer), one value for every block or a sequence of
-            ``n_layers`` values.
-        d_ff: the feed-forward width (default ``4 d_model``).
-        attention: the backprop attention, ``"linear"`` or ``"softmax"``.
-        attention_mode: the EqProp attention's mode, ``"symmetric"`` (exact) or
-            ``"nonsymmetric"`` (approximate).
-        recurrent_scale: ``c`` of the EqProp sublayers, in ``(0, 1)``.
-        block_options: passed to every :class:`~toreq.nn.EquilibriumBlock` (``max_steps``,
-            ``tol``, ``beta``, ...; defaults :data:`toreq.nn.transformer.BLOCK_DEFAULTS`).
+        n_heads: attention heads per block (dividing `d_model`).
+        eqprop: which sublayers are EqProp, `"none"`, `"attention"`, `"ffn"` or
+            `"both"` (default: every sublayer), one value for every block or a sequence of
+            `n_layers` values.
+        d_ff: the feed-forward width (default `4 d_model`).
+        attention: the backprop attention, `"linear"` or `"softmax"`.
+        attention_mode: the EqProp attention's mode, `"symmetric"` (exact) or
+            `"nonsymmetric"` (approximate).
+        recurrent_scale: `c` of the EqProp sublayers, in `(0, 1)`.
+        block_options: passed to every [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock]
+            (`max_steps`, `tol`, `beta`, ...; defaults `BLOCK_DEFAULTS`).
 
-    ``config`` holds the constructor's arguments: ``PatchTransformer(**model.config)`` rebuilds
+    `config` holds the constructor's arguments: `PatchTransformer(**model.config)` rebuilds
     the architecture.
     """
 
@@ -111,8 +113,8 @@ class PatchTransformer(nn.Module):
         self.readout = nn.Linear(d_model, num_classes)
 
     def patches(self, x: Tensor) -> Tensor:
-        """The patches ``(B, T, C p^2)`` of images ``(B, C, H, W)`` or ``(B, C*H*W)``, in
-        row-major order over the patch grid, each flattened in ``(C, p, p)`` order."""
+        """The patches `(B, T, C p^2)` of images `(B, C, H, W)` or `(B, C*H*W)`, in
+        row-major order over the patch grid, each flattened in `(C, p, p)` order."""
         c, h, w = self.image_shape
         flat = math.prod(self.image_shape)
         if not isinstance(x, Tensor) or not x.is_floating_point():
@@ -127,15 +129,15 @@ class PatchTransformer(nn.Module):
         return grid.permute(0, 2, 4, 1, 3, 5).reshape(x.shape[0], self.num_patches, c * p * p)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Class logits ``(B, num_classes)`` for images ``(B, C, H, W)`` or ``(B, C*H*W)``."""
+        """Class logits `(B, num_classes)` for images `(B, C, H, W)` or `(B, C*H*W)`."""
         z = self.embed(self.patches(x)) + self.position
         for block in self.blocks:
             z = block(z)
         return self.readout(self.norm(z).mean(dim=1))
 
     def equilibrium_blocks(self) -> list[EquilibriumBlock]:
-        """The EqProp sublayers' :class:`~toreq.nn.EquilibriumBlock` s (their ``last_steps``,
-        ``last_converged`` describe the latest relaxation)."""
+        """The EqProp sublayers' [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] s (their
+        `last_steps`, `last_converged` describe the latest relaxation)."""
         return [m for m in self.modules() if isinstance(m, EquilibriumBlock)]
 
     def extra_repr(self) -> str:

@@ -8,7 +8,6 @@
 from toreq.ops.hebbian import hebbian_update, hebbian_update_reference
 from toreq.ops.iteration import Accelerator, RelaxResult, iterate
 from toreq.ops.relax import (
-    ACTIVATIONS,
     Coupling,
     activate,
     iterate_per_sample,
@@ -20,7 +19,6 @@ from toreq.ops.relax import (
 )
 
 __all__ = [
-    "ACTIVATIONS",
     "Accelerator",
     "Coupling",
     "RelaxResult",

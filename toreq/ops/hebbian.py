@@ -1,31 +1,31 @@
-"""The contrastive Hebbian update: ``torch.ops.toreq.hebbian_update``.
+r"""The contrastive Hebbian update: `torch.ops.toreq.hebbian_update`.
 
-From the activities of two phases, a nudged one (strength ``beta_a``) and a reference one
-(the free phase, ``beta_b = 0``, or the ``-beta`` phase of symmetric nudging), with
-``beta = beta_a - beta_b`` and batch size ``B``:
+From the activities of two phases, a nudged one (strength $\beta_a$) and a reference one
+(the free phase, $\beta_b = 0$, or the $-\beta$ phase of symmetric nudging), with
+$\beta = \beta_a - \beta_b$ and batch size $B$:
 
-.. math::
+$$
+\nabla W = -\frac{1}{\beta B} \left( \rho(S_{post}^{a})^\top \rho(S_{pre}^{a})
+                                    - \rho(S_{post}^{b})^\top \rho(S_{pre}^{b}) \right),
+\qquad
+\nabla b = -\frac{1}{\beta B} \sum_{batch} \left( \rho(s_{post}^{a})
+                                                  - \rho(s_{post}^{b}) \right),
+$$
 
-    \\nabla W = -\\frac{1}{\\beta B} \\left( \\rho(S_{post}^{a})^\\top \\rho(S_{pre}^{a})
-                                        - \\rho(S_{post}^{b})^\\top \\rho(S_{pre}^{b}) \\right),
-    \\qquad
-    \\nabla b = -\\frac{1}{\\beta B} \\sum_{batch} \\left( \\rho(s_{post}^{a})
-                                                      - \\rho(s_{post}^{b}) \\right),
-
-the rows of ``S`` being the batch's activities. The sign is that of ``.grad`` (descent), so any
-``torch.optim`` optimizer steps on it. This is:
+the rows of `S` being the batch's activities. The sign is that of `.grad` (descent), so any
+`torch.optim` optimizer steps on it. This is:
 
 * the energy-based (tied) update of Scellier & Bengio 2017 for a weight between two layers of
-  states: ``post``/``pre`` are the two layers in each phase. It holds both directions of a tied
-  weight (the product rule of the difference); with symmetric nudging pass the ``+beta`` and
-  ``-beta`` phases and ``beta = 2 beta``;
-* the vector-field update of a looped or untied layer, ``grad W = v^T s_pre / B`` with
-  ``v = -(s^a - s^b)/beta``: pass the *same* tensor (the free equilibrium) as ``pre_nudged``
-  and ``pre_free``; the op then uses one GEMM over ``B`` rows instead of ``2B``.
+  states: `post`/`pre` are the two layers in each phase. It holds both directions of a tied
+  weight (the product rule of the difference); with symmetric nudging pass the $+\beta$ and
+  $-\beta$ phases and $2\beta$ as `beta`;
+* the vector-field update of a looped or untied layer, $\nabla W = v^\top s_{pre} / B$ with
+  $v = -(s^a - s^b)/\beta$: pass the *same* tensor (the free equilibrium) as `pre_nudged`
+  and `pre_free`; the op then uses one GEMM over `B` rows instead of `2B`.
 
-``rho`` is chosen per side (``post_activation``, ``pre_activation``): ``"identity"`` (the
-default, for states that are already activities), ``"hard_sigmoid"``, ``"tanh"`` or
-``"sigmoid"`` (for states kept as pre-activations). Both products are formed in a single GEMM.
+`rho` is chosen per side (`post_activation`, `pre_activation`): `"identity"` (the
+default, for states that are already activities), `"hard_sigmoid"`, `"tanh"` or
+`"sigmoid"` (for states kept as pre-activations). Both products are formed in a single GEMM.
 """
 
 from __future__ import annotations
@@ -55,22 +55,22 @@ def hebbian_update(
     """Weight and bias gradients of one coupling from two phases (see the module docstring).
 
     Args:
-        post_nudged: ``(batch, n_post)`` activities of the nudged phase.
-        pre_nudged: ``(batch, n_pre)`` activities of the nudged phase.
-        post_free: ``(batch, n_post)`` activities of the reference phase (free, or ``-beta``).
-        pre_free: ``(batch, n_pre)`` activities of the reference phase.
+        post_nudged: `(batch, n_post)` activities of the nudged phase.
+        pre_nudged: `(batch, n_pre)` activities of the nudged phase.
+        post_free: `(batch, n_post)` activities of the reference phase (free, or `-beta`).
+        pre_free: `(batch, n_pre)` activities of the reference phase.
         beta: the nudging strength of the nudged phase minus that of the reference phase;
-            ``1 / (beta * batch)`` must fit the inputs' dtype (a ValueError says so).
+            `1 / (beta * batch)` must fit the inputs' dtype (a ValueError says so).
         post_activation: the activation applied to the post side.
         pre_activation: the activation applied to the pre side.
         grad_weight: when given, the update is *added* to it in place, e.g. into
-            ``weight.grad``. NaN or Inf in the activities propagate into the update, as in any
+            `weight.grad`. NaN or Inf in the activities propagate into the update, as in any
             matrix product.
-        grad_bias: with ``grad_weight``, the bias update is added to it in place.
+        grad_bias: with `grad_weight`, the bias update is added to it in place.
 
     Returns:
-        ``(grad_weight, grad_bias)``: new tensors of shapes ``(n_post, n_pre)`` and
-        ``(n_post,)``, or the accumulated ones that were passed in.
+        `(grad_weight, grad_bias)`: new tensors of shapes `(n_post, n_pre)` and
+        `(n_post,)`, or the accumulated ones that were passed in.
     """
     tensors = [t.detach() for t in (post_nudged, pre_nudged, post_free, pre_free)]
     if grad_bias is not None and grad_weight is None:
@@ -106,7 +106,8 @@ def hebbian_update_reference(
     post_activation: str = "identity",
     pre_activation: str = "identity",
 ) -> tuple[Tensor, Tensor]:
-    """Pure-PyTorch reference of :func:`hebbian_update` (two products, as written)."""
+    """Pure-PyTorch reference of [`hebbian_update`][toreq.ops.hebbian.hebbian_update] (two products,
+    as written)."""
     with torch.no_grad():
         scale = -1.0 / (beta * post_nudged.shape[0])
         post_a = activate(post_activation, post_nudged)

@@ -69,9 +69,9 @@ __all__ = [
     "layered_couplings", "relax", "relax_reference", "relax_step", "row_softmax",
 ]
 
-# The activations the op's kernels implement; ``activate`` also takes "identity" (a linear
-# layer in Python dynamics).
 ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid")
+"""The activations the op's kernels implement; `activate` also takes `"identity"` (a linear
+layer in Python dynamics)."""
 
 
 class Coupling(NamedTuple):
