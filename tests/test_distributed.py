@@ -128,3 +128,49 @@ def test_process_group_needs_an_initialised_backend():
     with pytest.raises(ValueError, match="init_process_group"):
         EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                       process_group=object())
+
+
+ESTIMATORS_WORKER = """
+    import sys, torch, torch.distributed as dist
+    from toreq.estimators import estimator_names, get_estimator
+    from toreq.nn import EPMLP
+    from toreq.train import EqPropTrainer
+
+    SETTINGS = {"eqprop": {"beta": 0.2}, "cpl": {"eta": 0.3}, "holomorphic": {"beta": 0.2},
+                "bptt": {"truncation": 5}}
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    report = open(f"{sys.argv[1]}/rank{rank}.txt", "w")
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for name in estimator_names():
+        grads = {}
+        for group in (None, dist.group.WORLD):
+            torch.manual_seed(1)
+            model = EPMLP(5, [6], 3, activation="sigmoid", schedule="sync", max_steps=200,
+                          tol=1e-10).double()
+            trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                    estimator=get_estimator(name, **SETTINGS.get(name, {})),
+                                    process_group=group)
+            shard = slice(None) if group is None else slice(4 * rank, 4 * rank + 4)
+            trainer.step(x[shard], y[shard])
+            grads[group is None] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        error = float((grads[True] - grads[False]).abs().max() / grads[True].abs().max())
+        print(f"{name} {error:.3e}", file=report)
+    report.close()
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def test_every_estimator_trains_data_parallel_as_on_the_global_batch(tmp_path):
+    from toreq.estimators import estimator_names
+
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(ESTIMATORS_WORKER))
+    torchrun(script, str(tmp_path), timeout=180)
+    for rank in (0, 1):
+        rows = dict(line.split() for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
+        assert set(rows) == set(estimator_names())
+        for name, error in rows.items():
+            assert float(error) < 1e-9, (rank, name, error)
