@@ -379,11 +379,11 @@ def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, beta: float = 1e-4
 
     Returns:
         [`GradientCheck`][toreq.diagnostics.GradientCheck]. Every comparison has an absolute floor
-        (see [`compare`][toreq.diagnostics.compare]): `max(ROUND_OFF * the largest BPTT gradient
-        norm, STATE_ROUND_OFF * eps / beta)`, so that a tensor whose gradients are zero up to
-        round-off agrees with BPTT's zero. The model is put in eval mode during the check (spectral
-        normalisation then keeps one weight for every estimator) and restored after; its
-        `.grad` s are overwritten.
+            (see [`compare`][toreq.diagnostics.compare]): `max(ROUND_OFF * the largest BPTT
+            gradient norm, STATE_ROUND_OFF * eps / beta)`, so that a tensor whose gradients are
+            zero up to round-off agrees with BPTT's zero. The model is put in eval mode during the
+            check (spectral normalisation then keeps one weight for every estimator) and restored
+            after; its `.grad` s are overwritten.
     """
     if not (isinstance(fd_entries, int) and fd_entries >= 0):
         raise ValueError(f"fd_entries must be an int >= 0, got {fd_entries!r}")

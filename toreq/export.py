@@ -133,7 +133,7 @@ def export_model(model: EquilibriumModel, example_x: Tensor, *, steps: int | Non
 
     Returns:
         The `torch.export.ExportedProgram`; `program.module()(x)` runs it, and
-        `torch.export.save` / `torch.export.load` store it.
+            `torch.export.save` / `torch.export.load` store it.
     """
     module = _inference(model, example_x, steps, tol, decompose)
     batch = torch.export.Dim("batch", min=1)
