@@ -23,7 +23,9 @@ DOCS = ROOT / "docs"
 CONVERTED_MODULES = [
     "toreq", "toreq.ops.hebbian", "toreq.utils", "toreq.distributed", "toreq.data",
     "toreq.nn.transformer", "toreq.nn.vision", "toreq.nn.lm", "toreq.lm_study", "toreq.validate",
-    "toreq.presets",
+    "toreq.presets", "toreq.ops", "toreq.ops.iteration", "toreq.solvers", "toreq.dynamics",
+    "toreq.estimators", "toreq.errors", "toreq.nn", "toreq.nn.block", "toreq.nn.stepped",
+    "toreq.diagnostics", "toreq.export", "toreq.lm_training", "toreq.control",
 ]
 RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):`|\.\. (math|code-block)::")
 # TeX that was not typeset (a $$ block Markdown did not see as one, a formula outside $...$)

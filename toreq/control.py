@@ -1,45 +1,46 @@
-"""Control tasks: behaviour cloning of scripted experts in Gymnasium's CartPole-v1 and Acrobot-v1.
+r"""Control tasks: behaviour cloning of scripted experts in Gymnasium's CartPole-v1 and Acrobot-v1.
 
-Each task (:data:`TASKS`) pairs a Gymnasium environment with a scripted expert, a linear
-state-feedback switch :math:`a = a_+` if :math:`K \\cdot s > 0` else :math:`a_-`:
+Each task ([`TASKS`][toreq.control.TASKS]) pairs a Gymnasium environment with a scripted expert, a
+linear state-feedback switch $a = a_+$ if $K \cdot s > 0$ else $a_-$:
 
-* ``cartpole`` (``CartPole-v1``, observation :math:`s = (x, \\dot x, \\theta, \\dot\\theta)`):
-  push right when :math:`K \\cdot s > 0` with :math:`K = (1, 1.5, 20, 3)`, a state-feedback
+* `cartpole` (`CartPole-v1`, observation $s = (x, \dot x, \theta, \dot\theta)$):
+  push right when $K \cdot s > 0$ with $K = (1, 1.5, 20, 3)$, a state-feedback
   balance controller that also keeps the cart near the centre; it balances the pole for
   the full 500 steps.
-* ``acrobot`` (``Acrobot-v1``, observation
-  :math:`(\\cos\\theta_1, \\sin\\theta_1, \\cos\\theta_2, \\sin\\theta_2, \\dot\\theta_1,
-  \\dot\\theta_2)`): energy pumping. The torque :math:`\\tau` on the actuated joint does work
-  at the rate :math:`dE/dt = \\tau \\dot\\theta_2`, so
-  :math:`\\tau = \\mathrm{sign}(\\dot\\theta_2)` adds energy as fast as the torque limit
+* `acrobot` (`Acrobot-v1`, observation
+  $(\cos\theta_1, \sin\theta_1, \cos\theta_2, \sin\theta_2, \dot\theta_1,
+  \dot\theta_2)$): energy pumping. The torque $\tau$ on the actuated joint does work
+  at the rate $dE/dt = \tau \dot\theta_2$, so
+  $\tau = \mathrm{sign}(\dot\theta_2)$ adds energy as fast as the torque limit
   allows until the tip swings above the bar. The expert adds a small term in the first link's
   angle,
-  :math:`\\tau = \\mathrm{sign}(\\dot\\theta_2 + 0.3 \\sin\\theta_1)` (action 2 for +1, action 0
+  $\tau = \mathrm{sign}(\dot\theta_2 + 0.3 \sin\theta_1)$ (action 2 for +1, action 0
   for -1), without which some starts lock into a swing that stops growing (the pure rule used
   all 500 steps on one of the 20 evaluation episodes).
 
-:func:`generate` runs the expert in the environment for a number of episodes, each reset from
-a seed drawn from ``seed``; with probability ``exploration`` the action executed is a random
-one, so that the data also hold the states just off the expert's path that a cloned policy
+[`generate`][toreq.control.generate] runs the expert in the environment for a number of episodes,
+each reset from a seed drawn from `seed`; with probability `exploration` the action executed is a
+random one, so that the data also hold the states just off the expert's path that a cloned policy
 drifts into, while the label is always the expert's action. The states (divided by the task's
-``obs_scale``, to a spread of order 1: the model's input features) and the expert's actions
+`obs_scale`, to a spread of order 1: the model's input features) and the expert's actions
 form the behaviour-cloning data set, split into train and test **by episode**. The same seed,
 settings and Gymnasium version give the same data.
 
-:func:`load_control` caches the data under the data root (``root=``, ``$TOREQ_DATA`` or
-``~/.cache/toreq``; see :func:`toreq.data.data_root`) as
-``control/<task>-<checksum>.npz``, where the checksum is the SHA-256 of the generator's
-settings (:meth:`ControlTask.settings`: task, environment, Gymnasium version, expert gains,
-seed, episode counts, exploration); the file holds its settings too, and a file whose settings
-do not match, or that cannot be read, is generated again. A read-only root only loses the
-cache (with a warning).
+[`load_control`][toreq.control.load_control] caches the data under the data root (`root=`,
+`$TOREQ_DATA` or `~/.cache/toreq`; see [`toreq.data.data_root`][toreq.data.data_root]) as
+`control/<task>-<checksum>.npz`, where the checksum is the SHA-256 of the generator's
+settings ([`ControlTask.settings`][toreq.control.ControlTask.settings]: task, environment, Gymnasium
+version, expert gains, seed, episode counts, exploration); the file holds its settings too, and a
+file whose settings do not match, or that cannot be read, is generated again. A read-only root only
+loses the cache (with a warning).
 
-A trained classifier becomes a greedy policy with :func:`model_policy`; :func:`evaluate_policy`
-runs any policy (the expert's: :func:`expert_policy`) for seeded episodes and returns the mean
-and standard deviation of the return, the closed-loop judgement of behaviour cloning beside the
-held-out action accuracy. Everything here needs Gymnasium (the ``control`` extra:
-``pip install 'toreq[control]'``); without it the first call raises a one-line ``ImportError``
-that says so.
+A trained classifier becomes a greedy policy with [`model_policy`][toreq.control.model_policy];
+[`evaluate_policy`][toreq.control.evaluate_policy] runs any policy (the expert's:
+[`expert_policy`][toreq.control.expert_policy]) for seeded episodes and returns the mean and
+standard deviation of the return, the closed-loop judgement of behaviour cloning beside the
+held-out action accuracy. Everything here needs Gymnasium (the `control` extra:
+`pip install 'toreq[control]'`); without it the first call raises a one-line `ImportError` that
+says so.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ Policy = Callable[[np.ndarray], np.ndarray]
 
 
 def gymnasium_module() -> ModuleType:
-    """The ``gymnasium`` module, or a one-line ``ImportError`` naming the extra to install."""
+    """The `gymnasium` module, or a one-line `ImportError` naming the extra to install."""
     try:
         import gymnasium
     except ImportError as error:
@@ -94,11 +95,11 @@ class ControlTask:
     """One behaviour-cloning task: an environment, its scripted expert and the data's sizes.
 
     Attributes:
-        name: the data set's name (``"cartpole"``, ``"acrobot"``).
+        name: the data set's name (`"cartpole"`, `"acrobot"`).
         env_id: the Gymnasium environment.
         num_actions: the environment's discrete actions (the classifier's classes).
-        gains: the expert's ``K``: it takes action ``actions[1]`` where ``K . s > 0``, else
-            ``actions[0]``.
+        gains: the expert's `K`: it takes action `actions[1]` where `K . s > 0`, else
+            `actions[0]`.
         actions: the expert's two actions.
         obs_scale: each observation is divided by this to give the model's features.
         train_episodes: episodes in the training split.
@@ -117,12 +118,12 @@ class ControlTask:
     exploration: float = 0.1
 
     def expert(self, observations: np.ndarray) -> np.ndarray:
-        """The expert's actions (``int64``, ``(N,)``) for raw observations ``(N, D)``."""
+        """The expert's actions (`int64`, `(N,)`) for raw observations `(N, D)`."""
         switch = np.asarray(observations, dtype=np.float64) @ np.asarray(self.gains) > 0
         return np.where(switch, self.actions[1], self.actions[0]).astype(np.int64)
 
     def features(self, observations: np.ndarray) -> np.ndarray:
-        """The model's inputs: raw observations divided by :attr:`obs_scale`, ``float32``."""
+        """The model's inputs: raw observations divided by `obs_scale`, `float32`."""
         return (np.asarray(observations, dtype=np.float64)
                 / np.asarray(self.obs_scale)).astype(np.float32)
 
@@ -166,14 +167,15 @@ class ControlData:
 
     Attributes:
         task: the task's name.
-        observations: raw observations, ``float32`` ``(N, D)``.
-        actions: the expert's action in each state, ``int64`` ``(N,)`` (the label; the action
-            executed may have been a random one, see ``exploration``).
-        episodes: the episode each state belongs to, ``int64`` ``(N,)``, ``0 ..``.
-        returns: each episode's return, ``float64`` ``(train + test episodes,)``.
-        train_episodes: episodes ``0 .. train_episodes - 1`` are the training split, the rest
+        observations: raw observations, `float32` `(N, D)`.
+        actions: the expert's action in each state, `int64` `(N,)` (the label; the action
+            executed may have been a random one, see `exploration`).
+        episodes: the episode each state belongs to, `int64` `(N,)`, `0 ..`.
+        returns: each episode's return, `float64` `(train + test episodes,)`.
+        train_episodes: episodes `0 .. train_episodes - 1` are the training split, the rest
             the test split.
-        settings: the generator's settings (:meth:`ControlTask.settings`).
+        settings: the generator's settings
+            ([`ControlTask.settings`][toreq.control.ControlTask.settings]).
     """
 
     task: str
@@ -187,7 +189,7 @@ class ControlData:
     def classification(self) -> ClassificationData:
         """The behaviour-cloning data set: scaled states -> expert actions, split by episode.
 
-        ``image_shape`` is ``(1, 1, D)``: the features are a flat vector.
+        `image_shape` is `(1, 1, D)`: the features are a flat vector.
         """
         task = _task(self.task)
         x = torch.from_numpy(task.features(self.observations))
@@ -199,7 +201,7 @@ class ControlData:
 
 def _settings(spec: ControlTask, seed: int, train_episodes: int | None,
               test_episodes: int | None, exploration: float | None) -> dict[str, Any]:
-    """The checked generator settings, ``None`` taking the task's own value."""
+    """The checked generator settings, `None` taking the task's own value."""
     return spec.settings(
         check_nonnegative_int("seed", seed),
         check_positive_int("train_episodes",
@@ -211,11 +213,11 @@ def _settings(spec: ControlTask, seed: int, train_episodes: int | None,
 
 def generate(task: str, seed: int = 0, *, train_episodes: int | None = None,
              test_episodes: int | None = None, exploration: float | None = None) -> ControlData:
-    """Runs the expert of ``task`` in its environment and records the states and its actions.
+    """Runs the expert of `task` in its environment and records the states and its actions.
 
-    Episode ``i`` is reset from the ``i``-th seed drawn from ``numpy.random.default_rng(seed)``,
+    Episode `i` is reset from the `i`-th seed drawn from `numpy.random.default_rng(seed)`,
     whose stream also decides when the executed action is a random one (probability
-    ``exploration``) and which. ``None`` takes the task's own episode counts and exploration.
+    `exploration`) and which. `None` takes the task's own episode counts and exploration.
     """
     spec = _task(task)
     settings = _settings(spec, seed, train_episodes, test_episodes, exploration)
@@ -252,7 +254,7 @@ def _checksum(settings: dict[str, Any]) -> str:
 
 
 def _read_cache(path: Path, settings: dict[str, Any]) -> ControlData | None:
-    """The cached data at ``path`` if it is readable and made with ``settings``, else None."""
+    """The cached data at `path` if it is readable and made with `settings`, else None."""
     try:
         with np.load(path, allow_pickle=False) as f:
             stored = json.loads(str(f["settings"]))
@@ -269,7 +271,7 @@ def _read_cache(path: Path, settings: dict[str, Any]) -> ControlData | None:
 
 
 def _write_cache(path: Path, data: ControlData) -> None:
-    """Writes ``data`` into a temporary file beside ``path``, then renames it (atomic)."""
+    """Writes `data` into a temporary file beside `path`, then renames it (atomic)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -294,10 +296,11 @@ def _write_cache(path: Path, data: ControlData) -> None:
 def control_data(task: str, root: str | os.PathLike[str] | None = None, *, seed: int = 0,
                  train_episodes: int | None = None, test_episodes: int | None = None,
                  exploration: float | None = None) -> ControlData:
-    """The expert data of ``task`` (see :func:`generate`), from the cache or generated and cached.
+    """The expert data of `task` (see [`generate`][toreq.control.generate]), from the cache or
+    generated and cached.
 
-    The cache file is ``<root>/control/<task>-<first 16 hex digits of the settings'
-    SHA-256>.npz``; ``root`` as in :func:`toreq.data.data_root`.
+    The cache file is `<root>/control/<task>-<first 16 hex digits of the settings'
+    SHA-256>.npz`; `root` as in [`toreq.data.data_root`][toreq.data.data_root].
     """
     spec = _task(task)
     settings = _settings(spec, seed, train_episodes, test_episodes, exploration)
@@ -312,26 +315,28 @@ def control_data(task: str, root: str | os.PathLike[str] | None = None, *, seed:
 
 def load_control(task: str, root: str | os.PathLike[str] | None = None, *, seed: int = 0,
                  **settings: Any) -> ClassificationData:
-    """The behaviour-cloning data set of ``task`` as a :class:`toreq.data.ClassificationData`:
-    scaled states of the expert's episodes -> its actions, train and test split by episode.
+    """The behaviour-cloning data set of `task` as a
+    [`toreq.data.ClassificationData`][toreq.data.ClassificationData]: scaled states of the expert's
+    episodes -> its actions, train and test split by episode.
 
-    ``settings`` (``train_episodes``, ``test_episodes``, ``exploration``) go to
-    :func:`generate`; the data are cached as :func:`control_data` says.
+    `settings` (`train_episodes`, `test_episodes`, `exploration`) go to
+    [`generate`][toreq.control.generate]; the data are cached as
+    [`control_data`][toreq.control.control_data] says.
 
     Raises:
-        ImportError: Gymnasium is not installed (``pip install 'toreq[control]'``).
+        ImportError: Gymnasium is not installed (`pip install 'toreq[control]'`).
     """
     return control_data(task, root, seed=seed, **settings).classification()
 
 
 def expert_policy(task: str) -> Policy:
-    """The scripted expert of ``task`` as a policy."""
+    """The scripted expert of `task` as a policy."""
     return _task(task).expert
 
 
 def model_policy(model: torch.nn.Module, task: str) -> Policy:
-    """The greedy policy of a classifier trained on :func:`load_control`'s data: the action
-    with the largest output on the observation's features."""
+    """The greedy policy of a classifier trained on [`load_control`][toreq.control.load_control]'s
+    data: the action with the largest output on the observation's features."""
     spec = _task(task)
 
     def policy(observations: np.ndarray) -> np.ndarray:
@@ -345,11 +350,11 @@ def model_policy(model: torch.nn.Module, task: str) -> Policy:
 
 def run_episodes(policy: Policy, task: str, episodes: int = 20,
                  seed: int = EVAL_SEED) -> list[dict[str, np.ndarray | float]]:
-    """Runs ``policy`` for ``episodes`` episodes, reset with seeds ``seed, seed + 1, ...``.
+    """Runs `policy` for `episodes` episodes, reset with seeds `seed, seed + 1, ...`.
 
     The episodes run in lockstep, so the policy sees one batch of the running episodes'
-    observations per time step. Returns per episode its ``observations`` ``(T + 1, D)`` (the
-    first is the reset state), ``actions`` ``(T,)`` and ``return``.
+    observations per time step. Returns per episode its `observations` `(T + 1, D)` (the
+    first is the reset state), `actions` `(T,)` and `return`.
     """
     spec = _task(task)
     check_positive_int("episodes", episodes)
@@ -381,8 +386,9 @@ def run_episodes(policy: Policy, task: str, episodes: int = 20,
 
 def evaluate_policy(policy: Policy, task: str, episodes: int = 20,
                     seed: int = EVAL_SEED) -> dict[str, Any]:
-    """The closed-loop return of ``policy`` over seeded episodes (see :func:`run_episodes`):
-    ``{"mean", "std", "returns", "episodes", "seed"}`` (``std`` over episodes, ddof 0)."""
+    """The closed-loop return of `policy` over seeded episodes (see
+    [`run_episodes`][toreq.control.run_episodes]): `{"mean", "std", "returns", "episodes", "seed"}`
+    (`std` over episodes, ddof 0)."""
     returns = [float(e["return"]) for e in run_episodes(policy, task, episodes, seed)]
     return {"mean": float(np.mean(returns)), "std": float(np.std(returns)), "returns": returns,
             "episodes": episodes, "seed": seed}

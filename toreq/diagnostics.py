@@ -1,37 +1,37 @@
 """Diagnostics: is EqProp's gradient the gradient, and does relaxation adapt to difficulty?
 
-:func:`gradient_check` compares, per parameter tensor (and the input), three estimators of the
-gradient of the loss ``L`` at the free equilibrium ``s*``:
+[`gradient_check`][toreq.diagnostics.gradient_check] compares, per parameter tensor (and the input),
+three estimators of the gradient of the loss `L` at the free equilibrium `s*`:
 
 * EqProp: the free and nudged phases and the model's contrastive update (an
-  :class:`~toreq.nn.EquilibriumModel`'s ``eqprop_backward``, an
-  :class:`~toreq.nn.EquilibriumBlock` with ``gradient="eqprop"``);
+  [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel]'s `eqprop_backward`, an
+  [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] with `gradient="eqprop"`);
 * BPTT: backprop through the dynamics unrolled from rest to convergence;
-* implicit differentiation: ``dL/dtheta = dL/dtheta|_direct + a^T dF/dtheta`` with the adjoint
-  ``a = (I - J^T)^{-1} dL/ds*`` (``J = dF/ds`` at ``s*``) solved by iteration with
+* implicit differentiation: `dL/dtheta = dL/dtheta|_direct + a^T dF/dtheta` with the adjoint
+  `a = (I - J^T)^{-1} dL/ds*` (`J = dF/ds` at `s*`) solved by iteration with
   vector-Jacobian products of one step;
 
-and checks EqProp against central finite differences ``(L(theta + eps) - L(theta - eps)) /
-(2 eps)`` of a few entries (those with the largest BPTT gradient), every loss evaluated at a
+and checks EqProp against central finite differences `(L(theta + eps) - L(theta - eps)) /
+(2 eps)` of a few entries (those with the largest BPTT gradient), every loss evaluated at a
 converged free phase. It also traces the GDD curve of Ernoult et al. (2019): EqProp's estimate
-after ``k`` nudged steps against BPTT's gradient truncated to the last ``k`` steps (from the
-free equilibrium), ``k = 1, 2, ...``; where the step's Jacobian is symmetric the two agree at
-every ``k`` as beta -> 0 (both are ``sum_{j<k} (J^T)^j g`` pushed through ``dF/dtheta``): a
-LoopedMLP with symmetric ``W``, an EPMLP with ``schedule="sync"``, a block whose cell has a
-symmetric ``W``. The ``"async"`` schedule's step (even layers, then odd ones from them) has no
-symmetric Jacobian: its curve meets BPTT's only as ``k`` grows.
+after `k` nudged steps against BPTT's gradient truncated to the last `k` steps (from the
+free equilibrium), `k = 1, 2, ...`; where the step's Jacobian is symmetric the two agree at
+every `k` as beta -> 0 (both are `sum_{j<k} (J^T)^j g` pushed through `dF/dtheta`): a
+LoopedMLP with symmetric `W`, an EPMLP with `schedule="sync"`, a block whose cell has a
+symmetric `W`. The `"async"` schedule's step (even layers, then odd ones from them) has no
+symmetric Jacobian: its curve meets BPTT's only as `k` grows.
 
-Everything is relaxed far below the usual tolerance (``tol=1e-14``, float64 recommended), so
+Everything is relaxed far below the usual tolerance (`tol=1e-14`, float64 recommended), so
 that the differences measure the estimators, not the solver. Bias of EqProp: O(beta) one-sided,
-O(beta^2) symmetric, where the model's regime is exact (``gradient_regime``); with
+O(beta^2) symmetric, where the model's regime is exact (`gradient_regime`); with
 piecewise-linear activations (the hard sigmoid) a large beta also moves units between the
 saturated and the active region between the phases, and the linearisation behind EqProp breaks
 for them: errors of percents at beta = 1e-3 on a small network where beta = 1e-4 gives 1e-8
-(``EQPROP-MATH.md`` section 2). Use small beta for checks, symmetric nudging for training.
+(`EQPROP-MATH.md` section 2). Use small beta for checks, symmetric nudging for training.
 
-:func:`steps_vs_difficulty` relates per-sample relaxation steps (every model keeps them in
-``last_steps``) to per-sample difficulty (loss, or negative margin) and reports their
-correlation.
+[`steps_vs_difficulty`][toreq.diagnostics.steps_vs_difficulty] relates per-sample relaxation steps
+(every model keeps them in `last_steps`) to per-sample difficulty (loss, or negative margin) and
+reports their correlation.
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 # -------------------------------------------------------------------------------- comparisons
 @dataclass(frozen=True)
 class Comparison:
-    """How close an estimate ``a`` is to a reference ``b``.
+    """How close an estimate `a` is to a reference `b`.
 
-    ``cosine``: ``<a, b> / (|a| |b|)``; ``relative_error``: ``|a - b| / |b|`` (see
-    :func:`compare` for the absolute floor);
-    ``sign_agreement``: the share of entries where ``sign(a) == sign(b)``, entries below
-    ``1e-6 max |b|`` in magnitude counting as 0.
+    `cosine`: `<a, b> / (|a| |b|)`; `relative_error`: `|a - b| / |b|` (see
+    [`compare`][toreq.diagnostics.compare] for the absolute floor);
+    `sign_agreement`: the share of entries where `sign(a) == sign(b)`, entries below
+    `1e-6 max |b|` in magnitude counting as 0.
     """
 
     cosine: float
@@ -81,12 +81,12 @@ class Comparison:
 
 
 def compare(estimate: Tensor, reference: Tensor, floor: float = 0.0) -> Comparison:
-    """:class:`Comparison` of two tensors of the same shape.
+    """[`Comparison`][toreq.diagnostics.Comparison] of two tensors of the same shape.
 
-    ``floor``: an absolute scale below which a norm is round-off. Where both ``|a|`` and ``|b|``
-    are at most ``floor`` the two agree (cosine 1, relative error 0), so that two gradients that
+    `floor`: an absolute scale below which a norm is round-off. Where both `|a|` and `|b|`
+    are at most `floor` the two agree (cosine 1, relative error 0), so that two gradients that
     are zero up to round-off (a fully saturated layer) compare as equal rather than as
-    unrelated; otherwise the relative error is ``|a - b| / max(|b|, floor)``.
+    unrelated; otherwise the relative error is `|a - b| / max(|b|, floor)`.
     """
     a, b = estimate.detach().flatten().double(), reference.detach().flatten().double()
     if a.shape != b.shape:
@@ -117,8 +117,8 @@ def _flat(grads: dict[str, Tensor]) -> Tensor:
 
 # -------------------------------------------------------------------------------- subjects
 class _Layered:
-    """An :class:`EquilibriumModel`: every estimator of :mod:`toreq.estimators` on it, with the
-    check's budget for every phase."""
+    """An [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel]: every estimator of
+    [`toreq.estimators`][toreq.estimators] on it, with the check's budget for every phase."""
 
     def __init__(self, model: EquilibriumModel, beta: float, symmetric: bool, max_steps: int,
                  tol: float) -> None:
@@ -171,7 +171,8 @@ class _Layered:
 
 
 class _WithBlocks:
-    """Any module containing :class:`EquilibriumBlock` s, their options set per estimator."""
+    """Any module containing [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] s, their options
+    set per estimator."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, beta: float, symmetric: bool,
                  max_steps: int, tol: float) -> None:
@@ -243,15 +244,16 @@ def estimator_gradients(model: nn.Module, x: Tensor, y: Tensor, method: str, *,
                         beta: float = 1e-4, symmetric: bool = True,
                         loss_fn: LossFn | None = None, max_steps: int = 20000,
                         tol: float = 1e-14, truncation: int | None = None) -> dict[str, Tensor]:
-    """One estimator's gradients, ``{"input": dL/dx, <parameter name>: dL/dtheta, ...}``.
+    """One estimator's gradients, `{"input": dL/dx, <parameter name>: dL/dtheta, ...}`.
 
-    ``method``: ``"eqprop"``, ``"bptt"`` or ``"implicit"``. ``model``: an
-    :class:`EquilibriumModel` (its own loss) or a module containing :class:`EquilibriumBlock` s
-    (``loss_fn(model(x), y)``; default cross-entropy for integer ``y``, else squared error).
-    Phases relax to ``tol`` within ``max_steps``. ``truncation=k``: EqProp with ``k`` nudged
-    steps, or BPTT through the last ``k`` steps from the free equilibrium (the GDD pairs).
-    The model's ``.grad`` s are overwritten; put it in eval mode first if it has parametrizations
-    that change in training mode (spectral normalisation's power iteration).
+    `method`: `"eqprop"`, `"bptt"` or `"implicit"`. `model`: an
+    [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel] (its own loss) or a module
+    containing [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] s (`loss_fn(model(x), y)`;
+    default cross-entropy for integer `y`, else squared error). Phases relax to `tol` within
+    `max_steps`. `truncation=k`: EqProp with `k` nudged steps, or BPTT through the last `k` steps
+    from the free equilibrium (the GDD pairs). The model's `.grad` s are overwritten; put it in eval
+    mode first if it has parametrizations that change in training mode (spectral normalisation's
+    power iteration).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -266,7 +268,7 @@ def estimator_gradients(model: nn.Module, x: Tensor, y: Tensor, method: str, *,
 @dataclass(frozen=True)
 class TensorCheck:
     """EqProp's gradient of one tensor against BPTT's, implicit differentiation's and finite
-    differences (``finite_difference``: the relative error over ``entries`` entries, None where
+    differences (`finite_difference`: the relative error over `entries` entries, None where
     the reference gradient is zero)."""
 
     name: str
@@ -279,7 +281,7 @@ class TensorCheck:
 
 @dataclass(frozen=True)
 class GDDPoint:
-    """EqProp after ``step`` nudged steps against BPTT truncated to the last ``step`` steps
+    """EqProp after `step` nudged steps against BPTT truncated to the last `step` steps
     (all tensors concatenated)."""
 
     step: int
@@ -289,7 +291,8 @@ class GDDPoint:
 
 @dataclass
 class GradientCheck:
-    """The result of :func:`gradient_check`; ``str()`` gives Markdown tables."""
+    """The result of [`gradient_check`][toreq.diagnostics.gradient_check]; `str()` gives Markdown
+    tables."""
 
     model: str
     regime: str | None
@@ -332,7 +335,7 @@ class GradientCheck:
 
 def _finite_differences(subject, model: nn.Module, x: Tensor, y: Tensor, name: str,
                         index: Tensor, eps: float) -> Tensor:
-    """Central differences of the converged loss for the flat entries ``index`` of a tensor."""
+    """Central differences of the converged loss for the flat entries `index` of a tensor."""
     values = []
     with torch.no_grad():
         if name == "input":
@@ -358,28 +361,29 @@ def gradient_check(model: nn.Module, x: Tensor, y: Tensor, *, beta: float = 1e-4
     """EqProp's gradients against BPTT, implicit differentiation and finite differences.
 
     Args:
-        model: an :class:`EquilibriumModel`, or any module containing :class:`EquilibriumBlock` s
-            (every block is switched between the estimators; its other options are kept).
+        model: an [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel], or any module
+            containing [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] s (every block is
+            switched between the estimators; its other options are kept).
         x: the batch's inputs (use float64 for tight comparisons).
         y: the batch's targets.
         beta: EqProp's nudging strength.
-        symmetric: contrast ``+beta`` with ``-beta`` (else ``+beta`` with the free phase).
-        loss_fn: for modules with blocks, ``loss_fn(model(x), y)`` (default: cross-entropy for
-            integer ``y``, else squared error).
+        symmetric: contrast `+beta` with `-beta` (else `+beta` with the free phase).
+        loss_fn: for modules with blocks, `loss_fn(model(x), y)` (default: cross-entropy for
+            integer `y`, else squared error).
         max_steps: every relaxation's budget.
         tol: every relaxation's tolerance.
-        fd_entries: finite differences of the ``fd_entries`` largest-gradient entries of each
+        fd_entries: finite differences of the `fd_entries` largest-gradient entries of each
             tensor (0: none).
         fd_eps: the finite differences' step.
-        gdd_steps: the GDD curve for ``k = 1 .. gdd_steps`` (0: none).
+        gdd_steps: the GDD curve for `k = 1 .. gdd_steps` (0: none).
 
     Returns:
-        :class:`GradientCheck`. Every comparison has an absolute floor (see :func:`compare`):
-        ``max(ROUND_OFF * the largest BPTT gradient norm, STATE_ROUND_OFF * eps / beta)``, so
-        that a tensor whose gradients are zero up to round-off agrees with BPTT's zero. The
-        model is put in eval mode during the check (spectral
-        normalisation then keeps one weight for every estimator) and restored after; its
-        ``.grad`` s are overwritten.
+        [`GradientCheck`][toreq.diagnostics.GradientCheck]. Every comparison has an absolute floor
+            (see [`compare`][toreq.diagnostics.compare]): `max(ROUND_OFF * the largest BPTT
+            gradient norm, STATE_ROUND_OFF * eps / beta)`, so that a tensor whose gradients are
+            zero up to round-off agrees with BPTT's zero. The model is put in eval mode during the
+            check (spectral normalisation then keeps one weight for every estimator) and restored
+            after; its `.grad` s are overwritten.
     """
     if not (isinstance(fd_entries, int) and fd_entries >= 0):
         raise ValueError(f"fd_entries must be an int >= 0, got {fd_entries!r}")
@@ -429,7 +433,7 @@ def _ranks(v: Tensor) -> Tensor:
 
 
 def correlation(a: Tensor, b: Tensor, method: str = "spearman") -> float:
-    """Pearson's correlation of ``a`` and ``b`` (1-D), or Spearman's (Pearson's of their
+    """Pearson's correlation of `a` and `b` (1-D), or Spearman's (Pearson's of their
     ranks, ties averaged). NaN where either is constant."""
     if method not in ("spearman", "pearson"):
         raise ValueError(f"method must be 'spearman' or 'pearson', got {method!r}")
@@ -447,7 +451,7 @@ def correlation(a: Tensor, b: Tensor, method: str = "spearman") -> float:
 @dataclass(frozen=True)
 class AdaptiveCompute:
     """Per-sample relaxation steps against per-sample difficulty (higher: harder): the loss, or
-    minus the margin (``measure``)."""
+    minus the margin (`measure`)."""
 
     steps: Tensor
     difficulty: Tensor
@@ -471,12 +475,13 @@ def steps_vs_difficulty(model: nn.Module, x: Tensor, y: Tensor, *, measure: str 
                         block: EquilibriumBlock | None = None) -> AdaptiveCompute:
     """Relates the free phase's per-sample step counts to how hard each sample is.
 
-    Runs ``model(x)`` (no gradient, eval mode, the model's own ``max_steps`` and ``tol``) and
-    takes the step counts from ``model.last_steps`` (an :class:`EquilibriumModel`) or from the
-    module's :class:`EquilibriumBlock` (``block``, needed when there are several). Difficulty:
-    ``measure="loss"``, the per-sample loss (the model's own, or ``loss_fn``: default
-    cross-entropy); ``measure="margin"``, minus the margin ``o_y - max_{j != y} o_j`` of the
-    output ``o`` (integer labels). A positive correlation means harder samples take more steps.
+    Runs `model(x)` (no gradient, eval mode, the model's own `max_steps` and `tol`) and
+    takes the step counts from `model.last_steps` (an
+    [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel]) or from the module's
+    [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] (`block`, needed when there are several).
+    Difficulty: `measure="loss"`, the per-sample loss (the model's own, or `loss_fn`: default
+    cross-entropy); `measure="margin"`, minus the margin `o_y - max_{j != y} o_j` of the output `o`
+    (integer labels). A positive correlation means harder samples take more steps.
     """
     if measure not in ("loss", "margin"):
         raise ValueError(f"measure must be 'loss' or 'margin', got {measure!r}")

@@ -1,28 +1,29 @@
 """Dynamics: what an equilibrium network is, apart from how it is solved or trained.
 
-A dynamics defines, for an input ``x``:
+A dynamics defines, for an input `x`:
 
-* ``network(x)``: the batch's effective tensors (parametrized weights, input projections),
+* `network(x)`: the batch's effective tensors (parametrized weights, input projections),
   built once per training step so that every phase sees the same weights;
-* ``init_states(x, net)``: the states a free phase starts from;
-* ``step(x, states, net, nudge)``: one step ``s <- F(x, s)`` (damping included), differentiable,
-  with the output nudge ``-beta * d ell / d s_out`` when ``nudge`` is given;
-* ``output(states, net)``: the prediction read from the states;
-* ``cost``: a :class:`Cost` (the loss, its gradient, label handling, in one place);
-* ``contrast(x, net, free, nudged, reference, beta)``: EqProp's parameter update from two phases,
-  as ``(tensor, gradient)`` pairs for ``torch.autograd.backward``;
-* ``gradient_regime``: ``"exact"`` where that update is the gradient as ``beta -> 0``
-  (an energy, or a symmetric Jacobian), else ``"approximate"`` (vector-field EqProp).
+* `init_states(x, net)`: the states a free phase starts from;
+* `step(x, states, net, nudge)`: one step `s <- F(x, s)` (damping included), differentiable,
+  with the output nudge `-beta * d ell / d s_out` when `nudge` is given;
+* `output(states, net)`: the prediction read from the states;
+* `cost`: a [`Cost`][toreq.dynamics.Cost] (the loss, its gradient, label handling, in one place);
+* `contrast(x, net, free, nudged, reference, beta)`: EqProp's parameter update from two phases,
+  as `(tensor, gradient)` pairs for `torch.autograd.backward`;
+* `gradient_regime`: `"exact"` where that update is the gradient as `beta -> 0`
+  (an energy, or a symmetric Jacobian), else `"approximate"` (vector-field EqProp).
 
 The kinds:
 
-* :class:`CouplingDynamics`: coupling lists (looped, layered tied/untied, ring) relaxed by the
-  C++ op; the contrast is the Hebbian op (fast path);
-* :class:`PrimitiveDynamics`: dynamics defined by a primitive function ``Phi`` (the
-  convolutional network); the contrast is ``-(dPhi/dtheta(s^a) - dPhi/dtheta(s^b)) / beta``;
-* :class:`FieldDynamics`: a state update ``s <- rho(T(x, s))`` (or ``T`` alone) written in
-  PyTorch, a user's cell included; the contrast is the vector-Jacobian product of ``T`` at
-  the free state with ``v = -(s^a - s^b) / beta``.
+* [`CouplingDynamics`][toreq.dynamics.CouplingDynamics]: coupling lists (looped, layered
+  tied/untied, ring) relaxed by the C++ op; the contrast is the Hebbian op (fast path);
+* [`PrimitiveDynamics`][toreq.dynamics.PrimitiveDynamics]: dynamics defined by a primitive function
+  `Phi` (the convolutional network); the contrast is `-(dPhi/dtheta(s^a) - dPhi/dtheta(s^b)) /
+  beta`;
+* [`FieldDynamics`][toreq.dynamics.FieldDynamics]: a state update `s <- rho(T(x, s))` (or `T` alone)
+  written in PyTorch, a user's cell included; the contrast is the vector-Jacobian product of `T` at
+  the free state with `v = -(s^a - s^b) / beta`.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ Pairs = list[tuple[Tensor, Tensor | None]]
 
 # ------------------------------------------------------------------------------------ costs
 class Cost:
-    """A per-sample loss ``ell(o, t)`` of the output ``o`` and target rows ``t``.
+    """A per-sample loss `ell(o, t)` of the output `o` and target rows `t`.
 
-    ``rows`` turns labels into target rows (once per phase sequence); ``loss`` is the batch mean
-    of ``ell``; ``error`` is ``d ell_b / d o_b`` per sample, the direction of the nudge.
+    `rows` turns labels into target rows (once per phase sequence); `loss` is the batch mean
+    of `ell`; `error` is `d ell_b / d o_b` per sample, the direction of the nudge.
     """
 
     name = "cost"
@@ -71,7 +72,7 @@ class Cost:
 
 
 class MeanSquaredError(Cost):
-    """``ell = 1/2 |o - t|^2`` (``t`` one-hot for class labels)."""
+    """`ell = 1/2 |o - t|^2` (`t` one-hot for class labels)."""
 
     name = "mse"
 
@@ -84,7 +85,7 @@ class MeanSquaredError(Cost):
 
 
 class CrossEntropy(Cost):
-    """``ell = -sum_j t_j log softmax(o)_j`` (``t`` one-hot for class labels)."""
+    """`ell = -sum_j t_j log softmax(o)_j` (`t` one-hot for class labels)."""
 
     name = "cross_entropy"
 
@@ -98,8 +99,8 @@ class CrossEntropy(Cost):
 
 
 class OutputGradient(Cost):
-    """The target *is* ``d ell / d o``: a constant nudge (a block inside a larger network);
-    ``loss`` is the linear ``mean_b <g_b, o_b>`` whose gradient that is."""
+    """The target *is* `d ell / d o`: a constant nudge (a block inside a larger network);
+    `loss` is the linear `mean_b <g_b, o_b>` whose gradient that is."""
 
     name = "gradient"
 
@@ -119,21 +120,22 @@ COSTS: dict[str, Cost] = {c.name: c for c in (MeanSquaredError(), CrossEntropy()
 
 def default_loss(output: Tensor, y: Tensor) -> Tensor:
     """The loss of a module that has no cost of its own (a network with blocks): cross-entropy
-    for integer labels, else ``1/2 |o - y|^2``, averaged over the batch."""
+    for integer labels, else `1/2 |o - y|^2`, averaged over the batch."""
     return (COSTS["mse"] if y.is_floating_point() else COSTS["cross_entropy"]).loss(output, y)
 
 
 def get_cost(name: str) -> Cost:
-    """The :class:`Cost` called ``name`` (``"mse"``, ``"cross_entropy"`` or ``"gradient"``)."""
+    """The [`Cost`][toreq.dynamics.Cost] called `name` (`"mse"`, `"cross_entropy"` or
+    `"gradient"`)."""
     return COSTS[check_choice("loss", name, COSTS)]
 
 
 @dataclass(frozen=True)
 class Nudge:
-    """What a phase does to the output: a nudge of strength ``beta`` (signed, or complex for
-    holomorphic EqProp) toward ``rows`` (target rows, or the output gradient for
-    :class:`OutputGradient`), or, with ``clamp``, the output state held at those rows
-    (contrastive and coupled learning; ``beta`` is then 0)."""
+    """What a phase does to the output: a nudge of strength `beta` (signed, or complex for
+    holomorphic EqProp) toward `rows` (target rows, or the output gradient for
+    [`OutputGradient`][toreq.dynamics.OutputGradient]), or, with `clamp`, the output state held at
+    those rows (contrastive and coupled learning; `beta` is then 0)."""
 
     beta: complex
     rows: Tensor
@@ -141,7 +143,7 @@ class Nudge:
 
     @classmethod
     def clamped(cls, rows: Tensor) -> Nudge:
-        """The output state clamped to ``rows``."""
+        """The output state clamped to `rows`."""
         return cls(0.0, rows, rows)
 
 
@@ -149,8 +151,8 @@ class Nudge:
 class Dynamics:
     """The interface every dynamics implements (see the module docstring).
 
-    Subclasses set ``cost`` (a :class:`Cost`) and ``gradient_regime``, and define
-    :meth:`network`, :meth:`init_states`, :meth:`step` and :meth:`contrast`.
+    Subclasses set `cost` (a [`Cost`][toreq.dynamics.Cost]) and `gradient_regime`, and define
+    `network`, `init_states`, `step` and `contrast`.
     """
 
     cost: Cost
@@ -167,7 +169,7 @@ class Dynamics:
         raise NotImplementedError
 
     def output(self, states: list[Tensor], net: Any) -> Tensor:
-        """The prediction: the last state, or ``R s_out + r`` through a feedforward readout."""
+        """The prediction: the last state, or `R s_out + r` through a feedforward readout."""
         last = states[-1]
         readout = getattr(net, "readout_weight", None)
         if readout is None:
@@ -183,11 +185,11 @@ class Dynamics:
         return self.cost.loss(output, y)
 
     def nudge(self, beta: float, y: Tensor, x: Tensor, net: Any, states: list[Tensor]) -> Nudge:
-        """The nudge toward ``y`` (labels become target rows here, once)."""
+        """The nudge toward `y` (labels become target rows here, once)."""
         return Nudge(beta, self.cost.rows(y, self.num_outputs(x, net, states), states[-1].dtype))
 
     def output_error(self, last: Tensor, nudge: Nudge, net: Any) -> Tensor:
-        """``d ell_b / d s_out`` per sample, through the readout when there is one."""
+        """`d ell_b / d s_out` per sample, through the readout when there is one."""
         error = self.cost.error(self.output([last], net), nudge.rows)
         readout = getattr(net, "readout_weight", None)
         if readout is not None and self.cost.name != "gradient":
@@ -203,11 +205,11 @@ class Dynamics:
 @dataclass
 class Network:
     """The effective tensors of a coupling-list model for one batch, as
-    :func:`toreq.ops.relax` takes them.
+    [`toreq.ops.relax`][toreq.ops.relax.relax] takes them.
 
     They stay attached to the parameters' autograd graph only through parametrizations
     (spectral normalisation, symmetry) and input projections, never through relaxation, so
-    EqProp's gradients reach the parameters with one cheap ``torch.autograd.backward``.
+    EqProp's gradients reach the parameters with one cheap `torch.autograd.backward`.
     """
 
     couplings: list[Coupling]
@@ -217,7 +219,7 @@ class Network:
     widths: list[int] = field(default_factory=list)
 
     def to(self, dtype: torch.dtype) -> Network:
-        """The same network with every tensor cast to ``dtype`` (e.g. complex, for the complex
+        """The same network with every tensor cast to `dtype` (e.g. complex, for the complex
         phases of holomorphic EqProp; the casts keep the autograd graph)."""
         def cast(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(dtype)
@@ -228,11 +230,12 @@ class Network:
 
 
 class CouplingDynamics(Dynamics):
-    """Layered or looped networks given as couplings (:class:`Network`), the op's dynamics.
+    """Layered or looped networks given as couplings ([`Network`][toreq.dynamics.Network]), the op's
+    dynamics.
 
-    Needs ``activation``, ``damping`` and ``schedule`` attributes; ``network(x)`` returns a
-    :class:`Network`. The op relaxes them (``relax_with_op``); :meth:`step` is the same step in
-    PyTorch (:func:`toreq.ops.relax_step`).
+    Needs `activation`, `damping` and `schedule` attributes; `network(x)` returns a
+    [`Network`][toreq.dynamics.Network]. The op relaxes them (`relax_with_op`);
+    `step` is the same step in PyTorch ([`toreq.ops.relax_step`][toreq.ops.relax.relax_step]).
     """
 
     activation: str
@@ -254,10 +257,10 @@ class CouplingDynamics(Dynamics):
             clamp=None if nudge is None else nudge.clamp)
 
     def primitive(self, x: Tensor, states: list[Tensor], net: Network) -> Tensor:
-        """``Phi(x, s)`` summed over the batch, for networks with an energy (tied couplings, or
-        a symmetric self-coupling): ``sum_c <s_target, M_c s_source>`` over the forward
-        couplings (``1/2`` of it for a self-coupling) plus ``sum_l <d_l, s_l>``; its gradient in
-        ``s_l`` is the pre-activation of :meth:`step`. States may be complex: every tensor is
+        """`Phi(x, s)` summed over the batch, for networks with an energy (tied couplings, or
+        a symmetric self-coupling): `sum_c <s_target, M_c s_source>` over the forward
+        couplings (`1/2` of it for a self-coupling) plus `sum_l <d_l, s_l>`; its gradient in
+        `s_l` is the pre-activation of `step`. States may be complex: every tensor is
         cast to their dtype, differentiably."""
         dtype = states[0].dtype
         phi = states[0].new_zeros(())
@@ -273,7 +276,7 @@ class CouplingDynamics(Dynamics):
 
     def relax_with_op(self, x: Tensor, net: Network, states: list[Tensor], nudge: Nudge | None,
                       settings: Any) -> RelaxResult:
-        """The phase through ``torch.ops.toreq.relax``."""
+        """The phase through `torch.ops.toreq.relax`."""
         return relax(
             states, net.couplings, net.drives, activation=self.activation, damping=self.damping,
             max_steps=settings.max_steps, tol=settings.tol, schedule=self.schedule,
@@ -284,8 +287,8 @@ class CouplingDynamics(Dynamics):
     def contrast(self, x: Tensor, net: Network, free: RelaxResult, nudged: RelaxResult,
                  reference: RelaxResult, beta: float) -> Pairs:
         """A tied weight (used in both directions) gets the contrastive Hebbian update of the
-        energy model (``EQPROP-MATH.md`` section 2); every other coupling and every drive the
-        vector-field update with ``v = -(s^nudged - s^reference) / beta`` and the free state as
+        energy model (`EQPROP-MATH.md` section 2); every other coupling and every drive the
+        vector-field update with `v = -(s^nudged - s^reference) / beta` and the free state as
         pre-synaptic activity (section 3)."""
         batch = x.shape[0]
         tied = {id(c.weight) for c in net.couplings if c.transposed}
@@ -310,8 +313,8 @@ class CouplingDynamics(Dynamics):
 
 # ------------------------------------------------------------------------------------ primitive
 class PrimitiveDynamics(Dynamics):
-    """Dynamics whose step is ``rho(dPhi/ds)``: subclasses define ``primitive(x, states, net)``,
-    ``Phi`` summed over the batch. ``gradient_regime`` is ``"exact"``."""
+    """Dynamics whose step is `rho(dPhi/ds)`: subclasses define `primitive(x, states, net)`,
+    `Phi` summed over the batch. `gradient_regime` is `"exact"`."""
 
     gradient_regime = "exact"
 
@@ -320,8 +323,8 @@ class PrimitiveDynamics(Dynamics):
 
     def contrast(self, x: Tensor, net: Any, free: RelaxResult, nudged: RelaxResult,
                  reference: RelaxResult, beta: float) -> Pairs:
-        """``-(1 / (beta B)) d(Phi(s^nudged) - Phi(s^reference)) / dtheta`` (section 2), one
-        graph over two evaluations of ``Phi`` at the detached states."""
+        """`-(1 / (beta B)) d(Phi(s^nudged) - Phi(s^reference)) / dtheta` (section 2), one
+        graph over two evaluations of `Phi` at the detached states."""
         def detached(result: RelaxResult) -> list[Tensor]:
             return [t.detach() for t in result.states]
 
@@ -332,13 +335,13 @@ class PrimitiveDynamics(Dynamics):
 
 # ------------------------------------------------------------------------------------ field
 class FieldDynamics(Dynamics):
-    """Dynamics ``s <- gamma s + (1 - gamma) rho(T(x, s) - beta g)``: subclasses define
-    ``field(x, states, net)`` (``T``, one tensor per state) and set ``state_activation`` (rho:
-    a name, a callable, or None for ``s <- T - beta g``) and ``damping``.
+    """Dynamics `s <- gamma s + (1 - gamma) rho(T(x, s) - beta g)`: subclasses define
+    `field(x, states, net)` (`T`, one tensor per state) and set `state_activation` (rho:
+    a name, a callable, or None for `s <- T - beta g`) and `damping`.
 
-    The contrast is vector-field EqProp: ``(1/B) v^T dT/dtheta`` at the free state with
-    ``v = -(s^nudged - s^reference) / beta``; exact (``gradient_regime = "exact"``, set by the
-    subclass) when ``dT/ds`` is symmetric (``EQPROP-MATH.md`` sections 3-5).
+    The contrast is vector-field EqProp: `(1/B) v^T dT/dtheta` at the free state with
+    `v = -(s^nudged - s^reference) / beta`; exact (`gradient_regime = "exact"`, set by the
+    subclass) when `dT/ds` is symmetric (`EQPROP-MATH.md` sections 3-5).
     """
 
     state_activation: Any = None
@@ -379,17 +382,19 @@ class FieldDynamics(Dynamics):
 
 
 class CellDynamics(FieldDynamics):
-    """A user's cell as dynamics: ``s <- gamma s + (1 - gamma) rho(cell(x, s) - beta g)``.
+    """A user's cell as dynamics: `s <- gamma s + (1 - gamma) rho(cell(x, s) - beta g)`.
 
-    ``cell(x, s)`` returns the pre-activation when ``activation`` is given (the nudge then goes
+    `cell(x, s)` returns the pre-activation when `activation` is given (the nudge then goes
     inside it), else the new state (the nudge is added to it). Its contrast is the
-    vector-Jacobian product of the cell at ``s*`` (what :class:`toreq.nn.EquilibriumBlock`
-    uses). The cost is :class:`OutputGradient`: the block receives ``dL/ds*`` from above.
+    vector-Jacobian product of the cell at `s*` (what
+    [`toreq.nn.EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] uses). The cost is
+    [`OutputGradient`][toreq.dynamics.OutputGradient]: the block receives `dL/ds*` from above.
 
     Args:
-        cell: a callable ``cell(x, s)``.
-        activation: rho: a name of :data:`toreq.ops.ACTIVATIONS`, a callable, or None.
-        damping: ``gamma`` in ``[0, 1)``.
+        cell: a callable `cell(x, s)`.
+        activation: rho: a name of [`toreq.ops.ACTIVATIONS`][toreq.ops.relax.ACTIVATIONS], a
+            callable, or None.
+        damping: `gamma` in `[0, 1)`.
     """
 
     cost = OutputGradient()

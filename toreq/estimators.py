@@ -1,28 +1,30 @@
 """Gradient estimators: how parameter gradients come from a dynamics' phases.
 
 An estimator owns the phase sequence of one training step: it runs the phases through the
-model's solver (:meth:`toreq.nn.EquilibriumModel.solve`), writes the gradients into ``.grad``
-and returns an :class:`Estimate`. It declares whether it is exact for a dynamics
-(:meth:`Estimator.exact_for`). The trainer, :class:`toreq.nn.EquilibriumBlock`'s backward and
-:mod:`toreq.diagnostics` all use these; a user-written estimator (a subclass, registered with
-:func:`register_estimator`) plugs into all of them.
+model's solver ([`toreq.nn.EquilibriumModel.solve`][toreq.nn.equilibrium.EquilibriumModel.solve]),
+writes the gradients into `.grad` and returns an [`Estimate`][toreq.estimators.Estimate]. It
+declares whether it is exact for a dynamics
+([`Estimator.exact_for`][toreq.estimators.Estimator.exact_for]). The trainer,
+[`toreq.nn.EquilibriumBlock`][toreq.nn.block.EquilibriumBlock]'s backward and
+[`toreq.diagnostics`][toreq.diagnostics] all use these; a user-written estimator (a subclass,
+registered with [`register_estimator`][toreq.estimators.register_estimator]) plugs into all of them.
 
-* :class:`EqProp` (``"eqprop"``): the free phase, then nudged phases from it. ``nudging``:
-  ``"positive"`` contrasts ``+beta`` with the free phase, ``"negative"`` the free phase with
-  ``-beta`` (both bias O(beta)), ``"centered"`` ``+beta`` with ``-beta`` (bias O(beta^2)).
-  For descent, with ``s^a`` the more positively nudged phase, ``s^b`` the other and
-  ``delta`` the difference of their strengths (``beta``, or ``2 beta`` centered), the dynamics'
-  ``contrast`` gives ``-(1/(delta B)) (dPhi/dtheta(s^a) - dPhi/dtheta(s^b))`` (energy, Hebbian)
-  or ``(1/B) v^T dT/dtheta`` with ``v = -(s^a - s^b)/delta`` (vector field). Exact as
-  ``beta -> 0`` where the dynamics' ``gradient_regime`` is ``"exact"``. Nudged phases stop
-  when a step changes the state by less than ``tol * |beta|`` (floored at 4 machine epsilons):
+* [`EqProp`][toreq.estimators.EqProp] (`"eqprop"`): the free phase, then nudged phases from it.
+  `nudging`: `"positive"` contrasts `+beta` with the free phase, `"negative"` the free phase with
+  `-beta` (both bias O(beta)), `"centered"` `+beta` with `-beta` (bias O(beta^2)).
+  For descent, with `s^a` the more positively nudged phase, `s^b` the other and
+  `delta` the difference of their strengths (`beta`, or `2 beta` centered), the dynamics'
+  `contrast` gives `-(1/(delta B)) (dPhi/dtheta(s^a) - dPhi/dtheta(s^b))` (energy, Hebbian)
+  or `(1/B) v^T dT/dtheta` with `v = -(s^a - s^b)/delta` (vector field). Exact as
+  `beta -> 0` where the dynamics' `gradient_regime` is `"exact"`. Nudged phases stop
+  when a step changes the state by less than `tol * |beta|` (floored at 4 machine epsilons):
   the state moves O(beta) per step, so lowering beta never truncates them.
-* :class:`ImplicitDifferentiation` (``"implicit"``; recurrent backpropagation, Almeida-Pineda):
-  the adjoint ``a = g + J^T a`` (``J = dF/ds`` at ``s*``, ``g = dL/ds*``) solved by iteration with
-  vector-Jacobian products of one step, then ``a^T dF/dtheta``. Exact for every dynamics (where
-  the adjoint iteration converges).
-* :class:`BPTT` (``"bptt"``): backprop through the unrolled steps from rest
-  (``truncation=None``), or through the last ``truncation`` steps taken from the free
+* [`ImplicitDifferentiation`][toreq.estimators.ImplicitDifferentiation] (`"implicit"`; recurrent
+  backpropagation, Almeida-Pineda): the adjoint `a = g + J^T a` (`J = dF/ds` at `s*`, `g = dL/ds*`)
+  solved by iteration with vector-Jacobian products of one step, then `a^T dF/dtheta`. Exact for
+  every dynamics (where the adjoint iteration converges).
+* [`BPTT`][toreq.estimators.BPTT] (`"bptt"`): backprop through the unrolled steps from rest
+  (`truncation=None`), or through the last `truncation` steps taken from the free
   equilibrium (truncated BPTT). Memory grows with the steps.
 """
 
@@ -52,12 +54,13 @@ __all__ = [
 
 @dataclass
 class Estimate:
-    """What an estimator's :meth:`Estimator.backward` returns (the gradients are in ``.grad``).
+    """What an estimator's [`Estimator.backward`][toreq.estimators.Estimator.backward] returns (the
+    gradients are in `.grad`).
 
-    ``loss``: the batch's loss at the free equilibrium (detached); ``output``: the prediction it
-    was measured on (detached); ``phases``: each phase's :class:`toreq.ops.RelaxResult` by name
-    (``"free"``, ``"positive"``, ``"negative"``, ``"adjoint"``), with the tolerance it ran to in
-    ``tolerances``.
+    `loss`: the batch's loss at the free equilibrium (detached); `output`: the prediction it
+    was measured on (detached); `phases`: each phase's
+    [`toreq.ops.RelaxResult`][toreq.ops.iteration.RelaxResult] by name (`"free"`, `"positive"`,
+    `"negative"`, `"adjoint"`), with the tolerance it ran to in `tolerances`.
     """
 
     loss: Tensor
@@ -67,7 +70,7 @@ class Estimate:
 
 
 def nudged_tolerance(tol: float, beta: float, dtype: torch.dtype) -> float:
-    """A nudged phase's tolerance: ``tol * |beta|``, floored at 4 machine epsilons (0 stays 0)."""
+    """A nudged phase's tolerance: `tol * |beta|`, floored at 4 machine epsilons (0 stays 0)."""
     if tol <= 0:
         return 0.0
     return max(tol * abs(beta), 4 * torch.finfo(dtype).eps)
@@ -80,8 +83,8 @@ def run_free_phase(model: Any, x: Tensor, net: Any, settings: PhaseSettings) -> 
 
 def apply_contrast(model: Any, x: Tensor, y: Tensor, net: Any, free: RelaxResult,
                    a: RelaxResult, b: RelaxResult, delta: float) -> tuple[Tensor, Tensor]:
-    """Accumulates the dynamics' contrast of phases ``a`` and ``b`` (strengths ``delta`` apart)
-    into ``.grad``, with the readout's own gradient (the loss at the free equilibrium);
+    """Accumulates the dynamics' contrast of phases `a` and `b` (strengths `delta` apart)
+    into `.grad`, with the readout's own gradient (the loss at the free equilibrium);
     returns that loss and the output, detached."""
     output = model.output([s.detach() for s in free.states], net)
     loss = model.loss(output, y)
@@ -93,22 +96,23 @@ def apply_contrast(model: Any, x: Tensor, y: Tensor, net: Any, free: RelaxResult
 
 
 class Estimator:
-    """How gradients come from phases. Subclasses define :meth:`backward` and
-    :meth:`exact_for`, and set ``name``."""
+    """How gradients come from phases. Subclasses define
+    [`backward`][toreq.estimators.Estimator.backward] and
+    [`exact_for`][toreq.estimators.Estimator.exact_for], and set `name`."""
 
     name = "estimator"
 
     def exact_for(self, dynamics: Any) -> bool:
-        """Whether the estimate is the gradient (in the limit it names) for ``dynamics``."""
+        """Whether the estimate is the gradient (in the limit it names) for `dynamics`."""
         raise NotImplementedError
 
     def backward(self, model: Any, x: Tensor, y: Tensor, net: Any, *,
                  free: RelaxResult | None = None, beta: float | None = None,
                  free_settings: PhaseSettings | None = None) -> Estimate:
-        """Runs the phases on the batch ``(x, y)``, accumulates gradients into ``.grad``.
+        """Runs the phases on the batch `(x, y)`, accumulates gradients into `.grad`.
 
-        ``free``: a free phase already run (reused); ``beta``: a nudging strength overriding
-        the estimator's (a schedule; ignored by estimators without one); ``free_settings``: the
+        `free`: a free phase already run (reused); `beta`: a nudging strength overriding
+        the estimator's (a schedule; ignored by estimators without one); `free_settings`: the
         free phase's budget (default the model's).
         """
         raise NotImplementedError
@@ -126,11 +130,11 @@ class EqProp(Estimator):
     """Equilibrium propagation (see the module docstring for the rule and its signs).
 
     Args:
-        beta: the nudging strength, ``> 0``.
-        nudging: ``"centered"`` (default), ``"positive"`` or ``"negative"``.
-        nudged_steps: each nudged phase's step cap (None: the model's ``nudged_steps``).
-        nudged_tol: each nudged phase's tolerance (None: ``tol * |beta|`` from the model's
-            tolerance; 0: exactly ``nudged_steps`` steps, as the GDD curve needs).
+        beta: the nudging strength, `> 0`.
+        nudging: `"centered"` (default), `"positive"` or `"negative"`.
+        nudged_steps: each nudged phase's step cap (None: the model's `nudged_steps`).
+        nudged_tol: each nudged phase's tolerance (None: `tol * |beta|` from the model's
+            tolerance; 0: exactly `nudged_steps` steps, as the GDD curve needs).
     """
 
     name = "eqprop"
@@ -150,7 +154,7 @@ class EqProp(Estimator):
 
     def nudged_phase_settings(self, model: Any, beta: float, dtype: torch.dtype) -> PhaseSettings:
         """The nudged phases' budget: this estimator's caps, else the model's, with the
-        tolerance relative to ``|beta|``."""
+        tolerance relative to `|beta|`."""
         base = model.nudged_settings
         cap = base.max_steps if self.nudged_steps is None else self.nudged_steps
         tol = (nudged_tolerance(base.tol, beta, dtype) if self.nudged_tol is None
@@ -163,9 +167,9 @@ class EqProp(Estimator):
     def phases(self, model: Any, x: Tensor, net: Any, free: RelaxResult,
                nudge_for: Callable[[float], Nudge], beta: float | None = None
                ) -> tuple[RelaxResult, RelaxResult, float, dict[str, RelaxResult]]:
-        """The nudged phases from ``free``: ``(s^a, s^b, delta, phases)`` with ``s^a`` the more
-        positively nudged, ``delta`` their strengths' difference, ``phases`` the new ones by
-        name. ``nudge_for(beta)`` builds a phase's :class:`toreq.dynamics.Nudge`."""
+        """The nudged phases from `free`: `(s^a, s^b, delta, phases)` with `s^a` the more
+        positively nudged, `delta` their strengths' difference, `phases` the new ones by
+        name. `nudge_for(beta)` builds a phase's [`toreq.dynamics.Nudge`][toreq.dynamics.Nudge]."""
         beta = self.beta if beta is None else beta
         settings = self.nudged_phase_settings(model, beta, free.states[0].dtype)
         run: dict[str, RelaxResult] = {}
@@ -195,7 +199,7 @@ class EqProp(Estimator):
 class ImplicitDifferentiation(Estimator):
     """Recurrent backpropagation: the adjoint by fixed-point iteration of VJPs of one step.
 
-    The adjoint runs within the model's ``adjoint_settings`` (its tolerance relative to each
+    The adjoint runs within the model's `adjoint_settings` (its tolerance relative to each
     sample's gradient).
     """
 
@@ -207,8 +211,8 @@ class ImplicitDifferentiation(Estimator):
     @staticmethod
     def solve_adjoint(model: Any, vjp: Callable[[Tensor], Tensor], g: Tensor,
                       settings: PhaseSettings, what: str) -> RelaxResult:
-        """``a = g + J^T a`` given ``vjp(a) = J^T a``, per sample for ``g_b / c_b`` with
-        ``c_b = max_j |g_bj|`` (so that ``tol`` is relative), scaled back."""
+        """`a = g + J^T a` given `vjp(a) = J^T a`, per sample for `g_b / c_b` with
+        `c_b = max_j |g_bj|` (so that `tol` is relative), scaled back."""
         scale = g.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
         scale = scale.view(-1, *[1] * (g.dim() - 1))
         g_hat = g / scale
@@ -250,7 +254,7 @@ class BPTT(Estimator):
     """Backprop through time over the same dynamics.
 
     Args:
-        truncation: None unrolls ``steps`` steps from rest; ``k`` backprops through ``k`` steps
+        truncation: None unrolls `steps` steps from rest; `k` backprops through `k` steps
             taken from the free equilibrium (truncated BPTT; the free phase runs first).
         steps: the unrolled steps from rest (None: the free phase's step cap).
     """
@@ -305,10 +309,10 @@ def _clamp_target(model: Any, x: Tensor, y: Tensor, net: Any, free: RelaxResult)
 class ContrastiveLearning(Estimator):
     """Contrastive learning (contrastive Hebbian learning; Movellan 1991).
 
-    The free phase, then a phase from it with the output units clamped to the target ``t``;
-    for descent ``-(1/B) (dPhi/dtheta(s^clamped) - dPhi/dtheta(s^free))`` (the dynamics'
-    ``contrast`` with ``delta = 1``). Not the gradient of the loss in general
-    (``exact_for`` is False): it follows the difference of the two equilibria's energies.
+    The free phase, then a phase from it with the output units clamped to the target `t`;
+    for descent `-(1/B) (dPhi/dtheta(s^clamped) - dPhi/dtheta(s^free))` (the dynamics'
+    `contrast` with `delta = 1`). Not the gradient of the loss in general
+    (`exact_for` is False): it follows the difference of the two equilibria's energies.
     Needs a model whose last layer is the output (no readout).
     """
 
@@ -332,18 +336,18 @@ class ContrastiveLearning(Estimator):
 class CoupledLearning(Estimator):
     """Coupled learning (Stern et al. 2021).
 
-    The contrasted phase clamps the output units to ``o + eta (t - o)`` (``o`` the free
-    output, ``t`` the target; ``"negative"``: ``o - eta (t - o)``; ``"centered"``: both);
-    for descent ``-(1/(delta B)) (dPhi/dtheta(s^a) - dPhi/dtheta(s^b))`` with ``s^a`` the more
-    positively clamped phase and ``delta`` = ``eta`` (``2 eta`` centered). Not exact
-    (``exact_for`` is False): the output state is moved toward the target rather than pushed
+    The contrasted phase clamps the output units to `o + eta (t - o)` (`o` the free
+    output, `t` the target; `"negative"`: `o - eta (t - o)`; `"centered"`: both);
+    for descent `-(1/(delta B)) (dPhi/dtheta(s^a) - dPhi/dtheta(s^b))` with `s^a` the more
+    positively clamped phase and `delta` = `eta` (`2 eta` centered). Not exact
+    (`exact_for` is False): the output state is moved toward the target rather than pushed
     by the loss's gradient, so the hidden layers respond to the output's displacement alone and
-    the estimate tends, as ``eta -> 0``, to a direction close to the gradient's but not equal to
+    the estimate tends, as `eta -> 0`, to a direction close to the gradient's but not equal to
     it. Needs a model whose last layer is the output.
 
     Args:
-        eta: the clamping's step toward the target, in ``(0, 1]``.
-        nudging: ``"positive"`` (default), ``"negative"`` or ``"centered"``.
+        eta: the clamping's step toward the target, in `(0, 1]`.
+        nudging: `"positive"` (default), `"negative"` or `"centered"`.
     """
 
     name = "cpl"
@@ -381,27 +385,29 @@ class CoupledLearning(Estimator):
 
 
 class HolomorphicEqProp(Estimator):
-    """Holomorphic EqProp (Laborieux & Zenke 2022): exact gradients at finite beta.
+    r"""Holomorphic EqProp (Laborieux & Zenke 2022): exact gradients at finite beta.
 
-    ``N`` nudged phases from the free equilibrium with complex strengths
-    ``beta_k = |beta| e^{2 pi i k / N}``, ``k = 0 .. N-1`` (complex states); the gradient is the
-    first Fourier coefficient of the phases' ``dPhi/dtheta``, for descent
+    `N` nudged phases from the free equilibrium with complex strengths
+    `beta_k = |beta| e^{2 pi i k / N}`, `k = 0 .. N-1` (complex states); the gradient is the
+    first Fourier coefficient of the phases' `dPhi/dtheta`, for descent
 
-    .. math::  g_\theta = -\frac{1}{B N |\beta|}\,
-               \mathrm{Re} \sum_k e^{-2\pi i k/N}\, \frac{\partial \Phi}{\partial \theta}(s^{\beta_k}),
+    $$
+    g_\theta = -\frac{1}{B N |\beta|}\,
+    \mathrm{Re} \sum_k e^{-2\pi i k/N}\, \frac{\partial \Phi}{\partial \theta}(s^{\beta_k}),
+    $$
 
-    taken by one backward pass through ``Re sum_k e^{-2 pi i k/N} Phi(theta; s^{beta_k})`` at the
+    taken by one backward pass through `Re sum_k e^{-2 pi i k/N} Phi(theta; s^{beta_k})` at the
     detached states; a readout gets the loss's gradient at the free equilibrium. Its error
-    against the gradient falls like ``|beta|^N`` (the Cauchy integral of ``dPhi/dtheta(s^beta)``
-    sampled at ``N`` points), where the dynamics is holomorphic in the states: a primitive
-    ``Phi`` (tied couplings) and a holomorphic activation (``tanh``, ``sigmoid``, ``identity``;
+    against the gradient falls like `|beta|^N` (the Cauchy integral of `dPhi/dtheta(s^beta)`
+    sampled at `N` points), where the dynamics is holomorphic in the states: a primitive
+    `Phi` (tied couplings) and a holomorphic activation (`tanh`, `sigmoid`, `identity`;
     the hard sigmoid is refused). The phases run on the Python solver (the op has no complex
     kernels).
 
     Args:
-        beta: ``|beta|``, the radius of the circle of strengths, ``> 0``.
-        points: ``N >= 2``, the strengths sampled on the circle.
-        nudged_steps: each phase's step cap (None: the model's ``nudged_steps``).
+        beta: `|beta|`, the radius of the circle of strengths, `> 0`.
+        points: `N >= 2`, the strengths sampled on the circle.
+        nudged_steps: each phase's step cap (None: the model's `nudged_steps`).
     """
 
     name = "holomorphic"
@@ -472,7 +478,7 @@ _REGISTRY: dict[str, Callable[..., Estimator]] = {}
 
 
 def register_estimator(name: str, factory: Callable[..., Estimator]) -> None:
-    """Makes ``factory(**settings)`` available as estimator ``name`` (trainer, CLI, presets)."""
+    """Makes `factory(**settings)` available as estimator `name` (trainer, CLI, presets)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     _REGISTRY[name] = factory
@@ -484,8 +490,8 @@ def estimator_names() -> tuple[str, ...]:
 
 
 def get_estimator(estimator: str | Estimator, **settings: Any) -> Estimator:
-    """An :class:`Estimator` from a name and its settings (unknown settings are refused by the
-    estimator's constructor), or an instance (returned as is)."""
+    """An [`Estimator`][toreq.estimators.Estimator] from a name and its settings (unknown settings
+    are refused by the estimator's constructor), or an instance (returned as is)."""
     if isinstance(estimator, Estimator):
         if settings:
             raise TypeError(f"estimator settings {sorted(settings)} apply to an estimator "

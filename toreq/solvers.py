@@ -1,21 +1,26 @@
-"""Solvers: how a fixed point ``s* = F(x, s*)`` is found, separate from what ``F`` is.
+"""Solvers: how a fixed point `s* = F(x, s*)` is found, separate from what `F` is.
 
-A solver takes a *dynamics* (:mod:`toreq.dynamics`: ``step(x, states, net, nudge)``, and for
-coupling-list networks ``relax_with_op``) and returns a :class:`toreq.ops.RelaxResult`. All
-the Python solvers run the one loop :func:`toreq.ops.iterate`; the compiled op is the other.
+A solver takes a *dynamics* ([`toreq.dynamics`][toreq.dynamics]: `step(x, states, net, nudge)`, and
+for coupling-list networks `relax_with_op`) and returns a
+[`toreq.ops.RelaxResult`][toreq.ops.iteration.RelaxResult]. All the Python solvers run the one loop
+[`toreq.ops.iterate`][toreq.ops.iteration.iterate]; the compiled op is the other.
 
-* ``"iteration"`` (:class:`Iteration`): damped fixed-point iteration, per-sample convergence
-  and freezing; with ``graph=True`` it builds the autograd graph of the unrolled steps (BPTT).
-* ``"anderson"`` (:class:`Anderson`): Anderson acceleration (type II, per sample, safeguarded:
-  a sample whose mixed step is not finite, or that converges, takes the plain step).
-* ``"op"`` (:class:`CompiledRelax`): ``torch.ops.toreq.relax``, for coupling-list dynamics.
-* ``"static"`` (:class:`Static`): fixed shapes and masking, no data-dependent control flow:
-  what ``torch.export`` and ``torch.compile(fullgraph=True)`` trace (:mod:`toreq.export`).
-* ``"auto"``: the op where the dynamics has one, else iteration.
+* `"iteration"` ([`Iteration`][toreq.solvers.Iteration]): damped fixed-point iteration, per-sample
+  convergence and freezing; with `graph=True` it builds the autograd graph of the unrolled steps
+  (BPTT).
+* `"anderson"` ([`Anderson`][toreq.solvers.Anderson]): Anderson acceleration (type II, per sample,
+  safeguarded: a sample whose mixed step is not finite, or that converges, takes the plain step).
+* `"op"` ([`CompiledRelax`][toreq.solvers.CompiledRelax]): `torch.ops.toreq.relax`, for
+  coupling-list dynamics.
+* `"static"` ([`Static`][toreq.solvers.Static]): fixed shapes and masking, no data-dependent control
+  flow: what `torch.export` and `torch.compile(fullgraph=True)` trace
+  ([`toreq.export`][toreq.export]).
+* `"auto"`: the op where the dynamics has one, else iteration.
 
-:class:`PhaseSettings` holds one phase's step cap and tolerance; a model keeps separate settings
-for its free phase, its nudged phases and the adjoint. :func:`register_solver` adds a solver
-by name, so that every model, trainer and estimator can use it.
+[`PhaseSettings`][toreq.solvers.PhaseSettings] holds one phase's step cap and tolerance; a model
+keeps separate settings for its free phase, its nudged phases and the adjoint.
+[`register_solver`][toreq.solvers.register_solver] adds a solver by name, so that every model,
+trainer and estimator can use it.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class PhaseSettings:
-    """One phase's budget: at most ``max_steps`` updates, stopping below ``tol`` (0: never)."""
+    """One phase's budget: at most `max_steps` updates, stopping below `tol` (0: never)."""
 
     max_steps: int
     tol: float
@@ -49,11 +54,11 @@ class PhaseSettings:
 
 
 class Solver:
-    """Finds the fixed point of a dynamics' step. Subclasses define :meth:`solve`.
+    """Finds the fixed point of a dynamics' step. Subclasses define `solve`.
 
-    ``solve(dynamics, x, net, states, nudge, settings, what, graph)``: relax ``states`` under
-    ``dynamics.step(x, states, net, nudge)`` (``nudge`` None for the free phase) within
-    ``settings``; ``what`` names the phase in errors; ``graph=True`` asks for the autograd graph
+    `solve(dynamics, x, net, states, nudge, settings, what, graph)`: relax `states` under
+    `dynamics.step(x, states, net, nudge)` (`nudge` None for the free phase) within
+    `settings`; `what` names the phase in errors; `graph=True` asks for the autograd graph
     of the steps (only solvers that can build one accept it).
     """
 
@@ -73,7 +78,8 @@ def _step_fn(dynamics: Any, x: Tensor, net: Any,
 
 
 class Iteration(Solver):
-    """Plain (damped) fixed-point iteration through :func:`toreq.ops.iterate`."""
+    """Plain (damped) fixed-point iteration through
+    [`toreq.ops.iterate`][toreq.ops.iteration.iterate]."""
 
     name = "iteration"
 
@@ -83,8 +89,9 @@ class Iteration(Solver):
 
 
 class Static(Solver):
-    """:func:`toreq.ops.iterate` in its static mode: always ``max_steps`` steps, converged
-    samples frozen by masking, never raising on values (traceable by ``torch.export``)."""
+    """[`toreq.ops.iterate`][toreq.ops.iteration.iterate] in its static mode: always `max_steps`
+    steps, converged samples frozen by masking, never raising on values (traceable by
+    `torch.export`)."""
 
     name = "static"
 
@@ -94,7 +101,7 @@ class Static(Solver):
 
 
 class CompiledRelax(Solver):
-    """``torch.ops.toreq.relax`` (C++/CUDA), for dynamics that provide ``relax_with_op``.
+    """`torch.ops.toreq.relax` (C++/CUDA), for dynamics that provide `relax_with_op`.
 
     The op takes real states and an output nudge; a phase it cannot express (complex states,
     a clamped output) runs on the Python loop with the same step instead.
@@ -155,19 +162,21 @@ class _AndersonMixing:
 
 
 class Anderson(Solver):
-    """Anderson acceleration (type II, per sample) of the damped iteration.
+    r"""Anderson acceleration (type II, per sample) of the damped iteration.
 
-    With ``r(s) = F(s) - s`` (``F`` the damped step) and the last ``memory + 1`` iterates
-    ``s_i`` and residuals ``r_i``, the coefficients
+    With `r(s) = F(s) - s` (`F` the damped step) and the last `memory + 1` iterates
+    `s_i` and residuals `r_i`, the coefficients
 
-    .. math::  \\gamma = \\arg\\min_\\gamma \\| r_k - \\sum_i \\gamma_i (r_k - r_i) \\|_2
+    $$
+    \gamma = \mathrm{arg\,min}_\gamma \| r_k - \sum_i \gamma_i (r_k - r_i) \|_2
+    $$
 
     (ridge-regularised normal equations) give
-    ``s_{k+1} = s_k + r_k - sum_i gamma_i ((s_k - s_i) + (r_k - r_i))``. States of every layer
+    `s_{k+1} = s_k + r_k - sum_i gamma_i ((s_k - s_i) + (r_k - r_i))`. States of every layer
     are concatenated per sample. Builds no graph.
 
     Args:
-        memory: the number of past iterates mixed (``>= 1``).
+        memory: the number of past iterates mixed (`>= 1`).
     """
 
     name = "anderson"
@@ -190,7 +199,7 @@ _REGISTRY: dict[str, Callable[..., Solver]] = {}
 
 
 def register_solver(name: str, factory: Callable[..., Solver]) -> None:
-    """Makes ``factory(**options)`` available as solver ``name`` everywhere a solver is named."""
+    """Makes `factory(**options)` available as solver `name` everywhere a solver is named."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     if name == "auto":
@@ -199,14 +208,15 @@ def register_solver(name: str, factory: Callable[..., Solver]) -> None:
 
 
 def solver_names() -> tuple[str, ...]:
-    """The registered solver names (and ``"auto"``)."""
+    """The registered solver names (and `"auto"`)."""
     return ("auto", *sorted(_REGISTRY))
 
 
 def get_solver(solver: str | Solver, dynamics: Any = None, **options: Any) -> Solver:
-    """A :class:`Solver` from a name (with its options) or an instance (returned as is).
+    """A [`Solver`][toreq.solvers.Solver] from a name (with its options) or an instance
+    (returned as is).
 
-    ``"auto"`` picks ``"op"`` when ``dynamics`` has ``relax_with_op``, else ``"iteration"``.
+    `"auto"` picks `"op"` when `dynamics` has `relax_with_op`, else `"iteration"`.
     """
     if isinstance(solver, Solver):
         if options:
@@ -225,7 +235,7 @@ for _solver in (Iteration, Anderson, CompiledRelax, Static):
 
 
 class _Map:
-    """A bare map ``s -> fn(s)`` as a dynamics, so that any solver can solve it (the adjoint)."""
+    """A bare map `s -> fn(s)` as a dynamics, so that any solver can solve it (the adjoint)."""
 
     def __init__(self, fn: Callable[[list[Tensor]], list[Tensor]]) -> None:
         self.fn = fn
@@ -236,7 +246,7 @@ class _Map:
 
 def solve_map(solver: Solver, fn: Callable[[list[Tensor]], list[Tensor]], states: list[Tensor],
               settings: PhaseSettings, *, what: str) -> RelaxResult:
-    """Solves ``s = fn(s)`` from ``states`` with a Python ``solver`` (e.g. an adjoint system)."""
+    """Solves `s = fn(s)` from `states` with a Python `solver` (e.g. an adjoint system)."""
     if isinstance(solver, CompiledRelax):
         solver = Iteration()  # the op relaxes networks, not arbitrary maps
     return solver.solve(_Map(fn), None, None, states, None, settings, what=what)

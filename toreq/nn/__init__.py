@@ -1,4 +1,13 @@
-"""toreq's equilibrium models (``nn.Module`` s) and their backprop baseline."""
+"""toreq's equilibrium models (`nn.Module` s) and their backprop baseline.
+
+The equilibrium models, EqProp as a layer ([`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock])
+and the feedforward backprop baseline, transformer blocks with EqProp sublayers (causal or
+bidirectional attention), a character-level language model and a vision transformer over image
+patches. Everything listed here is importable from `toreq.nn` except the fixed-point helpers of
+[`toreq.nn.block`][toreq.nn.block], the cells and attention function of
+[`toreq.nn.transformer`][toreq.nn.transformer] and the measures of [`toreq.nn.lm`][toreq.nn.lm]
+(import those from their modules).
+"""
 
 from toreq.nn.block import ConvergenceWarning, EquilibriumBlock
 from toreq.nn.equilibrium import EquilibriumModel, Network

@@ -1,59 +1,62 @@
-"""EqProp as a layer: :class:`EquilibriumBlock` turns a state-update module into a layer.
+r"""EqProp as a layer: [`EquilibriumBlock`][toreq.nn.block.EquilibriumBlock] turns a state-update
+module into a layer.
 
-A *cell* is any ``nn.Module`` with ``cell(x, s) -> tensor of the state's shape``. The block's
-output is the fixed point ``s*`` of the (damped) dynamics
+A *cell* is any `nn.Module` with `cell(x, s) -> tensor of the state's shape`. The block's
+output is the fixed point `s*` of the (damped) dynamics
 
-.. math::  s \\leftarrow \\gamma s + (1 - \\gamma) f(x, s), \\qquad
-           f(x, s) = \\rho(\\mathrm{cell}(x, s)) \\ \\text{(with an activation; else cell(x, s))},
+$$
+s \leftarrow \gamma s + (1 - \gamma) f(x, s), \qquad
+f(x, s) = \rho(\mathrm{cell}(x, s)) \ \text{(with an activation; else cell(x, s))},
+$$
 
-found without an autograd graph. Its backward pass, given ``g = dL/ds*`` from the layers above
+found without an autograd graph. Its backward pass, given `g = dL/ds*` from the layers above
 (already averaged over the batch by autograd), is one of three estimators of
-``dL/dtheta = a^T df/dtheta`` with the adjoint ``a = (I - J^T)^{-1} g``, ``J = df/ds`` at ``s*``:
+`dL/dtheta = a^T df/dtheta` with the adjoint `a = (I - J^T)^{-1} g`, `J = df/ds` at `s*`:
 
-* ``"eqprop"``: a nudged phase from ``s*`` with the constant nudge ``-beta * g`` (see below),
-  and ``v = -(s^{+beta} - s^{-beta}) / (2 beta)`` (symmetric) or ``v = -(s^{beta} - s*) / beta``
-  (one-sided); the gradients are vector-Jacobian products of *one* step at ``s*`` with ``v``.
+* `"eqprop"`: a nudged phase from `s*` with the constant nudge `-beta * g` (see below),
+  and `v = -(s^{+beta} - s^{-beta}) / (2 beta)` (symmetric) or `v = -(s^{beta} - s*) / beta`
+  (one-sided); the gradients are vector-Jacobian products of *one* step at `s*` with `v`.
   No graph over the relaxation; memory does not depend on the number of steps.
-* ``"implicit"``: implicit differentiation, ``a = g + J^T a`` solved by iteration with
-  vector-Jacobian products of one step at ``s*``; also constant memory.
-* ``"bptt"``: backprop through the unrolled relaxation (memory grows with the steps), or with
-  ``bptt_steps=k`` through ``k`` extra steps taken from the relaxed state (truncated BPTT).
+* `"implicit"`: implicit differentiation, `a = g + J^T a` solved by iteration with
+  vector-Jacobian products of one step at `s*`; also constant memory.
+* `"bptt"`: backprop through the unrolled relaxation (memory grows with the steps), or with
+  `bptt_steps=k` through `k` extra steps taken from the relaxed state (truncated BPTT).
 
-Where the nudge goes (``EQPROP-MATH.md`` sections 4 and 5). Linearising the nudged fixed point:
+Where the nudge goes (`EQPROP-MATH.md` sections 4 and 5). Linearising the nudged fixed point:
 
-* with ``activation`` given, the cell is the pre-activation ``h(x, s)`` and the nudge goes
-  inside the activation: ``s <- rho(h(x, s) - beta g)``. Then ``v = D (I - J^T)^{-1} g`` with
-  ``D = diag(rho'(h))`` whenever ``dh/ds`` is symmetric (``h = U x + W s + b`` with ``W = W^T``,
-  for which ``J = D W``), and ``v^T dh/dtheta = a^T df/dtheta``: the gradients are the VJPs of
-  the cell (the pre-activation) with ``v``, exact as ``beta -> 0``;
-* without ``activation``, the cell is the whole update and the nudge is added to it:
-  ``s <- f(x, s) - beta g``. Then ``v = (I - J)^{-1} g``, equal to ``a`` exactly when ``J`` is
-  symmetric (a linear cell with a symmetric weight; a gradient step ``s - eta dE/ds`` on an
-  energy). The gradients are the VJPs of the cell with ``v``.
+* with `activation` given, the cell is the pre-activation `h(x, s)` and the nudge goes
+  inside the activation: `s <- rho(h(x, s) - beta g)`. Then `v = D (I - J^T)^{-1} g` with
+  `D = diag(rho'(h))` whenever `dh/ds` is symmetric (`h = U x + W s + b` with `W = W^T`,
+  for which `J = D W`), and `v^T dh/dtheta = a^T df/dtheta`: the gradients are the VJPs of
+  the cell (the pre-activation) with `v`, exact as `beta -> 0`;
+* without `activation`, the cell is the whole update and the nudge is added to it:
+  `s <- f(x, s) - beta g`. Then `v = (I - J)^{-1} g`, equal to `a` exactly when `J` is
+  symmetric (a linear cell with a symmetric weight; a gradient step `s - eta dE/ds` on an
+  energy). The gradients are the VJPs of the cell with `v`.
 
-Otherwise (a non-symmetric ``W``, or ``rho(W s + ...)`` written as one cell) EqProp is the
-vector-field approximation of Scellier et al.: ``v`` replaces ``(I - J^T)^{-1}`` by
-``(I - J)^{-1}``, close when ``J`` is nearly symmetric. ``gradient="implicit"`` is exact for
-every cell and ``gradient="bptt"`` is the reference both are compared with
-(:func:`toreq.diagnostics.gradient_check`).
+Otherwise (a non-symmetric `W`, or `rho(W s + ...)` written as one cell) EqProp is the
+vector-field approximation of Scellier et al.: `v` replaces `(I - J^T)^{-1}` by
+`(I - J)^{-1}`, close when `J` is nearly symmetric. `gradient="implicit"` is exact for
+every cell and `gradient="bptt"` is the reference both are compared with
+([`toreq.diagnostics.gradient_check`][toreq.diagnostics.gradient_check]).
 
-The nudge is scaled per sample: sample ``b`` gets ``-beta * g_b / c_b`` with
-``c_b = max_j |g_bj|`` and ``v_b`` is multiplied back by ``c_b``. The estimate is the one of
-``beta' = beta / c_b`` (exactly as ``beta -> 0``), but ``beta`` becomes the size of the state's
+The nudge is scaled per sample: sample `b` gets `-beta * g_b / c_b` with
+`c_b = max_j |g_bj|` and `v_b` is multiplied back by `c_b`. The estimate is the one of
+`beta' = beta / c_b` (exactly as `beta -> 0`), but `beta` becomes the size of the state's
 response, independent of batch size and loss scale, and the nudged phases can stop once a step
-changes the state by less than ``beta * tol`` (floored at 4 float eps): the nudged response has
+changes the state by less than `beta * tol` (floored at 4 float eps): the nudged response has
 the free phase's relative accuracy.
 
-Convergence is per sample: a sample whose largest state change in a step falls below ``tol``
-stops updating. After each forward the block keeps ``last_steps`` (int64, per sample),
-``last_residual`` (the last change) and ``last_converged`` (``last_residual < tol``); a free
-phase (or adjoint solve) that leaves samples unconverged with ``tol > 0`` also emits a
-:class:`ConvergenceWarning`. ``tol=0`` runs exactly ``max_steps`` steps and never claims
-convergence. A state that becomes NaN or Inf raises ``RuntimeError``.
+Convergence is per sample: a sample whose largest state change in a step falls below `tol`
+stops updating. After each forward the block keeps `last_steps` (int64, per sample),
+`last_residual` (the last change) and `last_converged` (`last_residual < tol`); a free
+phase (or adjoint solve) that leaves samples unconverged with `tol > 0` also emits a
+[`ConvergenceWarning`][toreq.errors.ConvergenceWarning]. `tol=0` runs exactly `max_steps` steps and
+never claims convergence. A state that becomes NaN or Inf raises `RuntimeError`.
 
-Parametrized weights of the cell (``torch.nn.utils.parametrize``: ``toreq.utils.symmetric``,
-``toreq.utils.spectral_norm``) are computed once per forward and once per backward
-(``parametrize.cached()``), so every step of a phase sees one weight. A stateful
+Parametrized weights of the cell (`torch.nn.utils.parametrize`: `toreq.utils.symmetric`,
+`toreq.utils.spectral_norm`) are computed once per forward and once per backward
+(`parametrize.cached()`), so every step of a phase sees one weight. A stateful
 parametrization advances once in each: spectral normalisation in training mode runs one power
 iteration in the forward and one in the backward, so the phases see weights that differ by that
 iteration's change (negligible once it has converged; none in eval mode).
@@ -87,37 +90,37 @@ SOLVERS = ("iteration", "anderson")
 
 
 def _sample_scale(g: Tensor) -> Tensor:
-    """``c_b = max_j |g_bj|`` per sample (at least the dtype's tiny), shaped like ``g``."""
+    """`c_b = max_j |g_bj|` per sample (at least the dtype's tiny), shaped like `g`."""
     c = g.flatten(1).abs().amax(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
     return c.view(-1, *[1] * (g.dim() - 1))
 
 
 class EquilibriumBlock(nn.Module):
-    """A layer whose output is the fixed point of ``s <- f(x, s)``; backward by EqProp.
+    """A layer whose output is the fixed point of `s <- f(x, s)`; backward by EqProp.
 
     See the module docstring for the equations, where the nudge goes and when each estimator is
     exact. The cell must treat samples independently (no batch statistics) and its parameters
-    (``cell.parameters()``) and the input ``x`` get gradients; the initial state does not (the
+    (`cell.parameters()`) and the input `x` get gradients; the initial state does not (the
     fixed point does not depend on it).
 
     Args:
-        cell: ``nn.Module`` with ``cell(x, s)`` returning a tensor of the state's shape: the
-            pre-activation when ``activation`` is given, else the new state.
+        cell: `nn.Module` with `cell(x, s)` returning a tensor of the state's shape: the
+            pre-activation when `activation` is given, else the new state.
         state_shape: the state of one sample (an int or a tuple); the state is
-            ``(batch, *state_shape)``, zeros unless ``forward`` gets one.
-        activation: ``"tanh"``, ``"sigmoid"``, ``"hard_sigmoid"``, a callable, or None.
+            `(batch, *state_shape)`, zeros unless `forward` gets one.
+        activation: `"tanh"`, `"sigmoid"`, `"hard_sigmoid"`, a callable, or None.
         max_steps: the most steps of the free phase (and of the nudged phases unless
-            ``nudged_steps``; and of the adjoint solve).
-        tol: a sample stops once a step changes its state by less than ``tol`` (max-abs).
-        damping: ``gamma`` in ``[0, 1)``, the weight of the old state in each update.
-        beta: the nudge's relative size (``> 0``), for ``gradient="eqprop"``.
-        symmetric: contrast ``+beta`` and ``-beta`` phases (bias O(beta^2)), else ``+beta`` and
+            `nudged_steps`; and of the adjoint solve).
+        tol: a sample stops once a step changes its state by less than `tol` (max-abs).
+        damping: `gamma` in `[0, 1)`, the weight of the old state in each update.
+        beta: the nudge's relative size (`> 0`), for `gradient="eqprop"`.
+        symmetric: contrast `+beta` and `-beta` phases (bias O(beta^2)), else `+beta` and
             the free state (O(beta)).
-        nudged_steps: the most steps of each nudged phase (default ``max_steps``).
-        solver: ``"iteration"`` or ``"anderson"`` (Anderson acceleration, ``anderson_memory``
+        nudged_steps: the most steps of each nudged phase (default `max_steps`).
+        solver: `"iteration"` or `"anderson"` (Anderson acceleration, `anderson_memory`
             past iterates), for the free and nudged phases and the adjoint.
-        gradient: ``"eqprop"``, ``"implicit"`` or ``"bptt"``.
-        bptt_steps: with ``gradient="bptt"``, backprop only through this many steps taken from
+        gradient: `"eqprop"`, `"implicit"` or `"bptt"`.
+        bptt_steps: with `gradient="bptt"`, backprop only through this many steps taken from
             the state the relaxation reached without a graph (None: through all of it).
     """
 
@@ -193,7 +196,7 @@ class EquilibriumBlock(nn.Module):
 
     @property
     def estimator(self) -> Estimator:
-        """The estimator named by ``gradient`` with the block's settings."""
+        """The estimator named by `gradient` with the block's settings."""
         if self.gradient == "eqprop":
             return EqProp(self.beta, "centered" if self.symmetric else "positive",
                           self.nudged_steps)
@@ -236,10 +239,10 @@ class EquilibriumBlock(nn.Module):
         warn_unconverged("EquilibriumBlock", "free", free, self.free_settings, stacklevel=4)
 
     def eqprop_vector(self, x: Tensor, s_star: Tensor, g: Tensor) -> Tensor:
-        """``v`` from the nudged phase(s) at ``s*`` driven by ``g = dL/ds*`` (no graph).
+        """`v` from the nudged phase(s) at `s*` driven by `g = dL/ds*` (no graph).
 
-        ``v = -c (s^{+beta} - s^{-beta}) / (2 beta)`` or ``-c (s^{beta} - s*) / beta`` with the
-        nudge ``beta g / c`` per sample (``c = max |g_b|``, see the module docstring).
+        `v = -c (s^{+beta} - s^{-beta}) / (2 beta)` or `-c (s^{beta} - s*) / beta` with the
+        nudge `beta g / c` per sample (`c = max |g_b|`, see the module docstring).
         """
         with torch.no_grad():
             scale = _sample_scale(g)
@@ -253,8 +256,8 @@ class EquilibriumBlock(nn.Module):
 
     @contextmanager
     def _weights_once(self, graph: bool) -> Iterator[None]:
-        """``parametrize.cached()``, the cell's parametrized tensors computed first (with autograd
-        on when ``graph``): every step sees one weight, and a step that builds a graph finds a
+        """`parametrize.cached()`, the cell's parametrized tensors computed first (with autograd
+        on when `graph`): every step sees one weight, and a step that builds a graph finds a
         cached weight that carries one (the relaxation itself runs without autograd)."""
         with parametrize.cached():
             with torch.set_grad_enabled(graph):
@@ -269,9 +272,9 @@ class EquilibriumBlock(nn.Module):
         return x.new_zeros(x.shape[0], *self.state_shape)
 
     def forward(self, x: Tensor, state: Tensor | None = None) -> Tensor:
-        """The fixed point ``s*`` of shape ``(batch, *state_shape)`` for input ``x``.
+        """The fixed point `s*` of shape `(batch, *state_shape)` for input `x`.
 
-        ``state``: an initial state (default zeros); it is detached.
+        `state`: an initial state (default zeros); it is detached.
         """
         self._validate()
         if not isinstance(x, Tensor) or x.dim() < 1:
@@ -306,8 +309,8 @@ class EquilibriumBlock(nn.Module):
 
 
 class _EquilibriumFunction(torch.autograd.Function):
-    """Forward: the free phase (no graph; saves only ``x`` and ``s*``). Backward: ``v`` (EqProp)
-    or ``a`` (implicit), then the VJP of one step at ``s*``."""
+    """Forward: the free phase (no graph; saves only `x` and `s*`). Backward: `v` (EqProp)
+    or `a` (implicit), then the VJP of one step at `s*`."""
 
     @staticmethod
     def forward(ctx, block: EquilibriumBlock, x: Tensor, s0: Tensor, *params: Tensor) -> Tensor:

@@ -1,12 +1,13 @@
 """Equilibrium models whose step is PyTorch code: ModernEqProp and ConvEP.
 
-Their dynamics are not the layered couplings of :func:`toreq.ops.relax` (a normalised residual
-block; convolutions with max-pooling), so the Python solvers relax them (:mod:`toreq.solvers`,
-``"auto"``: plain iteration), each sample stopping at its own convergence, without an autograd
-graph. Gradients still come from the phases alone: vector-Jacobian products of one step at the
-free fixed point (ModernEqProp, a :class:`toreq.dynamics.FieldDynamics`, ``EQPROP-MATH.md``
-sections 3 and 5), or the contrast of the primitive function's parameter gradients at two fixed
-states (ConvEP, a :class:`toreq.dynamics.PrimitiveDynamics`, section 2).
+Their dynamics are not the layered couplings of [`toreq.ops.relax`][toreq.ops.relax.relax] (a
+normalised residual block; convolutions with max-pooling), so the Python solvers relax them
+([`toreq.solvers`][toreq.solvers], `"auto"`: plain iteration), each sample stopping at its own
+convergence, without an autograd graph. Gradients still come from the phases alone: vector-Jacobian
+products of one step at the free fixed point (ModernEqProp, a
+[`toreq.dynamics.FieldDynamics`][toreq.dynamics.FieldDynamics], `EQPROP-MATH.md` sections 3 and 5),
+or the contrast of the primitive function's parameter gradients at two fixed states (ConvEP, a
+[`toreq.dynamics.PrimitiveDynamics`][toreq.dynamics.PrimitiveDynamics], section 2).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ __all__ = ["ConvEP", "ModernEqProp"]
 # ------------------------------------------------------------------------------- ModernEqProp
 @dataclass
 class ModernNetwork:
-    """ModernEqProp's effective tensors for one batch (see :meth:`ModernEqProp.network`)."""
+    """ModernEqProp's effective tensors for one batch (see `ModernEqProp.network`)."""
 
     drive: Tensor
     ffn_in_weight: Tensor
@@ -41,49 +42,49 @@ class ModernNetwork:
 
 
 class ModernEqProp(FieldDynamics, EquilibriumModel):
-    """A looped pre-norm residual block iterated to equilibrium, with a readout.
+    r"""A looped pre-norm residual block iterated to equilibrium, with a readout.
 
-    .. math::
+    $$
+    T(h) = U x + b + c\, W_2\, \rho(W_1\, \mathrm{LN}(h) + b_1), \qquad
+    h \leftarrow h + (1 - \gamma)\,
+        \big(T(h) - \beta\, \partial \ell / \partial h - h\big),
+    \qquad o = R h^* + r,
+    $$
 
-        T(h) = U x + b + c\\, W_2\\, \\rho(W_1\\, \\mathrm{LN}(h) + b_1), \\qquad
-        h \\leftarrow h + (1 - \\gamma)\\,
-            \\big(T(h) - \\beta\\, \\partial \\ell / \\partial h - h\\big),
-        \\qquad o = R h^* + r,
+    with `LN(h) = (h - mean(h)) / sqrt(var(h) + eps)` (no affine parameters), `c` the
+    `recurrent_scale`, `gamma` the `damping` and `beta` the nudge (0 in the free phase).
+    The update is gated: each step moves the fraction `1 - gamma` of the way to `T(h)`. The
+    gate sets the speed, never the equilibrium `h* = T(h*)`: at the fixed point it multiplies
+    `T(h*) - h* = 0`, so a learned gate would receive no gradient there, and it is a constant.
 
-    with ``LN(h) = (h - mean(h)) / sqrt(var(h) + eps)`` (no affine parameters), ``c`` the
-    ``recurrent_scale``, ``gamma`` the ``damping`` and ``beta`` the nudge (0 in the free phase).
-    The update is gated: each step moves the fraction ``1 - gamma`` of the way to ``T(h)``. The
-    gate sets the speed, never the equilibrium ``h* = T(h*)``: at the fixed point it multiplies
-    ``T(h*) - h* = 0``, so a learned gate would receive no gradient there, and it is a constant.
+    Contraction: `W_1` and `W_2` are spectrally normalised (`spectral_norm=True`), rho has
+    slope at most 1, and the Jacobian of `LN` has norm at most `1 / sqrt(eps)`; with the
+    default `eps = 1` the map `T` is Lipschitz with constant at most `c < 1`, for every
+    input. (A small eps, as in transformers, lets `LN` amplify a state of small variance by up
+    to `1 / sqrt(eps)` and breaks this guarantee.)
 
-    Contraction: ``W_1`` and ``W_2`` are spectrally normalised (``spectral_norm=True``), rho has
-    slope at most 1, and the Jacobian of ``LN`` has norm at most ``1 / sqrt(eps)``; with the
-    default ``eps = 1`` the map ``T`` is Lipschitz with constant at most ``c < 1``, for every
-    input. (A small eps, as in transformers, lets ``LN`` amplify a state of small variance by up
-    to ``1 / sqrt(eps)`` and breaks this guarantee.)
-
-    Gradient (``gradient_regime == "approximate"``): vector-field EqProp. With
-    ``v = -(h^{+beta} - h^{-beta}) / (2 beta)`` (one-sided: ``-(h^beta - h^*) / beta``), every
-    parameter and the input get ``(1/B) v^T dT/dtheta`` at ``h^*``, the vector-Jacobian product of
-    one step, and ``R, r`` the loss's gradient at ``h^*``. As beta -> 0 this is
-    ``g^T (I - J)^{-T} dT/dtheta`` with ``J = dT/dh`` (``g = d ell / d h``) where backprop's is
-    ``g^T (I - J)^{-1} dT/dtheta``: the two agree when ``J`` is symmetric, which
-    ``J = c W_2 diag(rho') W_1 J_LN`` is not in general.
+    Gradient (`gradient_regime == "approximate"`): vector-field EqProp. With
+    `v = -(h^{+beta} - h^{-beta}) / (2 beta)` (one-sided: `-(h^beta - h^*) / beta`), every
+    parameter and the input get `(1/B) v^T dT/dtheta` at `h^*`, the vector-Jacobian product of
+    one step, and `R, r` the loss's gradient at `h^*`. As beta -> 0 this is
+    `g^T (I - J)^{-T} dT/dtheta` with `J = dT/dh` (`g = d ell / d h`) where backprop's is
+    `g^T (I - J)^{-1} dT/dtheta`: the two agree when `J` is symmetric, which
+    `J = c W_2 diag(rho') W_1 J_LN` is not in general.
 
     Args:
-        input_dim: size of ``x``.
-        hidden_dim: size of ``h``.
-        output_dim: size of ``o``.
-        ffn_dim: width of the block's inner layer (default ``2 * hidden_dim``).
-        activation: rho, ``"tanh"`` (default), ``"sigmoid"`` or ``"hard_sigmoid"``.
-        spectral_norm: normalise ``W_1`` and ``W_2`` to spectral norm 1.
-        recurrent_scale: ``c``, in ``(0, 1)`` for a guaranteed contraction.
-        norm_eps: ``eps`` of the normalisation, > 0.
-        loss: ``"cross_entropy"`` or ``"mse"`` on the readout.
+        input_dim: size of `x`.
+        hidden_dim: size of `h`.
+        output_dim: size of `o`.
+        ffn_dim: width of the block's inner layer (default `2 * hidden_dim`).
+        activation: rho, `"tanh"` (default), `"sigmoid"` or `"hard_sigmoid"`.
+        spectral_norm: normalise `W_1` and `W_2` to spectral norm 1.
+        recurrent_scale: `c`, in `(0, 1)` for a guaranteed contraction.
+        norm_eps: `eps` of the normalisation, > 0.
+        loss: `"cross_entropy"` or `"mse"` on the readout.
         max_steps: the free relaxation's step cap.
         tol: the free relaxation's tolerance.
-        damping: the free relaxation's damping ``gamma``, in ``[0, 1)``.
-        solver: how phases are solved (:mod:`toreq.solvers`; ``"auto"``: iteration).
+        damping: the free relaxation's damping `gamma`, in `[0, 1)`.
+        solver: how phases are solved ([`toreq.solvers`][toreq.solvers]; `"auto"`: iteration).
     """
 
     gradient_regime = "approximate"
@@ -122,7 +123,7 @@ class ModernEqProp(FieldDynamics, EquilibriumModel):
         return [net.drive.new_zeros(net.drive.shape)]
 
     def field(self, x: Tensor, states: list[Tensor], net: ModernNetwork) -> list[Tensor]:
-        """``[T(h)]``, the state the update moves toward (the free fixed point solves h = T(h))."""
+        """`[T(h)]`, the state the update moves toward (the free fixed point solves h = T(h))."""
         (h,) = states
         normed = F.layer_norm(h, h.shape[-1:], eps=self.norm_eps)
         inner = activate(self.activation, F.linear(normed, net.ffn_in_weight, net.ffn_in_bias))
@@ -132,7 +133,7 @@ class ModernEqProp(FieldDynamics, EquilibriumModel):
 # ------------------------------------------------------------------------------- ConvEP
 @dataclass
 class ConvNetwork:
-    """ConvEP's effective tensors for one batch (see :meth:`ConvEP.network`)."""
+    """ConvEP's effective tensors for one batch (see `ConvEP.network`)."""
 
     image: Tensor
     weights: list[Tensor]
@@ -142,64 +143,64 @@ class ConvNetwork:
 
 
 class ConvEP(PrimitiveDynamics, EquilibriumModel):
-    """The convolutional energy-based EqProp network of Laborieux et al. (2021).
+    r"""The convolutional energy-based EqProp network of Laborieux et al. (2021).
 
-    Convolutional layers ``s_1 .. s_K`` (each a convolution, stride 1, then ``p x p``
-    max-pooling ``P``), then fully connected layers ``s_{K+1} .. s_N``, all with tied (symmetric)
-    connections; the image clamps ``s_0 = x``. The primitive function is
+    Convolutional layers `s_1 .. s_K` (each a convolution, stride 1, then `p x p`
+    max-pooling `P`), then fully connected layers `s_{K+1} .. s_N`, all with tied (symmetric)
+    connections; the image clamps `s_0 = x`. The primitive function is
 
-    .. math::
+    $$
+    \Phi(x, s) = \sum_{l \le K} \langle s_l,\, P(W_l * s_{l-1} + b_l) \rangle
+                + \sum_{l > K} \langle s_l,\, W_l\, s_{l-1} + b_l \rangle,
+    $$
 
-        \\Phi(x, s) = \\sum_{l \\le K} \\langle s_l,\\, P(W_l * s_{l-1} + b_l) \\rangle
-                    + \\sum_{l > K} \\langle s_l,\\, W_l\\, s_{l-1} + b_l \\rangle,
+    and each layer's update is `s_l <- gamma s_l + (1 - gamma) rho(dPhi/ds_l)`, with
 
-    and each layer's update is ``s_l <- gamma s_l + (1 - gamma) rho(dPhi/ds_l)``, with
+    $$
+    \partial\Phi / \partial s_l = P(W_l * s_{l-1} + b_l)
+        + W_{l+1}^\top \star \mathrm{unpool}(s_{l+1};\, \mathrm{argmax}\,
+          P(W_{l+1} * s_l + b_{l+1}))
+    $$
 
-    .. math::
+    for a convolutional layer below a convolutional one (`*` is `conv2d`, $W^T \star$ is
+    `conv_transpose2d`, unpool is `max_unpool2d` at the pooling's argmax), and the flattened
+    `W_{K+1}^T s_{K+1}` below the first dense layer. The output layer's update gets
+    `- beta * d ell / d s_N` inside rho. With `loss="mse"` the last dense layer has
+    `output_dim` units and is nudged toward the one-hot target; with `loss="cross_entropy"`
+    (default) a feedforward readout `o = R s_N + r` reads the last layer (Laborieux et al.).
+    The `"async"` schedule (default) updates even layers, then odd ones from them.
 
-        \\partial\\Phi / \\partial s_l = P(W_l * s_{l-1} + b_l)
-            + W_{l+1}^\\top \\star \\mathrm{unpool}(s_{l+1};\\, \\mathrm{argmax}\\,
-              P(W_{l+1} * s_l + b_{l+1}))
-
-    for a convolutional layer below a convolutional one (``*`` is ``conv2d``, ``W^T \\star`` is
-    ``conv_transpose2d``, unpool is ``max_unpool2d`` at the pooling's argmax), and the flattened
-    ``W_{K+1}^T s_{K+1}`` below the first dense layer. The output layer's update gets
-    ``- beta * d ell / d s_N`` inside rho. With ``loss="mse"`` the last dense layer has
-    ``output_dim`` units and is nudged toward the one-hot target; with ``loss="cross_entropy"``
-    (default) a feedforward readout ``o = R s_N + r`` reads the last layer (Laborieux et al.).
-    The ``"async"`` schedule (default) updates even layers, then odd ones from them.
-
-    Gradient (``gradient_regime == "exact"``, up to O(beta^2) with symmetric nudging): for every
+    Gradient (`gradient_regime == "exact"`, up to O(beta^2) with symmetric nudging): for every
     parameter theta (and the input, when it requires grad)
 
-    .. math::
+    $$
+    g_\theta = -\frac{1}{\beta B}\Big(
+        \frac{\partial \Phi}{\partial\theta}(x, s^{\beta})
+        - \frac{\partial \Phi}{\partial\theta}(x, s^{\mathrm{ref}})\Big),
+    $$
 
-        g_\\theta = -\\frac{1}{\\beta B}\\Big(
-            \\frac{\\partial \\Phi}{\\partial\\theta}(x, s^{\\beta})
-            - \\frac{\\partial \\Phi}{\\partial\\theta}(x, s^{\\mathrm{ref}})\\Big),
-
-    ``s^ref`` the free or ``-beta`` equilibrium, taken by autograd of Phi at the two fixed states
+    `s^ref` the free or `-beta` equilibrium, taken by autograd of Phi at the two fixed states
     (one graph over Phi, none over the relaxation); the readout gets the loss's gradient at the
     free equilibrium. Exactness holds where no pooling argmax and no saturated unit of the hard
     sigmoid changes between the contrasted phases, i.e. for beta small enough.
 
     Args:
-        input_shape: ``(C, H, W)`` of the image; inputs may be ``(B, C, H, W)`` or flattened
-            ``(B, C*H*W)`` (as :mod:`toreq.data` stores them).
+        input_shape: `(C, H, W)` of the image; inputs may be `(B, C, H, W)` or flattened
+            `(B, C*H*W)` (as [`toreq.data`][toreq.data] stores them).
         channels: output channels of each convolutional layer (at least one layer).
         output_dim: classes.
         hidden_dims: widths of dense hidden layers after the convolutions (default none).
         kernel_size: every convolutional layer's kernel size.
-        padding: every convolutional layer's zero padding (default ``kernel_size // 2``).
+        padding: every convolutional layer's zero padding (default `kernel_size // 2`).
         pool_size: every convolutional layer's max-pooling window (= stride; 1: no pooling).
-        activation: rho, ``"hard_sigmoid"`` (default) or ``"sigmoid"``; ``"tanh"`` only with
-            ``pool_size=1`` (negative states make max-pooling's argmax alternate).
-        loss: ``"cross_entropy"`` (readout) or ``"mse"`` (output layer).
+        activation: rho, `"hard_sigmoid"` (default) or `"sigmoid"`; `"tanh"` only with
+            `pool_size=1` (negative states make max-pooling's argmax alternate).
+        loss: `"cross_entropy"` (readout) or `"mse"` (output layer).
         max_steps: the free relaxation's step cap.
         tol: the free relaxation's tolerance.
         damping: the free relaxation's damping.
         schedule: the free relaxation's schedule.
-        solver: how phases are solved (:mod:`toreq.solvers`; ``"auto"``: iteration).
+        solver: how phases are solved ([`toreq.solvers`][toreq.solvers]; `"auto"`: iteration).
     """
 
     gradient_regime = "exact"
@@ -275,7 +276,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
 
     def _bottom_up(self, layer: int, below: Tensor,
                    net: ConvNetwork) -> tuple[Tensor, Tensor | None]:
-        """Layer ``layer``'s input from below, and (convolutional) the pooling's argmax."""
+        """Layer `layer`'s input from below, and (convolutional) the pooling's argmax."""
         if layer >= len(self.convs):
             return F.linear(below.flatten(1), net.weights[layer], net.biases[layer]), None
         z = F.conv2d(below, net.weights[layer], net.biases[layer], padding=self.padding)
@@ -285,7 +286,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
 
     def _top_down(self, layer: int, states: list[Tensor], argmax: Tensor | None,
                   net: ConvNetwork) -> Tensor:
-        """``d <s_{l+1}, P(W_{l+1} * s_l + b)> / d s_l`` for ``l = layer`` (the tied feedback)."""
+        """`d <s_{l+1}, P(W_{l+1} * s_l + b)> / d s_l` for `l = layer` (the tied feedback)."""
         above, weight = states[layer + 1], net.weights[layer + 1]
         if layer + 1 >= len(self.convs):
             return (above @ weight).view_as(states[layer])
@@ -330,7 +331,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         return s
 
     def primitive(self, x: Tensor, states: list[Tensor], net: ConvNetwork) -> Tensor:
-        """``Phi(x, s)`` summed over the batch (its gradient in ``s_l`` is ``dPhi/ds_l`` above)."""
+        """`Phi(x, s)` summed over the batch (its gradient in `s_l` is `dPhi/ds_l` above)."""
         phi = net.image.new_zeros(())
         for layer, state in enumerate(states):
             below = net.image if layer == 0 else states[layer - 1]

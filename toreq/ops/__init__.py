@@ -1,8 +1,10 @@
-"""toreq's operators: typed wrappers of ``torch.ops.toreq.*`` and their PyTorch references.
+"""toreq's operators: typed wrappers of `torch.ops.toreq.*` and their PyTorch references.
 
-* :func:`relax` relaxes a layered equilibrium network (free or nudged phase);
-* :func:`hebbian_update` turns two phases into weight and bias gradients;
-* :func:`iterate` is the one Python fixed-point loop (the op's reference, every solver).
+* [`relax`][toreq.ops.relax.relax] relaxes a layered equilibrium network (free or nudged phase);
+* [`hebbian_update`][toreq.ops.hebbian.hebbian_update] turns two phases into weight and bias
+  gradients;
+* [`iterate`][toreq.ops.iteration.iterate] is the one Python fixed-point loop (the op's reference,
+  every solver).
 """
 
 from toreq.ops.hebbian import hebbian_update, hebbian_update_reference

@@ -1,30 +1,31 @@
-"""The one Python fixed-point loop: per-sample, damped, with an optional accelerator.
+r"""The one Python fixed-point loop: per-sample, damped, with an optional accelerator.
 
-Every relaxation written in PyTorch runs through :func:`iterate`: the reference of the
-``toreq::relax`` op, the solvers of :mod:`toreq.solvers` (plain iteration, Anderson
-acceleration, the static mode that ``torch.export`` and ``torch.compile(fullgraph=True)``
-trace), backprop through time (``graph=True``), the adjoint of implicit differentiation and
-:class:`toreq.nn.EquilibriumBlock`. The compiled op is the only other loop.
+Every relaxation written in PyTorch runs through [`iterate`][toreq.ops.iteration.iterate]: the
+reference of the `toreq::relax` op, the solvers of [`toreq.solvers`][toreq.solvers] (plain
+iteration, Anderson acceleration, the static mode that `torch.export` and
+`torch.compile(fullgraph=True)` trace), backprop through time (`graph=True`), the adjoint of
+implicit differentiation and [`toreq.nn.EquilibriumBlock`][toreq.nn.block.EquilibriumBlock]. The
+compiled op is the only other loop.
 
-One step, for a list of states ``s`` (each ``(batch, ...)``) and a map ``F`` (which applies
+One step, for a list of states `s` (each `(batch, ...)`) and a map `F` (which applies
 its own damping, as the op does):
 
-.. math::
+$$
+\tilde s = F(s), \qquad
+\delta_b = \max_l \max_j |\tilde s_{l,bj} - s_{l,bj}|;
+$$
 
-    \\tilde s = F(s), \\qquad
-    \\delta_b = \\max_l \\max_j |\\tilde s_{l,bj} - s_{l,bj}|;
-
-an accelerator (Anderson) may replace ``\\tilde s`` by a better estimate, the convergence test
-still measures the plain step ``delta``. A sample whose
-``delta_b < tol`` takes that step and then keeps its state (``steps[b]`` counts its updates,
-``residual[b]`` is its last ``delta_b``); ``tol = 0`` never stops early. Samples never
+an accelerator (Anderson) may replace $\tilde s$ by a better estimate, the convergence test
+still measures the plain step `delta`. A sample whose
+`delta_b < tol` takes that step and then keeps its state (`steps[b]` counts its updates,
+`residual[b]` is its last `delta_b`); `tol = 0` never stops early. Samples never
 interact, so freezing them gives each sample the result of its own iteration.
 
 Policy on NaN and Inf (eager mode): every step checks the new states of the samples still
-relaxing and raises :class:`toreq.errors.DivergenceError` naming the phase (``what``), the step
-and the count. The static mode cannot raise on values (that is data-dependent control flow): it
-always runs ``max_steps`` steps, lets a non-finite state run on into the output, and is what
-exported programs compute.
+relaxing and raises [`toreq.errors.DivergenceError`][toreq.errors.DivergenceError] naming the phase
+(`what`), the step and the count. The static mode cannot raise on values (that is data-dependent
+control flow): it always runs `max_steps` steps, lets a non-finite state run on into the output, and
+is what exported programs compute.
 """
 
 from __future__ import annotations
@@ -44,11 +45,11 @@ __all__ = ["Accelerator", "RelaxResult", "iterate"]
 class RelaxResult(NamedTuple):
     """The outcome of a relaxation, from every solver and the op.
 
-    ``states``: the final states, one ``(batch, ...)`` tensor per layer (new tensors);
-    ``steps``: int64 ``(batch,)``, the number of updates each sample received;
-    ``residual``: ``(batch,)``, each sample's largest state change in its last update
-    (``inf`` when no step ran). A sample converged where ``residual < tol`` (see
-    :meth:`converged`; ``tol = 0`` never claims convergence).
+    `states`: the final states, one `(batch, ...)` tensor per layer (new tensors);
+    `steps`: int64 `(batch,)`, the number of updates each sample received;
+    `residual`: `(batch,)`, each sample's largest state change in its last update
+    (`inf` when no step ran). A sample converged where `residual < tol` (see
+    [`converged`][toreq.ops.iteration.RelaxResult.converged]; `tol = 0` never claims convergence).
     """
 
     states: list[Tensor]
@@ -56,7 +57,7 @@ class RelaxResult(NamedTuple):
     residual: Tensor
 
     def converged(self, tol: float) -> Tensor:
-        """Bool ``(batch,)``: which samples stopped below ``tol`` (all False for ``tol <= 0``)."""
+        """Bool `(batch,)`: which samples stopped below `tol` (all False for `tol <= 0`)."""
         if tol <= 0:
             return torch.zeros_like(self.steps, dtype=torch.bool)
         return self.residual < tol
@@ -65,8 +66,8 @@ class RelaxResult(NamedTuple):
 class Accelerator(Protocol):
     """Replaces the plain damped step by a better estimate of the fixed point (Anderson).
 
-    Called once per step with the current states ``s``, the plain damped step ``plain``, the
-    step number ``k`` (from 1) and the bool ``(batch,)`` of the samples that converge at this
+    Called once per step with the current states `s`, the plain damped step `plain`, the
+    step number `k` (from 1) and the bool `(batch,)` of the samples that converge at this
     step (they must take the plain step); returns the new states.
     """
 
@@ -75,7 +76,7 @@ class Accelerator(Protocol):
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
-    """``(batch,)`` values shaped to broadcast against ``like`` of shape ``(batch, ...)``."""
+    """`(batch,)` values shaped to broadcast against `like` of shape `(batch, ...)`."""
     return values.view(-1, *[1] * (like.dim() - 1))
 
 
@@ -90,20 +91,21 @@ def iterate(
     static: bool = False,
     what: str = "relaxation",
 ) -> RelaxResult:
-    """Iterates ``s <- step(s)`` per sample (see the module docstring).
+    """Iterates `s <- step(s)` per sample (see the module docstring).
 
     Args:
-        step: the map ``F`` (damping included), taking and returning a list of
-            ``(batch, ...)`` states.
+        step: the map `F` (damping included), taking and returning a list of
+            `(batch, ...)` states.
         states: the initial states (not modified).
         max_steps: the most updates a sample receives (0: none).
-        tol: a sample stops once its step changes it by less than ``tol`` (max-abs); 0 never.
-        accelerator: e.g. :class:`toreq.solvers.Anderson`'s mixing; None for plain iteration.
+        tol: a sample stops once its step changes it by less than `tol` (max-abs); 0 never.
+        accelerator: e.g. [`toreq.solvers.Anderson`][toreq.solvers.Anderson]'s mixing; None for
+            plain iteration.
         graph: build an autograd graph through the steps (backprop through time); otherwise
-            the loop runs under ``torch.no_grad``.
-        static: fixed shapes and no data-dependent Python control flow (always ``max_steps``
-            steps, no early exit, no raise): the form that ``torch.export`` and
-            ``torch.compile(fullgraph=True)`` trace.
+            the loop runs under `torch.no_grad`.
+        static: fixed shapes and no data-dependent Python control flow (always `max_steps`
+            steps, no early exit, no raise): the form that `torch.export` and
+            `torch.compile(fullgraph=True)` trace.
         what: the phase's name in error messages.
     """
     with (nullcontext() if graph else torch.no_grad()):
