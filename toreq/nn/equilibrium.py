@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from toreq.validation import check_batched_input, check_positive_int
 from toreq.ops import Coupling, RelaxResult, hebbian_update, relax, relax_step
 
 __all__ = ["EquilibriumModel", "Network"]
@@ -50,6 +51,7 @@ class EquilibriumModel(nn.Module):
     def __init__(self, *, activation: str, loss: str, max_steps: int, tol: float,
                  damping: float, schedule: str) -> None:
         super().__init__()
+        check_positive_int("max_steps", max_steps)
         if loss not in ("cross_entropy", "mse"):
             raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
         self.activation, self.loss_name = activation, loss
@@ -110,6 +112,7 @@ class EquilibriumModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The free-phase prediction for ``x``."""
+        check_batched_input(type(self).__name__, x)
         net = self.network(x)
         free = self.relax(x, net)
         self._remember(free)

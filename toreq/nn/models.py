@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from toreq.nn.equilibrium import EquilibriumModel, Network
 from toreq.ops import Coupling
 from toreq import utils
+from toreq.validation import check_layer_sizes
 
 __all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "ToroidalMLP"]
 
@@ -43,6 +44,7 @@ class LoopedMLP(EquilibriumModel):
                  tol: float = 1e-4, damping: float = 0.0) -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
                          damping=damping, schedule="sync")
+        check_layer_sizes("LoopedMLP", input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim)
         self.input = nn.Linear(input_dim, hidden_dim)
         self.recurrent = nn.Linear(hidden_dim, hidden_dim, bias=False)
         self.readout = nn.Linear(hidden_dim, output_dim)
@@ -79,6 +81,7 @@ class ToroidalMLP(EquilibriumModel):
                  tol: float = 1e-4, damping: float = 0.0) -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
                          damping=damping, schedule="sync")
+        check_layer_sizes("ToroidalMLP", input_dim=input_dim, hidden_dim=hidden_dim, output_dim=output_dim)
         if num_layers < 2:
             raise ValueError(f"a ring needs num_layers >= 2, got {num_layers}")
         self.input = nn.Linear(input_dim, hidden_dim)
@@ -121,6 +124,7 @@ class EPMLP(EquilibriumModel):
                  tol: float = 1e-4, damping: float = 0.0, schedule: str = "async") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
                          damping=damping, schedule=schedule)
+        check_layer_sizes("EPMLP", input_dim=input_dim, hidden_dims=list(hidden_dims), output_dim=output_dim)
         widths = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
         if not widths:
             raise ValueError("EPMLP needs at least one hidden layer or loss='mse'")
@@ -147,6 +151,7 @@ class FeedforwardMLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
                  activation: str = "tanh") -> None:
         super().__init__()
+        check_layer_sizes("FeedforwardMLP", input_dim=input_dim, hidden_dims=list(hidden_dims), output_dim=output_dim)
         acts = {"tanh": nn.Tanh, "hard_sigmoid": lambda: nn.Hardtanh(0.0, 1.0),
                 "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
         layers: list[nn.Module] = []
