@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -182,13 +182,13 @@ class CharLM(nn.Module):
         :class:`CharTransformerLM` when absent; the weights and the vocabulary come from its
         ``state_dict``). Called on a subclass, the checkpoint must hold that class.
         """
-        from toreq.train import read_checkpoint  # toreq.train imports toreq.nn
+        from toreq.checkpoint import describe_checkpoint, read_checkpoint
 
         state = read_checkpoint(path)
         config = state["extra"].get("lm_config")
         if config is None:
-            raise RuntimeError(f"{path} is not a language-model checkpoint (no extra['lm_config']; "
-                               "write one with toreq lm-train)")
+            raise RuntimeError(f"not a language-model checkpoint: {describe_checkpoint(state, path)}"
+                               "; write one with toreq lm-train")
         name = state["extra"].get("lm_class", CharTransformerLM.__name__)
         kind = {k.__name__: k for k in (CharTransformerLM, LoopedMLPLM)}.get(name)
         if kind is None or not issubclass(kind, cls):
@@ -453,7 +453,8 @@ def random_windows(ids: Tensor, batch_size: int, seq_len: int,
 def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tensor, steps: int,
              *, batch_size: int = 32, seq_len: int | None = None,
              generator: torch.Generator | None = None, eval_ids: Tensor | None = None,
-             eval_every: int = 0) -> list[dict[str, float]]:
+             eval_every: int = 0, on_step: Callable[[dict[str, float]], None] | None = None
+             ) -> list[dict[str, float]]:
     """``steps`` optimizer steps on the next-token cross-entropy of random windows of ``train_ids``:
 
     .. math::  L = -\\frac{1}{B T} \\sum_{b, t} \\log \\mathrm{softmax}(\\mathrm{logits}_{b,t})
@@ -463,7 +464,8 @@ def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tens
     one record per step, ``{"step", "loss"}``; with ``eval_ids``, ``"val_perplexity"``
     (:func:`perplexity` on ``eval_ids``) is added every ``eval_every`` steps and at the last
     (``eval_every=0``: only there), and a first record ``{"step": 0, "val_perplexity"}`` holds
-    the untrained model's.
+    the untrained model's. ``on_step`` is called with each step's record (e.g. to show
+    progress).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
@@ -487,6 +489,8 @@ def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tens
         if eval_ids is not None and (step == steps or (eval_every and step % eval_every == 0)):
             record["val_perplexity"] = perplexity(model, eval_ids, seq_len)
         history.append(record)
+        if on_step is not None:
+            on_step(record)
     return history
 
 
