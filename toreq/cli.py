@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind: type, low: float | None = None, high: float | None = None, *,
+def number_type(kind: type, low: float | None = None, high: float | None = None, *,
             low_open: bool = False) -> Callable[[str], int | float]:
     """An argparse ``type=``: an int (``kind=int``) or a finite float in ``[low, high]``
     (``(low, high]`` with ``low_open``); argparse names the option in its message."""
@@ -57,13 +57,13 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *,
     return parse
 
 
-POSITIVE_INT = _number(int, 1)
-NONNEGATIVE_INT = _number(int, 0)
-SEED = _number(int, 0, SEED_MAX)
-THREADS = _number(int, 1, 1024)
-LEARNING_RATE = _number(float, 0, 10, low_open=True)
-BETA = _number(float, 0, 100, low_open=True)
-TOLERANCE = _number(float, 0)
+POSITIVE_INT = number_type(int, 1)
+NONNEGATIVE_INT = number_type(int, 0)
+SEED = number_type(int, 0, SEED_MAX)
+THREADS = number_type(int, 1, 1024)
+LEARNING_RATE = number_type(float, 0, 10, low_open=True)
+BETA = number_type(float, 0, 100, low_open=True)
+TOLERANCE = number_type(float, 0)
 
 
 def _channels(text: str) -> list[int]:
@@ -520,7 +520,7 @@ def _generate_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--prompt", default="\n", help="the text to continue")
     p.add_argument("--max-new-tokens", type=NONNEGATIVE_INT, default=200,
                    help="characters to sample")
-    p.add_argument("--temperature", type=_number(float, 0, 100, low_open=True), default=1.0,
+    p.add_argument("--temperature", type=number_type(float, 0, 100, low_open=True), default=1.0,
                    help="softmax temperature")
     p.add_argument("--top-k", type=POSITIVE_INT, default=None,
                    help="sample among the k most likely characters only (default: all)")
@@ -552,7 +552,7 @@ def _validate_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                     "command and the environment (toreq.validate). Exits with 1 when a claim "
                     "fails.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seeds", type=_number(int, 1, 100), default=None,
+    p.add_argument("--seeds", type=number_type(int, 1, 100), default=None,
                    help="seeds per claim (default 5; with --quick 2)")
     p.add_argument("--quick", action="store_true",
                    help="2 seeds, Fashion-MNIST for 4 epochs on 30,000 images, fewer timed repeats "
