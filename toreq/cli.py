@@ -117,7 +117,8 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     p.add_argument("--deterministic", action="store_true",
                    help="train on one thread under torch.use_deterministic_algorithms: the same "
                         "seed gives the same result whatever --threads (without it, another "
-                        "thread count can change the last digits, e.g. 97.22%% against 97.50%%), "
+                        "thread count can change the result: 97.22%% with one thread and 96.94%% "
+                        "with two on digits), "
                         "or an error naming the op that cannot be deterministic")
     p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
     p.add_argument("--log-dir", default=None, help="write metrics.jsonl and metrics.csv here")
@@ -236,6 +237,12 @@ def _train_run_of(state: dict, path: str, command: str) -> dict:
     return about
 
 
+# The Preset fields that command-line options set (its name, data set, result and command are
+# not options; args.command is the subcommand).
+HYPERPARAMETERS = ("model", "hidden", "layers", "channels", "activation", "epochs", "batch_size",
+                   "lr", "beta", "free_steps", "nudged_steps", "symmetric_nudging")
+
+
 def _preset(args: argparse.Namespace, saved: dict | None = None):
     """The run's preset and data set: ``--preset`` (default: the data set's), or the one a
     resumed checkpoint was trained with, with every hyper-parameter option given applied (on
@@ -255,7 +262,7 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
         dataset = args.dataset or "digits"
         preset = next(p for p in PRESETS.values() if p.dataset == dataset)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(preset)
-                 if hasattr(args, f.name) and f.name not in ("name", "dataset")}
+                 if hasattr(args, f.name) and f.name in HYPERPARAMETERS}
     if "channels" in overrides:
         overrides["channels"] = tuple(overrides["channels"])
     if saved is not None:

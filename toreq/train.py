@@ -399,10 +399,13 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
     return history
 
 
-class _Progress:
-    """fit's progress: a tqdm bar on a terminal, a line every 10 s elsewhere, a line per epoch."""
+#: Off a terminal, fit prints a line at least this often (seconds) within a long epoch.
+HEARTBEAT_S = 10.0
 
-    HEARTBEAT_S = 10.0
+
+class _Progress:
+    """fit's progress: a tqdm bar on a terminal, a line every HEARTBEAT_S elsewhere, a line per
+    epoch."""
 
     def __init__(self, mode: bool | str, desc: str, epochs: int) -> None:
         self.mode, self.desc, self.epochs = mode, desc, epochs
@@ -422,7 +425,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", refresh=False)
-        elif self.mode is True and time.perf_counter() - self.last >= self.HEARTBEAT_S:
+        elif self.mode is True and time.perf_counter() - self.last >= HEARTBEAT_S:
             self.last = time.perf_counter()
             self._line(f"{count}/{self.batches} batches, loss {loss:.4f}, accuracy "
                        f"{100 * accuracy:.2f}%, {self.last - self.started:.0f} s")
@@ -438,6 +441,7 @@ class _Progress:
 
     def close(self) -> None:
         if self.bar is not None:
+            self.bar.refresh()  # the last count, which throttled redraws may have skipped
             self.bar.close()
             self.bar = None
 
