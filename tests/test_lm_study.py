@@ -156,6 +156,7 @@ def test_a_tiny_study_beats_unigram_is_interruptible_and_resumes(one_thread, sha
         assert row["val_perplexity"] <= bar * row["unigram_perplexity"], row
         assert abs(row["params"] / row["target_params"] - 1) <= 0.1
         assert row["steps"] == 80 and row["lr"] == 1e-2 and row["wall_time_s"] > 0
+        assert row["threads"] == torch.get_num_threads()
         assert 0 < row["val_accuracy"] < 1
         assert row["block_options"] == (None if row["variant"] == "backprop"
                                         else TINY.block_options)
