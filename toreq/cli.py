@@ -312,7 +312,8 @@ def _export_path(text: str) -> Path:
 def _run_export(args: argparse.Namespace) -> int:
     import importlib.util
 
-    from toreq.checkpoint import load_checkpoint, read_checkpoint, save_safetensors
+    from toreq.checkpoint import (describe_checkpoint, load_checkpoint, read_checkpoint,
+                                  save_safetensors)
     from toreq.data import load_classification
     from toreq.presets import Preset, build_trainer
 
@@ -325,6 +326,8 @@ def _run_export(args: argparse.Namespace) -> int:
             raise ImportError(f"writing ONNX needs {' and '.join(missing)}: "
                               'pip install "toreq[onnx]"')
     output.parent.mkdir(parents=True, exist_ok=True)
+    print(f"toreq export: {describe_checkpoint(state, args.checkpoint)}; writing {output}",
+          file=sys.stderr, flush=True)
     if output.suffix == ".safetensors":
         save_safetensors(output, state)
         print(f"wrote {output}: the weights of {about['model']['class']} from {args.checkpoint}")
@@ -431,7 +434,8 @@ def _run_lm_train(args: argparse.Namespace) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     say = _Heartbeat("lm-train")
     say(f"{args.variant} LM, {count_parameters(model):,} parameters: {args.steps} steps of "
-        f"{args.batch_size} windows of {args.seq_len} characters", force=True)
+        f"{args.batch_size} windows of {args.seq_len} characters, after measuring the untrained "
+        f"model's validation perplexity on {val.numel():,} characters", force=True)
     started = time.perf_counter()
     history = train_lm(model, optimizer, corpus.train, args.steps, batch_size=args.batch_size,
                        generator=torch.Generator().manual_seed(args.seed), eval_ids=val,
@@ -595,6 +599,54 @@ def _summary(name: str, model: torch.nn.Module, history: list[dict]) -> dict:
             "seconds": sum(r["seconds"] for r in history), "history": history}
 
 
+#: A running command that has printed nothing for this long (seconds) prints that it is still
+#: working: a slow step on a busy machine or a long export never leaves a log silent.
+QUIET_S = 8.0
+
+
+class _Watched:
+    """A text stream that notes when it was last written to."""
+
+    def __init__(self, stream: object, clock: list[float]) -> None:
+        self._stream, self._clock = stream, clock
+
+    def write(self, text: str) -> int:
+        self._clock[0] = time.monotonic()
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+class _StillWorking:
+    """While a command runs, ``prog: still working (N s)`` on stderr after every QUIET_S seconds
+    in which neither stdout nor stderr was written to."""
+
+    def __init__(self, prog: str) -> None:
+        import threading
+
+        self.prog, self.clock, self.stop = prog, [time.monotonic()], threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> None:
+        self.started, self.streams = time.monotonic(), (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = (_Watched(s, self.clock) for s in self.streams)
+        self.thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        sys.stdout, sys.stderr = self.streams
+
+    def _watch(self) -> None:
+        while not self.stop.wait(min(1.0, QUIET_S / 4)):
+            now = time.monotonic()
+            if now - self.clock[0] >= QUIET_S:
+                print(f"{self.prog}: still working ({now - self.started:.0f} s)",
+                      file=self.streams[1], flush=True)
+                self.clock[0] = now
+
+
 def make_parser() -> argparse.ArgumentParser:
     import toreq
 
@@ -616,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; returns its exit code (an error: one line on stderr, 1)."""
     args = make_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with _StillWorking(f"toreq {args.command}"):
+            return args.run(args)
     except KeyboardInterrupt:
         print(f"toreq {args.command}: interrupted", file=sys.stderr)
         return 130
