@@ -169,8 +169,8 @@ def test_a_library_error_is_one_line_with_exit_code_1(case, tmp_path, capsys, mo
     err = capsys.readouterr().err
     assert "Traceback" not in err
     *progress, line = err.strip("\n").split("\n")  # a training prints its epoch lines first
-    assert all(re.match(r"\w+ epoch \d+/\d+: |toreq \S+: still working \(", p)
-               for p in progress), err
+    assert all(re.match(r"\w+ epoch \d+/\d+: |toreq \S+: still working \(|toreq train: training ",
+                        p) for p in progress), err
     assert line.startswith(f"toreq {argv[0]}: error: ") and line.endswith(
         "(--debug shows the traceback)")
     assert re.search(message, line), line
@@ -309,7 +309,9 @@ def test_train_prints_a_line_per_epoch_and_no_bar_off_a_terminal(capsys):
                  "--threads", "1"]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err  # no bar redraws in a log
-    lines = err.strip().splitlines()
+    start, *lines = err.strip().splitlines()
+    assert start == ("toreq train: training looped_mlp (preset digits-looped) on digits: 2 epochs, "
+                     "seed 0, 1 torch thread(s)")
     assert [line.split(":")[0] for line in lines] == [
         "eqprop epoch 1/2", "eqprop epoch 2/2", "backprop epoch 1/2", "backprop epoch 2/2"]
     assert all(" 45/45 batches in " in line for line in lines)  # the real count, backprop's too
@@ -381,7 +383,8 @@ def test_a_quiet_command_says_it_is_still_working(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(train.EqPropTrainer, "step", slow_step)
     assert main(["train", "--epochs", "1", "--hidden", "8", "--threads", "1"]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert re.fullmatch(r"toreq train: still working \(\d+ s\)", err[0]), err
+    assert err[0].startswith("toreq train: training looped_mlp")
+    assert re.fullmatch(r"toreq train: still working \(\d+ s\)", err[1]), err
     assert err[-1].startswith("eqprop epoch 1/1: 45/45 batches")
     assert sys.stderr is not None and not type(sys.stderr).__name__ == "_Watched"  # restored
 

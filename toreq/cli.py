@@ -177,6 +177,10 @@ def _run_train(args: argparse.Namespace) -> int:
     if saved and seed != saved["seed"]:
         raise ValueError(f"--seed {seed} differs from the checkpoint's seed {saved['seed']}: "
                          "resume without --seed, or start a new run")
+    threads = 1 if args.deterministic else torch.get_num_threads()
+    print(f"toreq train: training {preset.model} (preset {preset.name}) on {dataset}: "
+          f"{preset.epochs} epochs, seed {seed}, {threads} torch thread(s)"
+          + (f", resuming {args.checkpoint}" if saved else ""), file=sys.stderr, flush=True)
     data = load_classification(dataset, root=args.data_dir)
     common = dict(epochs=preset.epochs, batch_size=preset.batch_size, seed=seed,
                   progress="epochs" if args.no_progress else True,
@@ -196,7 +200,6 @@ def _run_train(args: argparse.Namespace) -> int:
                       scheduler=scheduler, desc=method, **logging, **common)
         results.append(_summary(names[method], model, history))
 
-    threads = 1 if args.deterministic else torch.get_num_threads()
     if args.json:
         print(json.dumps({"dataset": dataset, "preset": preset.as_dict(), "seed": seed,
                           "threads": threads, "deterministic": args.deterministic,
@@ -600,8 +603,9 @@ def _summary(name: str, model: torch.nn.Module, history: list[dict]) -> dict:
 
 
 #: A running command that has printed nothing for this long (seconds) prints that it is still
-#: working: a slow step on a busy machine or a long export never leaves a log silent.
-QUIET_S = 8.0
+#: working: a slow step on a busy machine or a long export never leaves a log silent for long
+#: (the watch polls every second).
+QUIET_S = 5.0
 
 
 class _Watched:
