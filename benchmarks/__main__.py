@@ -1,7 +1,7 @@
 """Every benchmark into one results folder, with an index: ``python -m benchmarks``.
 
     python -m benchmarks [--quick] [--out results] [--only NAME ...] [--threads N]
-    python -m benchmarks --update-readme [--out results]
+    python -m benchmarks --update-docs [--out results]
 
 Runs ``bench_ops.py``, ``memory.py`` and ``accuracy.py`` (see ``README.md`` beside this file),
 each in its own subprocess with ``--out <out>/<name>`` and ``--quick`` and ``--threads`` passed
@@ -12,12 +12,15 @@ not stop the others. Then, from each benchmark's JSON record, it draws ``<out>/<
 the command, the machine, each benchmark's status, command and time, its plot and its Markdown
 tables. Exits with 1 when a benchmark failed.
 
-``--update-readme`` runs nothing: it copies each benchmark's Markdown from the results folder
-into the top-level ``README.md``, between the markers ``<!-- benchmark:NAME -->`` and
-``<!-- /benchmark:NAME -->``, so that the README's results are the benchmarks' own output, each
-with the command that produced it and the machine it ran on. The control tasks' accuracy run
-(``python benchmarks/accuracy.py --datasets cartpole acrobot --out results/accuracy_control``,
-which needs the ``control`` extra) fills the block ``accuracy_control``.
+``--update-docs`` (formerly ``--update-readme``, still accepted) runs nothing: it copies each
+benchmark's Markdown from the results folder into ``docs/results.md``, between the markers
+``<!-- benchmark:NAME -->`` and ``<!-- /benchmark:NAME -->``, and the accuracy benchmark's
+headline (:func:`headline`) into the top-level ``README.md`` between
+``<!-- headline:accuracy -->`` and ``<!-- /headline:accuracy -->``, so that every published
+figure is the benchmarks' own output, with the command that produced it and the machine it ran
+on. The control tasks' accuracy run (``python benchmarks/accuracy.py --datasets cartpole acrobot
+--out results/accuracy_control``, which needs the ``control`` extra) fills the block
+``accuracy_control``.
 """
 
 from __future__ import annotations
@@ -38,12 +41,13 @@ sys.path.insert(0, str(HERE))  # the benchmarks' own modules are top-level modul
 from plots import write_plots  # noqa: E402
 
 BENCHMARKS = ("bench_ops", "memory", "accuracy")
-#: README block -> its Markdown under the results folder: each benchmark's own, and the control
-#: tasks' accuracy run, which needs the control extra and so is its own command
-#: (``accuracy.py --datasets cartpole acrobot --out <results>/accuracy_control``)
-README_BLOCKS = {**{name: f"{name}/{name}.md" for name in BENCHMARKS},
-                 "accuracy_control": "accuracy_control/accuracy.md"}
+# results block -> its Markdown under the results folder: each benchmark's own, and the control
+# tasks' accuracy run, which needs the control extra and so is its own command
+# (``accuracy.py --datasets cartpole acrobot --out <results>/accuracy_control``)
+RESULTS_BLOCKS = {**{name: f"{name}/{name}.md" for name in BENCHMARKS},
+                  "accuracy_control": "accuracy_control/accuracy.md"}
 README = HERE.parent / "README.md"
+RESULTS_PAGE = HERE.parent / "docs" / "results.md"
 
 
 @dataclass
@@ -121,17 +125,17 @@ def index(runs: list[Run], command: str, quick: bool, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_with_results(readme: str, out: Path) -> tuple[str, list[str]]:
-    """``readme`` with each marked block replaced by its Markdown under ``out``
-    (:data:`README_BLOCKS`: ``out/NAME/NAME.md`` for a benchmark).
+def with_results(readme: str, out: Path) -> tuple[str, list[str]]:
+    """``readme`` (a page's text) with each benchmark's marked block replaced by
+    ``out/NAME/NAME.md``.
 
-    The benchmark's own title is dropped (the README has its own) and its headings go two levels
-    down, under the README's ``###`` sections; the interpreter's path in the recorded command
-    becomes ``python``. Returns the new text and the names of the blocks replaced: a block whose
-    results file is missing is left as it was.
+    The benchmark's own title is dropped (the page has its own) and its headings go two levels
+    down, under the page's sections; the interpreter's path in the recorded command becomes
+    ``python``. Returns the new text and the names of the blocks replaced: a block whose results
+    file is missing is left as it was.
     """
     updated = []
-    for name, markdown in README_BLOCKS.items():
+    for name, markdown in RESULTS_BLOCKS.items():
         start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
         path = out / markdown
         if start not in readme or end not in readme or not path.exists():
@@ -147,6 +151,41 @@ def readme_with_results(readme: str, out: Path) -> tuple[str, list[str]]:
     return readme, updated
 
 
+def headline(accuracy_md: str) -> str:
+    """The README's short results table from the accuracy benchmark's Markdown: per data set,
+    EqProp's and same-width backprop's test accuracy, under the line naming the command and the
+    machine."""
+    lines = accuracy_md.strip().splitlines()
+    command = next(line for line in lines if line.startswith("`"))
+    command = re.sub(r"`\S*python[0-9.]* ", "`python ", command)
+    rows: dict[str, dict[str, list[str]]] = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) >= 6 and cells[2] in ("eqprop", "backprop"):
+            rows.setdefault(cells[0], {})[cells[2]] = cells
+    table = ["| data set | EqProp test accuracy | backprop, same width | seeds |",
+             "|---|---:|---:|---:|"]
+    table += [f"| {data} | {r['eqprop'][5]} | {r['backprop'][5]} | {r['eqprop'][4]} |"
+              for data, r in rows.items() if {"eqprop", "backprop"} <= set(r)]
+    return "\n".join([command, "", *table])
+
+
+def update_docs(out: Path, readme: Path = README, page: Path = RESULTS_PAGE) -> list[str]:
+    """Fills ``page``'s benchmark blocks and ``readme``'s headline from the results in ``out``;
+    returns what was updated."""
+    text, updated = with_results(page.read_text(), out)
+    page.write_text(text)
+    accuracy = out / "accuracy" / "accuracy.md"
+    start, end = "<!-- headline:accuracy -->", "<!-- /headline:accuracy -->"
+    current = readme.read_text()
+    if accuracy.exists() and start in current and end in current:
+        before, rest = current.split(start, 1)
+        readme.write_text(f"{before}{start}\n{headline(accuracy.read_text())}\n{end}"
+                          f"{rest.split(end, 1)[1]}")
+        updated.append("README headline")
+    return updated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                      description=__doc__.split("\n\n")[0])
@@ -159,16 +198,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.set_num_threads of every benchmark (default 1: on a shared "
                              "machine multi-threaded small matrix products stall whenever "
                              "another process holds a core; see memory.py)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="run nothing: copy the results' Markdown into README.md's marked "
-                             "blocks")
+    parser.add_argument("--update-docs", "--update-readme", dest="update_docs",
+                        action="store_true",
+                        help="run nothing: copy the results' Markdown into docs/results.md's "
+                             "marked blocks and the accuracy headline into README.md")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.update_readme:
-        text, updated = readme_with_results(README.read_text(), Path(args.out))
-        README.write_text(text)
-        print(f"updated {', '.join(updated) or 'no'} block(s) of {README}", file=sys.stderr)
+    if args.update_docs:
+        updated = update_docs(Path(args.out))
+        print(f"updated {', '.join(updated) or 'no'} block(s) of {RESULTS_PAGE} and {README}",
+              file=sys.stderr)
         return 0 if updated else 1
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Data-parallel EqProp on the digits set with torch.distributed.
 
     torchrun --nproc_per_node 2 examples/ddp_train.py --epochs 5
+    python examples/ddp_train.py --quick     # one process, one epoch on 256 samples
 
 Every process draws the same global batches and relaxes its shard of each; the EqProp gradients
 are averaged over the global batch (an all-reduce of ``.grad``) before every optimizer step, so
@@ -18,24 +19,33 @@ import os
 import torch
 import torch.distributed as dist
 
+from toreq.cli import BETA, LEARNING_RATE, POSITIVE_INT, SEED
 from toreq.data import load_digits
 from toreq.nn import EPMLP, LoopedMLP
 from toreq.train import EqPropTrainer, fit
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["looped_mlp", "ep_mlp"], default="looped_mlp")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64, help="the global batch size")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None, help="train on the first N samples")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="one epoch on the first 256 samples: checks the pipeline in seconds")
+    parser.add_argument("--model", choices=["looped_mlp", "ep_mlp"], default="looped_mlp",
+                        help="the EqProp model")
+    parser.add_argument("--hidden", type=POSITIVE_INT, default=128, help="hidden units")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=5, help="training epochs")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=64,
+                        help="the global batch size")
+    parser.add_argument("--lr", type=LEARNING_RATE, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--beta", type=BETA, default=0.5, help="EqProp nudging strength")
+    parser.add_argument("--seed", type=SEED, default=0, help="seeds weights and batches")
+    parser.add_argument("--limit", type=POSITIVE_INT, default=None,
+                        help="train on the first N samples")
     parser.add_argument("--backend", default=None, help="gloo or nccl (default: by device)")
     parser.add_argument("--save", default=None, help="file for the final weights and history")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs, args.limit = 1, 256
 
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun
     device = torch.device("cpu")

@@ -1,6 +1,7 @@
 """EqProp, backprop through time and feedforward backprop on the digits set, side by side.
 
     python examples/train_digits.py --epochs 20
+    python examples/train_digits.py --quick      # 2 epochs of a narrower model: seconds
 
 Trains a LoopedMLP by EqProp and by BPTT through the same dynamics, and a feedforward MLP of
 the same width by backprop, on the same data and batches, then prints test accuracy, time and
@@ -14,19 +15,25 @@ import time
 
 import torch
 
+from toreq.cli import BETA, LEARNING_RATE, POSITIVE_INT, SEED
 from toreq.data import load_digits
 from toreq.nn import FeedforwardMLP, LoopedMLP
 from toreq.train import BackpropTrainer, BPTTTrainer, EqPropTrainer, fit
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="2 epochs with 64 hidden units: checks the pipeline in seconds")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=20, help="training epochs")
+    parser.add_argument("--hidden", type=POSITIVE_INT, default=256, help="hidden units")
+    parser.add_argument("--lr", type=LEARNING_RATE, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--beta", type=BETA, default=0.5, help="EqProp nudging strength")
+    parser.add_argument("--seed", type=SEED, default=0, help="seeds weights and batches")
     args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.hidden = 2, 64
 
     data = load_digits()
     runs = {}

@@ -24,29 +24,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from toreq.cli import (BETA, LEARNING_RATE, POSITIVE_INT, SEED, THREADS, TOLERANCE,
+                       number_type)
 from toreq.data import ClassificationData, load_mnist
 from toreq.nn import PatchTransformer, count_parameters
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 6,000 training and 1,000 test images, one epoch")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--d-ff", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--patch-size", type=int, default=7)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--beta", type=float, default=0.05, help="the EqProp nudge")
-    parser.add_argument("--max-steps", type=int, default=30, help="relaxation steps at most")
-    parser.add_argument("--tol", type=float, default=1e-3, help="relaxation tolerance")
-    parser.add_argument("--recurrent-scale", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=2)
+    parser.add_argument("--d-model", type=POSITIVE_INT, default=64)
+    parser.add_argument("--d-ff", type=POSITIVE_INT, default=128)
+    parser.add_argument("--layers", type=POSITIVE_INT, default=2)
+    parser.add_argument("--heads", type=POSITIVE_INT, default=4)
+    parser.add_argument("--patch-size", type=POSITIVE_INT, default=7)
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=128)
+    parser.add_argument("--lr", type=LEARNING_RATE, default=3e-3)
+    parser.add_argument("--weight-decay", type=TOLERANCE, default=0.01)
+    parser.add_argument("--beta", type=BETA, default=0.05, help="the EqProp nudge")
+    parser.add_argument("--max-steps", type=POSITIVE_INT, default=30, help="relaxation steps at most")
+    parser.add_argument("--tol", type=TOLERANCE, default=1e-3, help="relaxation tolerance")
+    parser.add_argument("--recurrent-scale", type=number_type(float, 0, 10, low_open=True), default=0.5)
+    parser.add_argument("--seed", type=SEED, default=0)
+    parser.add_argument("--threads", type=THREADS, default=1)
     parser.add_argument("--data-dir", default=None,
                         help="the data root (default: $TOREQ_DATA, then ~/.cache/toreq)")
     parser.add_argument("--compare-backprop", action="store_true",

@@ -1,4 +1,4 @@
-"""The benchmark suite's README update: the README's results are the benchmarks' own output."""
+"""The benchmark suite's docs update: the published results are the benchmarks' own output."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_marked_blocks_are_replaced_by_the_results(tmp_path):
         "## Targets\n\n- PASS digits\n")
     readme = ("intro\n<!-- benchmark:accuracy -->\nold table\n<!-- /benchmark:accuracy -->\n"
               "middle\n<!-- benchmark:memory -->\nold memory\n<!-- /benchmark:memory -->\nend\n")
-    text, updated = suite.readme_with_results(readme, tmp_path)
+    text, updated = suite.with_results(readme, tmp_path)
     assert updated == ["accuracy"]  # no memory results: that block stays as it was
     assert text == ("intro\n<!-- benchmark:accuracy -->\n"
                     "`python benchmarks/accuracy.py --quick` on today\n\n#### Targets\n\n"
@@ -35,15 +35,44 @@ def test_marked_blocks_are_replaced_by_the_results(tmp_path):
                     "end\n")
 
 
-def test_the_readme_holds_every_benchmark_block_filled():
+def test_the_results_page_holds_every_benchmark_block_filled():
     suite = load_suite()
-    readme = (ROOT / "README.md").read_text()
-    for name, markdown in suite.README_BLOCKS.items():
+    page = suite.RESULTS_PAGE.read_text()
+    for name, markdown in suite.RESULTS_BLOCKS.items():
         start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
-        assert start in readme and end in readme, name
-        block = readme.split(start, 1)[1].split(end, 1)[0]
+        assert start in page and end in page, name
+        block = page.split(start, 1)[1].split(end, 1)[0]
         script = Path(markdown).stem  # the benchmark that wrote it
         assert f"benchmarks/{script}.py" in block and "|---" in block, name
+        assert start not in (ROOT / "README.md").read_text()  # the long tables left the README
+
+
+def test_update_docs_fills_the_page_and_the_readme_headline(tmp_path):
+    suite = load_suite()
+    (tmp_path / "accuracy").mkdir()
+    (tmp_path / "accuracy" / "accuracy.md").write_text(
+        "# Test accuracy\n\n`/opt/bin/python3 benchmarks/accuracy.py --quick` on today\n\n"
+        "| data | preset | method | params | seeds | test accuracy | train time (s) | target |\n"
+        "|---|---|---|---:|---:|---:|---:|---|\n"
+        "| digits | digits-looped | eqprop | 84,746 | 2 | 96.10 ± 0.20% | 6 | **PASS** |\n"
+        "| digits | digits-looped | backprop | 19,210 | 2 | 95.00 ± 0.10% | 1 |  |\n")
+    page, readme = tmp_path / "results.md", tmp_path / "README.md"
+    page.write_text("# R\n<!-- benchmark:accuracy -->\nold\n<!-- /benchmark:accuracy -->\n")
+    readme.write_text("intro\n<!-- headline:accuracy -->\nold\n<!-- /headline:accuracy -->\nend\n")
+    assert suite.update_docs(tmp_path, readme, page) == ["accuracy", "README headline"]
+    assert "96.10 ± 0.20%" in page.read_text() and "old" not in page.read_text()
+    assert readme.read_text() == (
+        "intro\n<!-- headline:accuracy -->\n`python benchmarks/accuracy.py --quick` on today\n\n"
+        "| data set | EqProp test accuracy | backprop, same width | seeds |\n|---|---:|---:|---:|\n"
+        "| digits | 96.10 ± 0.20% | 95.00 ± 0.10% | 2 |\n<!-- /headline:accuracy -->\nend\n")
+
+
+def test_the_readme_headline_is_the_accuracy_benchmarks_own():
+    suite = load_suite()
+    page = suite.RESULTS_PAGE.read_text()
+    block = page.split("<!-- benchmark:accuracy -->", 1)[1].split("<!-- /benchmark:accuracy -->")[0]
+    readme = (ROOT / "README.md").read_text()
+    assert f"<!-- headline:accuracy -->\n{suite.headline(block)}\n<!-- /headline:accuracy -->" in readme
 
 
 def test_estimators_benchmark_measures_gradient_quality(tmp_path):

@@ -228,7 +228,13 @@ class SignOnly(Estimator):
                         {name: model.tol for name in ("free", *run)})
 
 
-def test_a_user_solver_and_estimator_plug_into_the_trainer():
+def test_a_user_solver_and_estimator_plug_into_the_trainer(monkeypatch):
+    import toreq.estimators
+    import toreq.solvers
+
+    # registered for this test only: the registries are restored afterwards
+    monkeypatch.setattr(toreq.solvers, "_REGISTRY", dict(toreq.solvers._REGISTRY))
+    monkeypatch.setattr(toreq.estimators, "_REGISTRY", dict(toreq.estimators._REGISTRY))
     register_solver("counting", CountingSolver)
     register_estimator("sign_eqprop", SignOnly)
     torch.manual_seed(7)

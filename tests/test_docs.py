@@ -111,7 +111,8 @@ def module_text(site: Path, module: str) -> str:
 
 def test_docs_build_strict(site):
     for page in ["index.html", "concepts/index.html", "hyperparameters/index.html",
-                 "papers/index.html", "cli/index.html", "contributing/index.html"]:
+                 "papers/index.html", "cli/index.html", "contributing/index.html",
+                 "guide/index.html", "results/index.html"]:
         assert (site / page).exists(), page
     concepts = (site / "concepts" / "index.html").read_text()
     # the equations are MathML written at build time: no TeX left for a script, and no script

@@ -13,7 +13,7 @@ from toreq.cli import main
 from toreq.data import load_digits
 from toreq.export import export_model, to_onnx
 from toreq.nn import EPMLP, ConvEP, LoopedMLP, ModernEqProp, ToroidalMLP
-from toreq.presets import build_trainer, get_preset
+from toreq.presets import build_trainer, get_preset, run_description
 from toreq.train import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,13 +170,17 @@ def test_kept_relax_op_needs_a_layered_model(x):
 def test_cli_exports_a_checkpoint(x, tmp_path, capsys):
     preset = dataclasses.replace(get_preset("digits-looped"), hidden=16)
     model, trainer, _ = build_trainer(preset, 64, 10, seed=3)
-    save_checkpoint(tmp_path / "run.pt", trainer, 1, [])
+    save_checkpoint(tmp_path / "run.pt", trainer, 1, [],
+                    about=run_description(preset, "digits", model, seed=3))
     out_path = tmp_path / "looped.pt2"
-    assert main(["export", "--checkpoint", str(tmp_path / "run.pt"), "--hidden", "16",
+    assert main(["export", "--checkpoint", str(tmp_path / "run.pt"),
                  "--output", str(out_path), "--steps", "10", "--tol", "0"]) == 0
     assert "largest |exported - eager| on 256 test samples" in capsys.readouterr().out
     out, steps = torch.export.load(out_path).module()(x)
     torch.testing.assert_close(out, eager(model.eval(), x, 10, 0.0)[0], rtol=1e-5, atol=1e-6)
     assert (steps == 10).all()
-    with pytest.raises(SystemExit, match="--output must end in .pt2 or .onnx"):
+    with pytest.raises(SystemExit) as stop:
         main(["export", "--checkpoint", str(tmp_path / "run.pt"), "--output", "model.bin"])
+    assert stop.value.code == 2
+    assert "argument --output: expected a file name ending in .pt2, .onnx or .safetensors, got " \
+           "'model.bin'" in capsys.readouterr().err

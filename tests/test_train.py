@@ -142,7 +142,8 @@ def test_checkpoint_of_another_model_or_missing_gets_a_clear_error(tmp_path, dig
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, EqPropTrainer(looped, torch.optim.Adam(looped.parameters())), 1, [])
     ep = make("ep", digits)
-    with pytest.raises(RuntimeError, match="(?s)does not fit this trainer .*another model"):
+    with pytest.raises(RuntimeError, match=r"holds a LoopedMLP, 1 epoch\(s\).*does not fit this "
+                                           r"EPMLP: 2 weight\(s\) missing \(e.g. 'layers.0.weight'\)"):
         load_checkpoint(path, EqPropTrainer(ep, torch.optim.Adam(ep.parameters())))
     with pytest.raises(FileNotFoundError, match="missing.pt does not exist"):
         load_checkpoint(tmp_path / "missing.pt",

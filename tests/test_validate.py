@@ -93,8 +93,10 @@ def test_command_line(tmp_path, capsys):
                  str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Gradient equivalence" in out and (tmp_path / "validation.md").exists()
-    with pytest.raises(SystemExit, match="--seeds must be >= 1, got 0"):
+    with pytest.raises(SystemExit) as stop:
         main(["validate", "--seeds", "0", "--claims", "gradient", "--out", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "argument --seeds: expected an integer >= 1 and <= 100, got '0'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["validate", "--claims", "nonsense"])
     assert "argument --claims: invalid choice: 'nonsense'" in capsys.readouterr().err

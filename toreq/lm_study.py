@@ -233,7 +233,7 @@ def run_one(run: Run, config: StudyConfig, corpus: CharCorpus,
         "unigram_perplexity": unigram_perplexity(train, val, corpus.vocab_size),
         "train_loss": sum(last) / len(last) if last else math.nan,
         "wall_time_s": seconds, "eval_chars": val.numel(), "device": str(device),
-        "config": config.name, "config_id": config.identity(),
+        "threads": torch.get_num_threads(), "config": config.name, "config_id": config.identity(),
     }
 
 

@@ -7,6 +7,8 @@ sublayers get their gradients from their own backward,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +34,8 @@ def random_windows(ids: Tensor, batch_size: int, seq_len: int,
 def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tensor, steps: int,
              *, batch_size: int = 32, seq_len: int | None = None,
              generator: torch.Generator | None = None, eval_ids: Tensor | None = None,
-             eval_every: int = 0) -> list[dict[str, float]]:
+             eval_every: int = 0, on_step: Callable[[dict[str, float]], None] | None = None
+             ) -> list[dict[str, float]]:
     r"""`steps` optimizer steps on the next-token cross-entropy of random windows of `train_ids`:
 
     $$
@@ -44,7 +47,8 @@ def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tens
     `model.seq_len`). Returns one record per step, `{"step", "loss"}`; with `eval_ids`,
     `"val_perplexity"` ([`perplexity`][toreq.nn.lm.perplexity] on `eval_ids`) is added every
     `eval_every` steps and at the last (`eval_every=0`: only there), and a first record
-    `{"step": 0, "val_perplexity"}` holds the untrained model's.
+    `{"step": 0, "val_perplexity"}` holds the untrained model's. `on_step` is called with each
+    step's record (e.g. to show progress).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
@@ -68,4 +72,6 @@ def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, train_ids: Tens
         if eval_ids is not None and (step == steps or (eval_every and step % eval_every == 0)):
             record["val_perplexity"] = perplexity(model, eval_ids, seq_len)
         history.append(record)
+        if on_step is not None:
+            on_step(record)
     return history

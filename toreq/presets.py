@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 __all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "get_preset",
-           "train_preset"]
+           "run_description", "train_preset"]
 
 MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp", "modern_eqprop", "conv_ep")
 """The model names [`build_model`][toreq.presets.build_model] builds (`toreq train --model`)."""
@@ -158,6 +158,27 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
         trainer = BackpropTrainer(model, optimizer)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
     return model, trainer, scheduler
+
+
+def run_description(preset: Preset, dataset: str, model: torch.nn.Module, seed: int,
+                    image_shape: Sequence[int] | None = None) -> dict:
+    """What a checkpoint of ``toreq train`` says about its run (``about``, see
+    :mod:`toreq.checkpoint`): the command, the data set, the model's class and the
+    :func:`build_model` arguments that rebuild it, the preset (every hyper-parameter), the
+    algorithm's settings and the seed. :func:`build_trainer` on the preset rebuilds the run."""
+    return {
+        "command": "toreq train", "dataset": dataset, "seed": seed, "preset": preset.as_dict(),
+        "model": {"class": type(model).__name__, "builder": "toreq.presets.build_model",
+                  "arguments": {"name": preset.model, "hidden": preset.hidden,
+                                "layers": preset.layers, "activation": preset.activation,
+                                "max_steps": preset.free_steps, "channels": preset.channels,
+                                "image_shape": None if image_shape is None else tuple(image_shape)}},
+        "algorithm": {"method": "eqprop", "beta": preset.beta, "free_steps": preset.free_steps,
+                      "nudged_steps": preset.nudged_steps,
+                      "symmetric_nudging": preset.symmetric_nudging, "optimizer": "AdamW",
+                      "lr": preset.lr, "schedule": "cosine", "epochs": preset.epochs,
+                      "batch_size": preset.batch_size},
+    }
 
 
 def train_preset(preset: Preset, data, method: str, seed: int, *, progress: bool = False,

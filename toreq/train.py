@@ -4,7 +4,8 @@ Each trainer's :meth:`step` takes one batch, writes gradients into the parameter
 and steps the optimizer, so every ``torch.optim`` optimizer and LR scheduler works. One EqProp
 step reads top to bottom: free relaxation -> nudged relaxation(s) -> contrastive update ->
 optimizer step. :func:`fit` runs epochs with evaluation, a progress bar, metric logs and
-atomic, exactly-resumable checkpoints.
+atomic, exactly-resumable checkpoints (:mod:`toreq.checkpoint`, whose ``save_checkpoint``,
+``read_checkpoint`` and ``load_checkpoint`` are re-exported here).
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ import csv
 import json
 import math
 import os
-import random
-import tempfile
+import sys
 import time
-import zipfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from toreq.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from toreq.distributed import average_over_ranks, is_main_process, shard
 from toreq.dynamics import default_loss
 from toreq.errors import DivergenceError, TrainingDiverged
@@ -34,7 +33,8 @@ from toreq.estimators import BPTT, EqProp, Estimator, get_estimator
 from toreq.nn import EquilibriumBlock, EquilibriumModel
 from toreq.ops import RelaxResult
 from toreq.solvers import PhaseSettings
-from toreq.validation import check_positive_float, check_positive_int
+from toreq.validation import (check_batch, check_optimizer_covers, check_positive_float,
+                              check_positive_int)
 
 __all__ = [
     "BPTTTrainer", "BackpropTrainer", "EqPropTrainer", "TrainingDiverged", "evaluate", "fit",
@@ -123,6 +123,7 @@ class EqPropTrainer:
         self.symmetric = symmetric
         self.estimator = (EqProp(beta, "centered" if symmetric else "positive", nudged_steps)
                           if estimator is None else get_estimator(estimator))
+        check_optimizer_covers(optimizer, model)
         self.max_loss_ratio, self.process_group = max_loss_ratio, process_group
         if isinstance(model, EquilibriumModel):
             if tol is not None:
@@ -167,6 +168,7 @@ class EqPropTrainer:
         the loss exploded; and when the optimizer step overflowed or made a parameter NaN or Inf.
         """
         model, group = self.model, self.process_group
+        check_batch(type(model).__name__, x, y)
         model.train()
         # the schedule's beta, else the estimator's own (None: estimators without one)
         scheduled = None if self.beta_schedule is None else self.beta_schedule(self.steps_done)
@@ -285,6 +287,7 @@ class BPTTTrainer(EqPropTrainer):
     def __init__(self, model: EquilibriumModel, optimizer: torch.optim.Optimizer, *,
                  steps: int | None = None, truncation: int | None = None) -> None:
         steps = model.max_steps if steps is None else steps
+        check_positive_int("steps", steps)
         super().__init__(model, optimizer, free_steps=steps,
                          estimator=BPTT(truncation=truncation, steps=steps))
         self.steps = steps
@@ -295,8 +298,10 @@ class BackpropTrainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
+        check_optimizer_covers(optimizer, model)
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+        check_batch(type(self.model).__name__, x, y)
         self.model.train()
         output = self.model(x)
         loss = nn.functional.cross_entropy(output, y)
@@ -311,6 +316,7 @@ class BackpropTrainer:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> dict[str, float]:
     """Loss, accuracy and (for equilibrium models) mean relaxation steps on ``(x, y)``."""
+    check_batch(type(model).__name__, x, y)
     model.eval()
     total_loss, correct, steps = 0.0, 0, 0.0
     for start in range(0, x.shape[0], batch_size):
@@ -329,173 +335,187 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return metrics
 
 
-# ------------------------------------------------------------------------ checkpoints
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state()}
-
-
-def save_checkpoint(path: str | os.PathLike, trainer: Any, epoch: int,
-                    history: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
-    """Writes a checkpoint atomically: a temporary file in the same folder, fsynced, renamed.
-
-    A crash while writing leaves the previous checkpoint intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": "toreq-checkpoint-1",
-        "epoch": epoch,
-        "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "trainer_steps": getattr(trainer, "steps_done", 0),
-        "history": history,
-        "rng": _rng_state(),
-        "extra": extra or {},
-    }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The dict of a checkpoint written by :func:`save_checkpoint`, verified before unpickling.
-
-    ``torch.save`` writes a zip archive holding a CRC-32 of every record, and ``torch.load``
-    does not check them, so a flipped byte in a tensor would otherwise load as silently damaged
-    weights. A missing file raises ``FileNotFoundError``; a truncated or corrupt file, or one
-    that is not a toreq checkpoint, a ``RuntimeError`` that says so.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()  # reads every record and checks its CRC-32
-        if damaged is not None:
-            raise ValueError(f"record {damaged} fails its CRC-32 check")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # zipfile and torch raise several types for damaged files
-        raise RuntimeError(
-            f"cannot read checkpoint {path}: the file is corrupt or truncated ({error}). Delete "
-            "it, or resume from or load another checkpoint."
-        ) from error
-    if not isinstance(state, dict) or state.get("format") != "toreq-checkpoint-1":
-        raise RuntimeError(f"{path} is not a toreq checkpoint (no 'toreq-checkpoint-1' format tag)")
-    return state
-
-
-def load_checkpoint(path: str | os.PathLike, trainer: Any) -> dict[str, Any]:
-    """Restores model, optimizer, RNGs and trainer counters; returns the checkpoint dict.
-
-    The file is verified first (:func:`read_checkpoint`). A truncated or corrupt file, or a
-    checkpoint that does not fit ``trainer``, raises a ``RuntimeError`` that says so.
-    """
-    state = read_checkpoint(path)
-    try:
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        if hasattr(trainer, "steps_done"):
-            trainer.steps_done = state["trainer_steps"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-    except (KeyError, RuntimeError, TypeError, ValueError) as error:
-        raise RuntimeError(
-            f"checkpoint {path} does not fit this trainer ({type(error).__name__}: {error}); "
-            "was it written for another model, optimizer or toreq version?"
-        ) from error
-    return state
-
-
 # ------------------------------------------------------------------------ fit
 def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = None,
         y_test: Tensor | None = None, *, epochs: int = 10, batch_size: int = 64, seed: int = 0,
         log_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
-        resume: bool = False, progress: bool = True, desc: str = "train",
-        scheduler: Any = None, deterministic: bool = False) -> list[dict[str, Any]]:
+        resume: bool = False, overwrite: bool = False, progress: bool | str = True,
+        desc: str = "train", scheduler: Any = None, deterministic: bool = False,
+        about: dict[str, Any] | None = None, tensorboard: bool = False) -> list[dict[str, Any]]:
     """Trains for ``epochs`` epochs and returns one metrics dict per epoch.
 
     The batch order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed from the
     checkpoint of epoch ``e`` (``checkpoint=..., resume=True``) reproduces the uninterrupted
-    run's losses exactly. With ``log_dir``, metrics go to ``metrics.jsonl`` and
-    ``metrics.csv`` there. A TrainingDiverged error stops training with advice.
-    ``deterministic=True`` runs the epochs under ``torch.use_deterministic_algorithms(True)``
-    (restored afterwards): an op without a deterministic implementation raises instead of
-    varying silently, so two runs with the same seeds give identical results (CUDA also needs
-    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment; see PyTorch's reproducibility notes).
-    Parameters are initialised by the caller: seed with ``torch.manual_seed`` before building
-    the model.
+    run's losses exactly. An existing ``checkpoint`` is never overwritten by a new run unless
+    ``overwrite=True`` (``FileExistsError``); ``about`` describes the run in every checkpoint
+    (see :mod:`toreq.checkpoint`). With ``log_dir``, metrics go to ``metrics.jsonl`` and
+    ``metrics.csv`` there (and, with ``tensorboard=True``, to TensorBoard event files: the
+    ``tensorboard`` extra). A TrainingDiverged error stops training with advice.
+
+    ``progress``: ``True`` shows a progress bar on a terminal and, where stderr is not a
+    terminal (a log file, CI), no bar but a line every 10 s within an epoch; both print one line
+    per epoch to stderr. ``"epochs"``: the epoch lines only. ``False``: nothing.
+
+    Every epoch's record holds its training time (``seconds``) and the torch thread count
+    (``threads``): float sums in matrix products are split by thread, so the same seed can
+    give slightly different results with another thread count. ``deterministic=True`` runs the
+    epochs on one thread under ``torch.use_deterministic_algorithms(True)`` (both restored
+    afterwards): an op without a deterministic implementation raises instead of varying
+    silently, and the result does not depend on the thread count (CUDA also needs
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment; see PyTorch's reproducibility
+    notes). Parameters are initialised by the caller: seed with ``torch.manual_seed`` before
+    building the model.
 
     With a data-parallel trainer (``EqPropTrainer(..., process_group=...)``) ``batch_size`` is
     the global batch: every rank draws the same batches and trains on its shard of each
     (:func:`toreq.distributed.shard`), so the run matches one process on the same batches; only
     rank 0 shows progress, writes logs and saves checkpoints.
     """
-    from tqdm.auto import tqdm
+    from toreq.validation import check_choice, check_nonnegative_int, check_positive_int
 
+    check_nonnegative_int("epochs", epochs)
+    check_positive_int("batch_size", batch_size)
+    check_choice("progress", progress, (True, False, "epochs"))
+    if x_train.shape[0] != y_train.shape[0] or x_train.shape[0] == 0:
+        raise ValueError(f"x_train and y_train must hold the same number (> 0) of samples, got "
+                         f"{x_train.shape[0]} and {y_train.shape[0]}")
     group = getattr(trainer, "process_group", None)
     main = is_main_process(group)
     history: list[dict[str, Any]] = []
     start_epoch = 0
-    if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, trainer)
-        history, start_epoch = state["history"], state["epoch"]
-        if scheduler is not None and "scheduler" in state["extra"]:
-            scheduler.load_state_dict(state["extra"]["scheduler"])
+    if checkpoint is not None and Path(checkpoint).exists():
+        if resume:
+            state = load_checkpoint(checkpoint, trainer)
+            history, start_epoch = state["history"], state["epoch"]
+            if scheduler is not None and "scheduler" in state["extra"]:
+                scheduler.load_state_dict(state["extra"]["scheduler"])
+        elif not overwrite:
+            raise FileExistsError(f"checkpoint {checkpoint} exists; resume from it "
+                                  "(resume=True, --resume) or replace it (overwrite=True, "
+                                  "--overwrite)")
     log = Path(log_dir) if log_dir is not None and main else None
     if log is not None:
         log.mkdir(parents=True, exist_ok=True)
-    with _deterministic_algorithms(deterministic):
-        n = x_train.shape[0]
-        for epoch in range(start_epoch, epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-            started = time.perf_counter()
-            sums: dict[str, float] = {}
-            batches = range(0, n, batch_size)
-            bar = tqdm(batches, desc=f"{desc} {epoch + 1}/{epochs}", disable=not (progress and main),
-                       leave=False)
-            for count, start in enumerate(bar, 1):
-                idx = order[start:start + batch_size]
-                if group is not None:
-                    idx = shard(idx, group)
-                metrics = trainer.step(x_train[idx], y_train[idx])
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                bar.set_postfix(loss=f"{sums['loss'] / count:.3f}", acc=f"{sums['accuracy'] / count:.3f}")
-            if scheduler is not None:
-                scheduler.step()
-            record: dict[str, Any] = {"epoch": epoch + 1,
-                                      **{f"train_{k}": v / len(batches) for k, v in sums.items()},
-                                      "seconds": time.perf_counter() - started}
-            if x_test is not None:
-                record.update({f"test_{k}": v for k, v in evaluate(trainer.model, x_test, y_test).items()})
-            history.append(record)
-            if log is not None:
-                _append_metrics(log, record)
-            if checkpoint is not None and main:
-                extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else None
-                save_checkpoint(checkpoint, trainer, epoch + 1, history, extra)
+    writer = _tensorboard_writer(log) if tensorboard and log is not None else None
+    report = _Progress(progress if main else False, desc, epochs)
+    try:
+        with _deterministic_algorithms(deterministic):
+            n = x_train.shape[0]
+            for epoch in range(start_epoch, epochs):
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(
+                    seed * 100003 + epoch))
+                started = time.perf_counter()
+                sums: dict[str, float] = {}
+                batches = range(0, n, batch_size)
+                report.start_epoch(epoch, len(batches))
+                for count, start in enumerate(batches, 1):
+                    idx = order[start:start + batch_size]
+                    if group is not None:
+                        idx = shard(idx, group)
+                    metrics = trainer.step(x_train[idx], y_train[idx])
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    report.batch(count, sums["loss"] / count, sums["accuracy"] / count)
+                if scheduler is not None:
+                    scheduler.step()
+                record: dict[str, Any] = {"epoch": epoch + 1,
+                                          **{f"train_{k}": v / len(batches) for k, v in sums.items()},
+                                          "seconds": time.perf_counter() - started,
+                                          "threads": torch.get_num_threads()}
+                if x_test is not None:
+                    record.update({f"test_{k}": v for k, v in
+                                   evaluate(trainer.model, x_test, y_test).items()})
+                history.append(record)
+                report.end_epoch(record)
+                if log is not None:
+                    _append_metrics(log, record)
+                if writer is not None:
+                    for key, value in record.items():
+                        if key != "epoch" and isinstance(value, (int, float)):
+                            writer.add_scalar(key, value, epoch + 1)
+                    writer.flush()
+                if checkpoint is not None and main:
+                    extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else None
+                    save_checkpoint(checkpoint, trainer, epoch + 1, history, extra, about)
+    finally:
+        report.close()
+        if writer is not None:
+            writer.close()
     return history
+
+
+#: Off a terminal, fit prints a line at least this often (seconds) within a long epoch.
+HEARTBEAT_S = 10.0
+
+
+class _Progress:
+    """fit's progress: a tqdm bar on a terminal, a line every HEARTBEAT_S elsewhere, a line per
+    epoch."""
+
+    def __init__(self, mode: bool | str, desc: str, epochs: int) -> None:
+        self.mode, self.desc, self.epochs = mode, desc, epochs
+        self.terminal = sys.stderr.isatty()
+        self.bar: Any = None
+
+    def start_epoch(self, epoch: int, batches: int) -> None:
+        self.epoch, self.batches = epoch, batches
+        self.started = self.last = time.perf_counter()
+        if self.mode is True and self.terminal:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=batches, desc=f"{self.desc} {epoch + 1}/{self.epochs}",
+                            leave=False, file=sys.stderr)
+
+    def batch(self, count: int, loss: float, accuracy: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", refresh=False)
+        elif self.mode is True and time.perf_counter() - self.last >= HEARTBEAT_S:
+            self.last = time.perf_counter()
+            self._line(f"{count}/{self.batches} batches, loss {loss:.4f}, accuracy "
+                       f"{100 * accuracy:.2f}%, {self.last - self.started:.0f} s")
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        self.close()
+        if self.mode:
+            test = (f", test accuracy {100 * record['test_accuracy']:.2f}%"
+                    if "test_accuracy" in record else "")
+            self._line(f"{self.batches}/{self.batches} batches in {record['seconds']:.1f} s, "
+                       f"train loss {record['train_loss']:.4f}, train accuracy "
+                       f"{100 * record['train_accuracy']:.2f}%{test}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.refresh()  # the last count, which throttled redraws may have skipped
+            self.bar.close()
+            self.bar = None
+
+    def _line(self, text: str) -> None:
+        print(f"{self.desc} epoch {self.epoch + 1}/{self.epochs}: {text}", file=sys.stderr,
+              flush=True)
+
+
+def _tensorboard_writer(log: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError('TensorBoard logging needs the tensorboard package: '
+                          'pip install "toreq[tensorboard]"') from error
+    return SummaryWriter(str(log))
 
 
 @contextmanager
 def _deterministic_algorithms(enabled: bool):
-    previous = torch.are_deterministic_algorithms_enabled()
+    """Deterministic algorithms on one thread (a thread count changes float summation order)."""
+    previous, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if enabled:
         torch.use_deterministic_algorithms(True)
+        torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.set_num_threads(threads)
 
 
 def _append_metrics(log: Path, record: dict[str, Any]) -> None:

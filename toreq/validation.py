@@ -10,8 +10,11 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
+
 __all__ = [
-    "check_choice", "check_finite_float", "check_fraction", "check_nonnegative_float",
+    "check_batch", "check_batched_input", "check_choice", "check_class_labels", "check_finite_float",
+    "check_fraction", "check_layer_sizes", "check_nonnegative_float", "check_optimizer_covers",
     "check_positive_float", "check_positive_int", "check_nonnegative_int", "refuse_unknown",
 ]
 
@@ -85,3 +88,68 @@ def refuse_unknown(what: str, given: Iterable[str], known: Iterable[str]) -> Non
     if unknown:
         raise TypeError(f"{what}: unknown setting(s) {', '.join(map(repr, unknown))}; "
                         f"accepted: {', '.join(sorted(known))}")
+
+
+def check_layer_sizes(model: str, **sizes: Any) -> None:
+    """Every size given is a positive int, or a non-empty sequence of positive ints (one per
+    layer): a width of 0 or no hidden layer at all builds a model that trains to chance."""
+    for name, value in sizes.items():
+        if isinstance(value, (list, tuple)):
+            if not value or not all(_is_int(v) and v >= 1 for v in value):
+                raise ValueError(f"{model}: {name} must list at least one layer, each a "
+                                 f"positive int, got {list(value)!r}")
+        elif not _is_int(value) or value < 1:
+            raise ValueError(f"{model}: {name} must be a positive int, got {value!r}")
+
+
+def check_batched_input(model: str, x: Any, features: int | None = None) -> None:
+    """``x`` is a floating-point batch ``(batch, ...)`` (with ``features`` in its last dimension
+    when given). A single unbatched sample would otherwise be read as a batch of scalars."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{model}: x must be a torch.Tensor of shape (batch, ...), got "
+                        f"{type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{model}: x must be a floating-point tensor, got {x.dtype}; convert it "
+                        "with x.float()")
+    if x.dim() < 2 or (features is not None and x.shape[-1] != features):
+        expected = f"(batch, {features})" if features is not None else "(batch, ...)"
+        hint = "; for one sample, pass x.unsqueeze(0)" if x.dim() == 1 else ""
+        raise ValueError(f"{model}: x must be a batch of shape {expected}, got shape "
+                         f"{tuple(x.shape)}{hint}")
+
+
+def check_class_labels(y: Any, batch: int, num_classes: int | None = None) -> None:
+    """``y`` holds one integer class index per sample: shape ``(batch,)``, an integer dtype,
+    values in ``[0, num_classes)`` when given (float labels and one-hot targets are refused)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a tensor of class indices, got {type(y).__name__}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        kind = "one-hot targets" if y.dim() == 2 else f"{y.dtype} labels"
+        raise TypeError(f"y must hold integer class indices (torch.long) of shape ({batch},), "
+                        f"got {kind} of shape {tuple(y.shape)}; use y.argmax(1) for one-hot "
+                        "targets, y.long() for whole-number floats")
+    if y.shape != (batch,):
+        raise ValueError(f"y must hold one class index per sample, shape ({batch},), got shape "
+                         f"{tuple(y.shape)}")
+    if num_classes is not None and y.numel() and not (0 <= int(y.min()) and
+                                                      int(y.max()) < num_classes):
+        raise ValueError(f"y must hold class indices in [0, {num_classes}), got values from "
+                         f"{int(y.min())} to {int(y.max())}")
+
+
+def check_optimizer_covers(optimizer: Any, model: torch.nn.Module) -> None:
+    """``optimizer`` updates at least one of ``model``'s trainable parameters; otherwise training
+    would compute gradients and change nothing."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    held = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
+    if trainable and not trainable & held:
+        raise ValueError(f"optimizer holds none of the {type(model).__name__}'s parameters, so "
+                         "training would not change the model; build it from "
+                         "model.parameters() of this model")
+
+
+def check_batch(model: str, x: Any, y: Any) -> None:
+    """A training or evaluation batch: ``x`` batched (:func:`check_batched_input`) and ``y`` one
+    class index per sample (:func:`check_class_labels`)."""
+    check_batched_input(model, x)
+    check_class_labels(y, x.shape[0])

@@ -23,8 +23,8 @@ from toreq.estimators import apply_contrast
 from toreq.ops import RelaxResult
 from toreq.ops.relax import ACTIVATIONS
 from toreq.solvers import Iteration, PhaseSettings, Solver, get_solver, solve_map
-from toreq.validation import (check_choice, check_fraction, check_nonnegative_float,
-                              check_positive_int)
+from toreq.validation import (check_batched_input, check_choice, check_fraction,
+                              check_nonnegative_float, check_positive_int)
 
 __all__ = ["EquilibriumModel", "Network", "warn_unconverged"]
 
@@ -153,6 +153,7 @@ class EquilibriumModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The free-phase prediction for ``x``."""
+        check_batched_input(type(self).__name__, x)
         net = self.network(x)
         free = self.solve(x, net, self.init_states(x, net), None, self.free_settings,
                           phase="free")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -204,13 +204,13 @@ class CharLM(nn.Module):
         vocabulary come from its `state_dict`). Called on a subclass, the checkpoint must hold that
         class.
         """
-        from toreq.train import read_checkpoint  # toreq.train imports toreq.nn
+        from toreq.checkpoint import describe_checkpoint, read_checkpoint
 
         state = read_checkpoint(path)
         config = state["extra"].get("lm_config")
         if config is None:
-            raise RuntimeError(f"{path} is not a language-model checkpoint (no extra['lm_config']; "
-                               "write one with toreq lm-train)")
+            raise RuntimeError(f"not a language-model checkpoint: {describe_checkpoint(state, path)}"
+                               "; write one with toreq lm-train")
         name = state["extra"].get("lm_class", CharTransformerLM.__name__)
         kind = {k.__name__: k for k in (CharTransformerLM, LoopedMLPLM)}.get(name)
         if kind is None or not issubclass(kind, cls):

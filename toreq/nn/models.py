@@ -10,6 +10,7 @@ from toreq import utils
 from toreq.dynamics import CouplingDynamics, Network
 from toreq.nn.equilibrium import EquilibriumModel
 from toreq.ops import Coupling
+from toreq.validation import check_layer_sizes
 
 __all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "ToroidalMLP"]
 
@@ -45,6 +46,8 @@ class LoopedMLP(CouplingDynamics, EquilibriumModel):
                  tol: float = 1e-4, damping: float = 0.0, solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
                          damping=damping, schedule="sync", solver=solver)
+        check_layer_sizes("LoopedMLP", input_dim=input_dim, hidden_dim=hidden_dim,
+                          output_dim=output_dim)
         self.input = nn.Linear(input_dim, hidden_dim)
         self.recurrent = nn.Linear(hidden_dim, hidden_dim, bias=False)
         self.readout = nn.Linear(hidden_dim, output_dim)
@@ -81,6 +84,8 @@ class ToroidalMLP(CouplingDynamics, EquilibriumModel):
                  tol: float = 1e-4, damping: float = 0.0, solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
                          damping=damping, schedule="sync", solver=solver)
+        check_layer_sizes("ToroidalMLP", input_dim=input_dim, hidden_dim=hidden_dim,
+                          output_dim=output_dim)
         if num_layers < 2:
             raise ValueError(f"a ring needs num_layers >= 2, got {num_layers}")
         self.input = nn.Linear(input_dim, hidden_dim)
@@ -124,9 +129,9 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
                  solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
                          damping=damping, schedule=schedule, solver=solver)
+        check_layer_sizes("EPMLP", input_dim=input_dim, hidden_dims=list(hidden_dims),
+                          output_dim=output_dim)
         widths = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
-        if not widths:
-            raise ValueError("EPMLP needs at least one hidden layer or loss='mse'")
         self.input = nn.Linear(input_dim, widths[0])
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.readout = nn.Linear(widths[-1], output_dim) if loss == "cross_entropy" else None
@@ -150,6 +155,8 @@ class FeedforwardMLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
                  activation: str = "tanh") -> None:
         super().__init__()
+        check_layer_sizes("FeedforwardMLP", input_dim=input_dim, hidden_dims=list(hidden_dims),
+                          output_dim=output_dim)
         acts = {"tanh": nn.Tanh, "hard_sigmoid": lambda: nn.Hardtanh(0.0, 1.0),
                 "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
         layers: list[nn.Module] = []
