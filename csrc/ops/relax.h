@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "ops/activation.h"
+#include "ops/relax_element.h"
 
 namespace toreq {
 
@@ -34,6 +35,9 @@ struct RelaxProblem {
   double beta = 0.0;
   NudgeLoss loss = NudgeLoss::MSE;
   at::Tensor target, readout_weight, readout_bias;  // undefined when not used
+  // The output nudge when it is elementwise (mse without readout, or a given gradient): the
+  // kernels fuse it into the element update (relax_element.h), and add_output_nudge skips it.
+  ElementNudge element_nudge = ElementNudge::None;
 };
 
 // Checks every argument of toreq.relax and returns the problem; errors name the argument and
@@ -57,7 +61,8 @@ void compute_preactivation(const RelaxProblem& problem, int64_t layer,
                            const std::vector<at::Tensor>& states, at::Tensor& pre);
 
 // pre += the output nudge -beta * dloss/ds when `layer` is the last layer and beta != 0 (the
-// last part of compute_preactivation, for kernels that compute the couplings themselves).
+// last part of compute_preactivation, for kernels that compute the couplings themselves),
+// unless the nudge is elementwise: then the kernel's element update adds it.
 void add_output_nudge(const RelaxProblem& problem, int64_t layer,
                       const std::vector<at::Tensor>& states, at::Tensor& pre);
 

@@ -356,5 +356,10 @@ def _relax_fake(states, drives, weights, targets, sources, transposed, activatio
     batch = states[0].shape[0]
     new_states = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in states]
     steps = states[0].new_empty((batch,), dtype=torch.long)
-    residual = states[0].new_empty((batch,))
+    residual = states[0].new_empty((batch,), dtype=_residual_dtype(states[0].dtype))
     return new_states, steps, residual
+
+
+def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The convergence test's dtype: float32 for float16 and bfloat16 states, else theirs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
