@@ -11,6 +11,7 @@
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/softmax.h>
+#include <ATen/ops/sub.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -205,12 +206,13 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
                                               "per sample)",
               ", got ", target->sizes());
   p.target = *target;
-  if (p.loss == NudgeLoss::Gradient) {
-    p.element_nudge = ElementNudge::Gradient;
-  } else if (p.loss == NudgeLoss::MSE && !p.readout_weight.defined()) {
+  p.target = p.target.contiguous();  // the element update reads it by rows
+  if (p.loss == NudgeLoss::MSE && !p.readout_weight.defined()) {
     p.element_nudge = ElementNudge::MSE;
+  } else {
+    p.element_nudge = ElementNudge::Gradient;
+    p.needs_output_gradient = p.loss != NudgeLoss::Gradient;
   }
-  if (p.element_nudge != ElementNudge::None) p.target = p.target.contiguous();
   return p;
 }
 
@@ -244,32 +246,24 @@ void compute_preactivation(const RelaxProblem& p, int64_t layer,
     }
     for (size_t c = 1; c < in.size(); ++c) pre.addmm_(states[in[c].source], in[c].matrix);
   }
-  add_output_nudge(p, layer, states, pre);
 }
 
-void add_output_nudge(const RelaxProblem& p, int64_t layer, const std::vector<at::Tensor>& states,
-                      at::Tensor& pre) {
-  if (p.beta == 0.0 || p.element_nudge != ElementNudge::None ||
-      layer != static_cast<int64_t>(p.incoming.size()) - 1) {
-    return;
-  }
-
-  // The nudge -beta * dloss/ds of the last layer's state s, added inside the activation.
-  const at::Tensor& s = states[layer];
+void output_gradient(const RelaxProblem& p, const at::Tensor& s, at::Tensor& grad) {
+  TORCH_INTERNAL_ASSERT(p.needs_output_gradient);
   const bool has_readout = p.readout_weight.defined();
   at::Tensor out_error;  // dloss/d(output)
   if (has_readout) {
     out_error = p.readout_bias.defined() ? at::addmm(p.readout_bias, s, p.readout_weight.t())
                                          : at::mm(s, p.readout_weight.t());
   } else {
-    out_error = s.clone();
+    out_error = s;
   }
   if (p.loss == NudgeLoss::CrossEntropy) out_error = at::softmax(out_error, 1);
-  out_error.sub_(p.target);
   if (has_readout) {
-    pre.addmm_(out_error, p.readout_weight, 1.0, -p.beta);
+    out_error = out_error - p.target;
+    at::mm_out(grad, out_error, p.readout_weight);
   } else {
-    pre.add_(out_error, -p.beta);
+    at::sub_out(grad, out_error, p.target);
   }
 }
 

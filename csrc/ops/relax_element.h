@@ -16,17 +16,18 @@
 
 namespace toreq {
 
-// The output nudges that are elementwise, and so fused into the element update: mse on the
-// last layer's state itself (no readout) and a given gradient. The others (through a readout,
-// or cross-entropy's softmax) need a GEMM or a row reduction and are added to the
-// pre-activation beforehand (add_output_nudge).
+// How the element update nudges the last layer, always inside its float32 arithmetic (added
+// to a reduced-precision pre-activation buffer, a nudge beta * dloss/ds of 1e-3 would round
+// away next to a pre-activation of 1): MSE reads the target y and uses dloss/ds = s - y;
+// Gradient reads dloss/ds itself (the given gradient of loss='gradient', or the one
+// output_gradient computes through the readout or the softmax). None: no nudge.
 enum class ElementNudge { None, MSE, Gradient };
 
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
 // The nudged pre-activation of one element of the last layer: pre - beta * dloss/ds, with
-// dloss/ds = s - y for mse and the given gradient g for loss='gradient'.
+// dloss/ds = s - y (MSE; `target` is y) or `target` itself (Gradient).
 template <ElementNudge N, typename acc>
 C10_HOST_DEVICE inline acc nudged_preactivation(acc pre, acc state, acc target, acc beta) {
   if constexpr (N == ElementNudge::MSE) {
@@ -63,7 +64,7 @@ C10_HOST_DEVICE inline bool is_converged(acc change, acc tol) {
   return change < tol;
 }
 
-// One element of one step: reads s and pre (and the target where the nudge is elementwise),
+// One element of one step: reads s and pre (and `target`, y or dloss/ds, where N nudges),
 // stores the new state, folds |change| into `change` and adds to `poison` a value that is 0
 // for a finite new state and NaN otherwise (0 * Inf = NaN), a branch-free test that
 // vectorises. `target` is read only when N != ElementNudge::None.

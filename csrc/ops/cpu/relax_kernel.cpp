@@ -234,7 +234,6 @@ void compute_preactivation_one_sample(const RelaxProblem& p, int64_t layer,
       });
     }
   }
-  add_output_nudge(p, layer, states, pre);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
@@ -258,6 +257,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
     pre.push_back(at::empty_like(out.back(), at::MemoryFormat::Contiguous));
   }
   s = out;
+  // dloss/ds of the last layer's working rows, where output_gradient computes it
+  at::Tensor output_grad;
+  if (p.needs_output_gradient) output_grad = at::empty_like(s.back());
   RelaxProblem work = p;
   at::Tensor rows;                       // int64: the batch index of each working row
   std::vector<int64_t> sample(batch);    // the same, on the host
@@ -304,11 +306,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
         }
         for (int64_t l : group) {
           const ElementNudge nudge = l == last ? p.element_nudge : ElementNudge::None;
-          update_layer<scalar_t>(
-              s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
-              nudge == ElementNudge::None ? nullptr : work.target.const_data_ptr<scalar_t>(),
-              working, s[l].size(1), p.activation, nudge, damping_s, beta_s, active.data(),
-              row_change.data(), row_nonfinite.data());
+          const scalar_t* target = nullptr;  // y (MSE) or dloss/ds (Gradient), by rows
+          if (nudge != ElementNudge::None) {
+            if (p.needs_output_gradient) output_gradient(work, s[l], output_grad);
+            target = (p.needs_output_gradient ? output_grad : work.target)
+                         .const_data_ptr<scalar_t>();
+          }
+          update_layer<scalar_t>(s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
+                                 target, working, s[l].size(1), p.activation, nudge, damping_s,
+                                 beta_s, active.data(), row_change.data(), row_nonfinite.data());
         }
       }
       int64_t nonfinite = 0;
@@ -342,6 +348,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
         s[l] = s[l].index_select(0, keep);
         pre[l] = at::empty_like(s[l]);
       }
+      if (p.needs_output_gradient) output_grad = at::empty_like(s.back());
       work = select_rows(p, rows);
       sample = std::move(kept_sample);
       std::fill(active.begin(), active.begin() + num_active, uint8_t(1));

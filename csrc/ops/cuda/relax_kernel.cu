@@ -1,6 +1,7 @@
-// CUDA kernel of toreq.relax, with the semantics of cpu/relax_kernel.cpp: the couplings and the
-// output nudge are the shared compute_preactivation (cuBLAS GEMMs through ATen, into reused
-// buffers), and each layer's elementwise nudge, activation, damping, masked write and
+// CUDA kernel of toreq.relax, with the semantics of cpu/relax_kernel.cpp: the couplings are the
+// shared compute_preactivation and dloss/ds through a readout or softmax the shared
+// output_gradient (cuBLAS GEMMs through ATen, into reused buffers), and each layer's nudge,
+// activation, damping, masked write and
 // per-sample convergence test are one fused kernel around the element code the CPU kernel
 // runs too (relax_element.h). The per-sample bookkeeping (active mask, steps, residual,
 // non-finite flags) stays on the device, so the step loop does not wait for the GPU: the host
@@ -256,6 +257,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_on_current_str
   const int64_t finish_blocks =
       std::min<int64_t>((batch + kFinishThreads - 1) / kFinishThreads, kMaxBlocks);
   const int64_t last = static_cast<int64_t>(s.size()) - 1;
+  // dloss/ds of the last layer, where output_gradient computes it
+  at::Tensor output_grad;
+  if (p.needs_output_gradient) output_grad = at::empty_like(s.back());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s[0].scalar_type(),
                                   "toreq_relax_cuda", [&] {
@@ -265,8 +269,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_on_current_str
       const auto damping_s = static_cast<acc>(p.damping);
       const auto beta_s = static_cast<acc>(p.beta);
       const auto tol_s = static_cast<acc>(p.tol);
+      // y (MSE) or dloss/ds (Gradient), by rows
       const scalar_t* target_ptr =
-          p.element_nudge == ElementNudge::None ? nullptr : p.target.const_data_ptr<scalar_t>();
+          p.element_nudge == ElementNudge::None ? nullptr
+          : p.needs_output_gradient             ? output_grad.const_data_ptr<scalar_t>()
+                                                : p.target.const_data_ptr<scalar_t>();
       uint8_t* active_ptr = active.data_ptr<uint8_t>();
       uint8_t* nonfinite_ptr = row_nonfinite.data_ptr<uint8_t>();
       acc* change_ptr = row_change.data_ptr<acc>();
@@ -287,6 +294,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_on_current_str
               const int64_t n = s[l].size(1);
               if (n == 0) continue;  // nothing to update, and row_change is unaffected
               const ElementNudge nudge = l == last ? p.element_nudge : ElementNudge::None;
+              if (nudge != ElementNudge::None && p.needs_output_gradient) {
+                output_gradient(p, s[l], output_grad);
+              }
               dispatch_element_nudge(nudge, [&](auto element_nudge) {
                 constexpr ElementNudge N = decltype(element_nudge)::value;
                 update_layer_kernel<scalar_t, A, N><<<row_blocks, row_threads(n), 0, stream>>>(
