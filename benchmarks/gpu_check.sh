@@ -17,7 +17,7 @@
 #   bench_ops_eager  the same with TOREQ_CUDA_GRAPHS=0 (every kernel launched): the graphs' gain
 #   memory       benchmarks/memory.py --quick --device cuda: peak memory and the time of one
 #                training step (EqProp against BPTT) against the number of relaxation steps
-#   lm_study     toreq lm-study --quick --experiments variants --scales 1.0 --device cuda: one
+#   lm_study     toreq lm-study --quick --scales 1.0 --experiments variants --device cuda: one
 #                scale of the language-model study
 # then <out>/summary.md: each step's status, time and log, and the machine.
 #
@@ -113,7 +113,8 @@ check() {
   for arg in "$@"; do
     case "$arg" in
       --*)
-        if ! grep -q -- "${arg%%=*}" <<< "$help"; then
+        # the whole option: --scale must not pass for --scales
+        if ! grep -qE -- "${arg%%=*}([^[:alnum:]_-]|\$)" <<< "$help"; then
           echo "option $arg is not in the help of ${help_cmd[*]}"
           return 1
         fi ;;
