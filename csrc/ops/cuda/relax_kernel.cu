@@ -1,9 +1,8 @@
 // CUDA kernel of toreq.relax, with the semantics of cpu/relax_kernel.cpp: the couplings are the
 // shared compute_preactivation and dloss/ds through a readout or softmax the shared
 // output_gradient (cuBLAS GEMMs through ATen, into reused buffers), and each layer's nudge,
-// activation, damping, masked write and
-// per-sample convergence test are one fused kernel around the element code the CPU kernel
-// runs too (relax_element.h). The per-sample bookkeeping (active mask, steps, residual,
+// activation, damping, masked write and per-sample convergence test are one fused kernel
+// around the element code the CPU kernel runs too (relax_element.h). The per-sample bookkeeping (active mask, steps, residual,
 // non-finite flags) stays on the device, so the step loop does not wait for the GPU: the host
 // reads it back once every kCheckEvery steps.
 //
@@ -22,6 +21,7 @@
 //
 // float32, float64, float16 and bfloat16 are dispatched; make_relax_problem rejects the rest.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -29,8 +29,8 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 // c10's stream and guard headers, not ATen/cuda/CUDAContext.h: the same
-// getCurrentCUDAStream without the cuBLAS/cuSPARSE/cuSOLVER headers this file does not need.
-#include <ATen/OpMathType.h>
+// getCurrentCUDAStream without the cuBLAS/cuSPARSE/cuSOLVER headers this file does not need
+// (ATen/cuda/CUDAGraph.h, for the captured windows, includes only c10's).
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
