@@ -505,7 +505,7 @@ def cast_problem(problem: dict, dtype: torch.dtype) -> dict:
 
 def bench_dtypes(clock: Clock, monitor: CpuMonitor, weights: WeightCache, cases: list,
                  budget_s: float) -> list:
-    """The op per dtype on one problem, all dtypes timed interleaved in one measurement."""
+    """The op per dtype on one problem, each dtype timed on its own."""
     rows = []
     nets = {"looped": looped_problem, "layered": layered_problem}
     for net, batch, hidden in cases:
@@ -529,14 +529,20 @@ def bench_dtypes(clock: Clock, monitor: CpuMonitor, weights: WeightCache, cases:
                     f"hidden={hidden} {name}: max |state - float32 reference| = "
                     f"{diffs[name]:.3g} > {DTYPE_ATOL[dtype]:g}; aborting.")
             fns[name] = op
-        what = f"dtypes net={net} batch={batch} hidden={hidden}"
-        timing, busy_share = guarded(clock, monitor, what, fns, budget_s)
+        # One dtype at a time, each with its share of the budget: float16, which has no fast
+        # GEMM on most CPUs, takes seconds a call, and interleaved rounds would leave every
+        # dtype three samples.
+        timing, shares = {}, {}
+        for name, fn in fns.items():
+            what = f"dtypes net={net} batch={batch} hidden={hidden} {name}"
+            result, shares[name] = guarded(clock, monitor, what, {name: fn}, budget_s / len(fns))
+            timing[name] = result[name]
         base = timing["float32"]["median_s"]
         for name in DTYPES:
             op_s = timing[name]["median_s"]
             rows.append(dict(net=net, batch=batch, hidden=hidden, steps=DTYPE_STEPS, dtype=name,
                              op_ms=op_s * 1e3, vs_float32=base / op_s, max_diff=diffs[name],
-                             atol=DTYPE_ATOL[DTYPES[name]], other_cpu_share=busy_share,
+                             atol=DTYPE_ATOL[DTYPES[name]], other_cpu_share=shares[name],
                              timing=timing[name]))
             log(f"[dtypes] {net:7s} B={batch:<4d} H={hidden:<5d} {name:9s} "
                 f"op {op_s * 1e3:9.3f} ms  x{base / op_s:.2f} of float32  "
@@ -678,7 +684,7 @@ def markdown(info: dict, relax_rows: list, tol_rows: list, hebbian_rows: list,
     out.append("## 4. Dtypes")
     out.append("")
     out.append(f"The op on the same problem in each dtype ({DTYPE_STEPS} steps, tol=0; nets as "
-               "in section 1), the dtypes timed interleaved. float16 and bfloat16 hold the "
+               "in section 1), each dtype timed on its own. float16 and bfloat16 hold the "
                "states, weights and drives in that dtype, with the element update and the "
                "convergence test in float32 and float32 accumulation inside the GEMMs. "
                "`vs float32` = float32's time / this dtype's; `max |diff|` = the largest "
