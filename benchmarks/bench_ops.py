@@ -8,16 +8,22 @@ One run measures, side by side:
    GFLOP/s is compared with ``torch.mm`` on the same GEMM shape (B x H times H x H) measured in
    the same run;
 2. steps to tolerance of the ``sync`` and ``async`` schedules, free and nudged phase;
-3. the Hebbian update: ``toreq.ops.hebbian_update`` vs ``hebbian_update_reference``.
+3. the Hebbian update: ``toreq.ops.hebbian_update`` vs ``hebbian_update_reference``;
+4. the dtypes: the op on the same layered and looped problems in float32, float64, bfloat16 and
+   float16 (reduced-precision states, float32 arithmetic in the element update), one row per
+   dtype with its time against float32's and its largest state difference from the float32
+   reference.
 
 Before a configuration is timed, the op's result is checked against the reference's
-(``allclose``, rtol = atol = 1e-4 in float32); a mismatch aborts the run.
+(``allclose``, rtol = atol = 1e-4 in float32; for float16 and bfloat16 against the float32
+reference with ``DTYPE_ATOL``); a mismatch aborts the run.
 
 Writes ``bench_ops.json`` (every raw sample and the machine) and ``bench_ops.md`` (tables and
 the performance targets, PASS/FAIL) into ``--out`` and prints the Markdown to stdout; progress
 goes to stderr.
 
     python benchmarks/bench_ops.py [--quick] [--device cpu|cuda] [--out DIR] [--threads N]
+                                   [--budget SECONDS]
 """
 
 from __future__ import annotations
@@ -52,6 +58,15 @@ HEBBIAN_GRID = dict(batch=[32, 256], hidden=[128, 1024])
 TOL_HIDDEN = {"quick": [128, 512], "full": [128, 512, 1024]}
 TOL_BATCH = 64
 TOL_OUTPUTS = 10
+# the dtypes section: (net, batch, hidden) per grid, 30 steps; the largest |state - float32
+# reference| allowed per dtype (about 8 units of roundoff on states of magnitude <= 1)
+DTYPE_CASES = {"quick": [("layered", 256, 512), ("looped", 32, 128)],
+               "full": [("layered", 256, 512), ("layered", 256, 1024), ("looped", 32, 128)]}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+DTYPE_ATOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.bfloat16: 3e-2,
+              torch.float16: 4e-3}
+DTYPE_STEPS = 30
 
 RTOL = ATOL = 1e-4  # float32 agreement demanded of op vs reference
 SPECTRAL_NORM = 0.5  # looped layer: ||W||_2, a contraction for the 1-Lipschitz tanh
@@ -475,6 +490,67 @@ def bench_hebbian(clock: Clock, monitor: CpuMonitor, weights: WeightCache,
 
 
 # --------------------------------------------------------------------------------------------
+# 4. Dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def cast_problem(problem: dict, dtype: torch.dtype) -> dict:
+    return dict(
+        problem,
+        states=[s.to(dtype) for s in problem["states"]],
+        couplings=[c._replace(weight=c.weight.to(dtype)) for c in problem["couplings"]],
+        drives=[None if d is None else d.to(dtype) for d in problem["drives"]],
+    )
+
+
+def bench_dtypes(clock: Clock, monitor: CpuMonitor, weights: WeightCache, cases: list,
+                 budget_s: float) -> list:
+    """The op per dtype on one problem, each dtype timed on its own."""
+    rows = []
+    nets = {"looped": looped_problem, "layered": layered_problem}
+    for net, batch, hidden in cases:
+        problem = nets[net](weights, batch, hidden)
+        kw = dict(activation=problem["activation"], max_steps=DTYPE_STEPS, tol=0.0)
+        want = relax_reference(problem["states"], problem["couplings"], problem["drives"], **kw)
+        fns, diffs = {}, {}
+        for name, dtype in DTYPES.items():
+            p = cast_problem(problem, dtype)
+
+            def op(p=p):
+                return relax(p["states"], p["couplings"], p["drives"], **kw)
+
+            got = op()
+            clock.sync()
+            diffs[name] = max((g.double() - w.double()).abs().max().item()
+                              for g, w in zip(got.states, want.states))
+            if not diffs[name] <= DTYPE_ATOL[dtype]:
+                raise AbortBenchmark(
+                    f"CORRECTNESS CHECK FAILED for dtypes net={net} batch={batch} "
+                    f"hidden={hidden} {name}: max |state - float32 reference| = "
+                    f"{diffs[name]:.3g} > {DTYPE_ATOL[dtype]:g}; aborting.")
+            fns[name] = op
+        # One dtype at a time, each with its share of the budget: float16, which has no fast
+        # GEMM on most CPUs, takes seconds a call, and interleaved rounds would leave every
+        # dtype three samples.
+        timing, shares = {}, {}
+        for name, fn in fns.items():
+            what = f"dtypes net={net} batch={batch} hidden={hidden} {name}"
+            result, shares[name] = guarded(clock, monitor, what, {name: fn}, budget_s / len(fns))
+            timing[name] = result[name]
+        base = timing["float32"]["median_s"]
+        for name in DTYPES:
+            op_s = timing[name]["median_s"]
+            rows.append(dict(net=net, batch=batch, hidden=hidden, steps=DTYPE_STEPS, dtype=name,
+                             op_ms=op_s * 1e3, vs_float32=base / op_s, max_diff=diffs[name],
+                             atol=DTYPE_ATOL[DTYPES[name]], other_cpu_share=shares[name],
+                             timing=timing[name]))
+            log(f"[dtypes] {net:7s} B={batch:<4d} H={hidden:<5d} {name:9s} "
+                f"op {op_s * 1e3:9.3f} ms  x{base / op_s:.2f} of float32  "
+                f"max |diff| {diffs[name]:.2g}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
 
@@ -522,7 +598,7 @@ def evaluate_targets(relax_rows: list, hebbian_rows: list) -> list[tuple[str, bo
 
 
 def markdown(info: dict, relax_rows: list, tol_rows: list, hebbian_rows: list,
-             targets: list, elapsed_s: float, quick: bool) -> str:
+             dtype_rows: list, targets: list, elapsed_s: float, quick: bool) -> str:
     out = ["# toreq op benchmarks", ""]
     out.append(f"`{info['command']}` on {info['date']} ({'quick' if quick else 'full'} grid, "
                f"{elapsed_s:.0f} s)")
@@ -534,7 +610,7 @@ def markdown(info: dict, relax_rows: list, tol_rows: list, hebbian_rows: list,
                f"compiled kernels: {', '.join(k for k, v in info['kernels'].items() if v)}.")
     load = info.get("load", {})
     share = load.get("other_processes_share")
-    perturbed = sum(busy(r) for r in relax_rows + tol_rows + hebbian_rows)
+    perturbed = sum(busy(r) for r in relax_rows + tol_rows + hebbian_rows + dtype_rows)
     if share is not None:
         out.append(f"Other processes used {100 * share:.0f}% of the machine's CPU time during "
                    f"the run. A measurement during which they used over "
@@ -605,6 +681,23 @@ def markdown(info: dict, relax_rows: list, tol_rows: list, hebbian_rows: list,
         out.append(f"| {r['mode']}{mark(r)} | {r['batch']} | {r['hidden']} | {fmt(r['op_ms'])} | "
                    f"{fmt(r['reference_ms'])} | {r['speedup']:.2f}x | {fmt(r['op_gflops'])} |")
     out.append("")
+    out.append("## 4. Dtypes")
+    out.append("")
+    out.append(f"The op on the same problem in each dtype ({DTYPE_STEPS} steps, tol=0; nets as "
+               "in section 1), each dtype timed on its own. float16 and bfloat16 hold the "
+               "states, weights and drives in that dtype, with the element update and the "
+               "convergence test in float32 and float32 accumulation inside the GEMMs. "
+               "`vs float32` = float32's time / this dtype's; `max |diff|` = the largest "
+               "difference of a final state from the float32 reference (the check's bound in "
+               "brackets).")
+    out.append("")
+    out.append("| net | batch | hidden | dtype | op ms | vs float32 | max abs diff |")
+    out.append("|---|---:|---:|---|---:|---:|---:|")
+    for r in dtype_rows:
+        out.append(f"| {r['net']}{mark(r)} | {r['batch']} | {r['hidden']} | {r['dtype']} | "
+                   f"{fmt(r['op_ms'])} | {r['vs_float32']:.2f}x | {r['max_diff']:.2g} "
+                   f"(<= {r['atol']:g}) |")
+    out.append("")
     return "\n".join(out)
 
 
@@ -616,7 +709,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/bench_ops", help="output directory")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's default on this machine)")
+    parser.add_argument("--budget", type=float, default=1.0,
+                        help="seconds of timing per configuration, all callables (default 1)")
     args = parser.parse_args(argv)
+    if not args.budget > 0:
+        parser.error(f"--budget must be > 0 seconds, got {args.budget}")
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -638,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(device)
     weights = WeightCache(device)
     grid = QUICK_GRID if args.quick else FULL_GRID
-    budget = 1.0  # seconds of timing per configuration (all callables)
+    budget = args.budget  # seconds of timing per configuration (all callables)
     monitor = CpuMonitor()
     idle = monitor.wait_idle(timeout_s=10.0)
     if idle is not None and idle > BUSY_SHARE / 2:
@@ -652,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
         tol_rows = bench_steps_to_tol(clock, monitor, weights,
                                       TOL_HIDDEN["quick" if args.quick else "full"])
         hebbian_rows = bench_hebbian(clock, monitor, weights, budget)
+        dtype_rows = bench_dtypes(clock, monitor, weights,
+                                  DTYPE_CASES["quick" if args.quick else "full"], budget)
     except AbortBenchmark as error:
         log("")
         log("!" * 78)
@@ -667,12 +766,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     targets = evaluate_targets(relax_rows, hebbian_rows)
-    md = markdown(info, relax_rows, tol_rows, hebbian_rows, targets, elapsed, args.quick)
+    md = markdown(info, relax_rows, tol_rows, hebbian_rows, dtype_rows, targets, elapsed,
+                  args.quick)
     record = dict(
         machine=info, quick=args.quick, elapsed_s=elapsed, grid=grid,
         check=dict(rtol=RTOL, atol=ATOL),
         targets=[dict(target=name, passed=ok, failing=fails) for name, ok, fails in targets],
         relax=relax_rows, steps_to_tolerance=tol_rows, hebbian=hebbian_rows,
+        dtypes=dtype_rows,
     )
     write_results(args.out, "bench_ops", record, md)
     log(f"wrote bench_ops.json and bench_ops.md into {args.out} in {elapsed:.0f} s")

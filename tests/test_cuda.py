@@ -425,3 +425,142 @@ def test_non_default_device():
     hebbian_update(*on_1, 0.4, post_activation="tanh", grad_weight=acc)
     torch.testing.assert_close(acc.cpu(), want_w)
     assert torch.cuda.current_device() == 0
+
+
+# --------------------------------------------------------------------------- reduced precision
+# The same bounds as tests/test_ops.py: about 8 units of the dtype's roundoff on states <= 1.
+REDUCED_ATOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def cast_problem(problem: dict, dtype: torch.dtype) -> dict:
+    return {key: (value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point()
+                  else [c._replace(weight=c.weight.to(dtype)) for c in value] if key == "couplings"
+                  else [None if v is None else v.to(dtype) for v in value] if isinstance(value, list)
+                  else value)
+            for key, value in problem.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["looped", "tied", "wide"])
+@pytest.mark.parametrize("loss,readout,beta", [("mse", False, 0.0), ("mse", False, 0.5),
+                                               ("cross_entropy", True, -0.5),
+                                               ("gradient", False, 0.5)])
+def test_reduced_precision_matches_float32_and_cpu(dtype, kind, loss, readout, beta):
+    """float16/bfloat16 on the GPU against the float32 reference (same rounded inputs) and the
+    CPU kernel in the same dtype, which runs the same element code (relax_element.h)."""
+    p = cast_problem(make_problem(kind, 33, torch.float32, readout=readout, loss=loss), dtype)
+    kw = dict(activation="tanh", damping=0.25, max_steps=30, schedule="async", beta=beta)
+    got = run_relax(to_device(p), **kw, **nudge_kwargs(to_device(p)))
+    p32 = cast_problem(p, torch.float32)
+    want = run_relax(p32, relax_reference, **kw, **nudge_kwargs(p32))
+    cpu = run_relax(p, **kw, **nudge_kwargs(p))
+    assert got.residual.dtype == torch.float32 and got.steps.cpu().tolist() == [30] * 33
+    for g, w, c in zip(got.states, want.states, cpu.states):
+        assert g.dtype == dtype and g.is_cuda
+        torch.testing.assert_close(g.cpu().float(), w, rtol=0, atol=REDUCED_ATOL[dtype])
+        torch.testing.assert_close(g.cpu().float(), c.float(), rtol=0, atol=REDUCED_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck_reduced_precision(dtype):
+    p = to_device(cast_problem(make_problem("tied", 5, torch.float32, readout=True,
+                                            loss="cross_entropy"), dtype))
+    c = p["couplings"]
+    torch.library.opcheck(
+        torch.ops.toreq.relax.default,
+        (p["states"], p["drives"], [x.weight for x in c], [x.target for x in c],
+         [x.source for x in c], [x.transposed for x in c]),
+        dict(activation="tanh", max_steps=30, beta=0.3, loss="cross_entropy", target=p["target"],
+             readout_weight=p["readout_weight"], readout_bias=p["readout_bias"]))
+
+
+def test_autocast_relaxes_in_the_autocast_dtype():
+    p = to_device(make_problem("tied", 9, torch.float32, loss="mse"))
+    kw = dict(activation="tanh", max_steps=30, beta=0.5, **nudge_kwargs(p))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = run_relax(p, **kw)
+    b = cast_problem(p, torch.bfloat16)
+    want = run_relax(b, **{**kw, **nudge_kwargs(b)})
+    for g, w in zip(got.states, want.states):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)
+
+
+# --------------------------------------------------------------------------- autograd stance
+def test_ops_reject_tensors_that_require_grad_on_cuda():
+    p = to_device(make_problem("tied", 6, torch.float32))
+    weights = [c.weight.clone().requires_grad_() for c in p["couplings"]]
+    c = p["couplings"]
+    args = (p["states"], p["drives"], weights, [x.target for x in c], [x.source for x in c],
+            [x.transposed for x in c])
+    with pytest.raises(RuntimeError, match="relax builds no graph; use toreq.ops.relax or an "
+                                           "estimator"):
+        torch.ops.toreq.relax(*args)
+    with torch.no_grad():
+        out = torch.ops.toreq.relax(*args)
+    want = run_relax(p)
+    for g, w in zip(out[0], want.states):
+        torch.testing.assert_close(g, w)
+    torch.library.opcheck(torch.ops.toreq.relax.default, args,
+                          test_utils="test_autograd_registration")
+    phases = [t.cuda() for t in (torch.randn(6, 5), torch.randn(6, 3), torch.randn(6, 5),
+                                 torch.randn(6, 3))]
+    phases[0].requires_grad_()
+    with pytest.raises(RuntimeError, match="hebbian_update builds no graph"):
+        torch.ops.toreq.hebbian_update(*phases, 0.5)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+def test_graph_replay_matches_eager_launches(tmp_path):
+    """Relaxations of >= 24 steps capture a check window as a CUDA graph and replay it; a
+    process with TOREQ_CUDA_GRAPHS=0 launches every kernel instead: the results are identical
+    (the same kernels on the same data, in the same order)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "relax_once.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from op_problems import make_problem\n"
+        "from toreq.ops import Coupling, relax\n"
+        "results = []\n"
+        "for kind, loss, readout, beta, tol in [('tied', 'cross_entropy', True, 0.5, 0.0),\n"
+        "                                       ('untied', 'mse', False, -0.3, 1e-5),\n"
+        "                                       ('looped', 'gradient', False, 0.2, 0.0)]:\n"
+        "    p = make_problem(kind, 37, torch.float32, readout=readout, loss=loss)\n"
+        "    cuda = lambda t: None if t is None else t.cuda()\n"
+        "    r = relax([s.cuda() for s in p['states']],\n"
+        "              [Coupling(c.weight.cuda(), c.target, c.source, c.transposed)\n"
+        "               for c in p['couplings']], [cuda(d) for d in p['drives']],\n"
+        "              activation='tanh', max_steps=61, tol=tol, beta=beta, loss=loss,\n"
+        "              target=cuda(p['target']), readout_weight=cuda(p.get('readout_weight')),\n"
+        "              readout_bias=cuda(p.get('readout_bias')))\n"
+        "    results.append(([s.cpu() for s in r.states], r.steps.cpu(), r.residual.cpu()))\n"
+        "torch.save(results, sys.argv[1])\n")
+    outputs = {}
+    for graphs in ("1", "0"):
+        out = tmp_path / f"graphs{graphs}.pt"
+        env = dict(os.environ, TOREQ_CUDA_GRAPHS=graphs)
+        subprocess.run([sys.executable, str(script), str(out)], check=True, env=env, timeout=300)
+        outputs[graphs] = torch.load(out)
+    for (s1, steps1, res1), (s0, steps0, res0) in zip(outputs["1"], outputs["0"]):
+        assert torch.equal(steps1, steps0) and torch.equal(res1, res0)
+        assert all(torch.equal(a, b) for a, b in zip(s1, s0))
+
+
+def test_graph_replay_runs_on_the_current_stream():
+    """The captured path on a side stream of the caller's (not the default stream)."""
+    p = make_problem("untied", 17, torch.float32, readout=True, loss="cross_entropy")
+    want = run_relax(p, beta=0.2, max_steps=40, **nudge_kwargs(p))
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        g = to_device(p)
+        got = run_relax(g, beta=0.2, max_steps=40, **nudge_kwargs(g))
+        states = [s.cpu() for s in got.states]
+        steps = got.steps.cpu()
+    stream.synchronize()
+    for a, b in zip(states, want.states):
+        torch.testing.assert_close(a, b, **_tolerances(torch.float32))
+    assert steps.tolist() == want.steps.tolist()

@@ -203,6 +203,171 @@ def test_zero_steps_returns_the_initial_state():
     assert result.steps.tolist() == [0, 0] and torch.isinf(result.residual).all()
 
 
+# --------------------------------------------------------------------------- reduced precision
+# float16 and bfloat16 states are updated in float32 and rounded once per step, so a relaxation
+# differs from the float32 one by a few rounding errors of the dtype (unit roundoff 2^-8 for
+# bfloat16, 2^-11 for float16) on states of magnitude <= 1, damped by the contraction: the
+# tolerances below are about 8 units of roundoff.
+REDUCED_ATOL = {torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _cast_problem(problem, dtype):
+    cast = {k: v.to(dtype) for k, v in problem.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return {**problem, **cast,
+            "states": [s.to(dtype) for s in problem["states"]],
+            "drives": [None if d is None else d.to(dtype) for d in problem["drives"]],
+            "couplings": [c._replace(weight=c.weight.to(dtype)) for c in problem["couplings"]]}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["looped", "tied", "wide"])
+@pytest.mark.parametrize("loss,readout,beta", [("mse", False, 0.0), ("mse", False, 0.5),
+                                               ("cross_entropy", True, -0.5),
+                                               ("gradient", False, 0.5)])
+@pytest.mark.parametrize("batch", [1, 6])
+def test_reduced_precision_matches_float32(dtype, kind, loss, readout, beta, batch):
+    """The op in float16/bfloat16 against the float32 reference on the same (rounded) inputs."""
+    p = _cast_problem(make_problem(kind, batch, torch.float32, readout=readout, loss=loss), dtype)
+    p32 = _cast_problem(p, torch.float32)
+    kw = dict(activation="tanh", damping=0.25, max_steps=15, schedule="async", beta=beta,
+              loss=loss)
+    extra = lambda q: dict(target=q["target"], readout_weight=q.get("readout_weight"),
+                           readout_bias=q.get("readout_bias"))
+    got = relax(p["states"], p["couplings"], p["drives"], **kw, **extra(p))
+    want = relax_reference(p32["states"], p32["couplings"], p32["drives"], **kw, **extra(p32))
+    for g, w in zip(got.states, want.states):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w, rtol=0, atol=REDUCED_ATOL[dtype])
+    assert got.residual.dtype == torch.float32  # the convergence test runs in float32
+    assert got.steps.tolist() == [15] * batch
+
+
+# A tol at the dtype's resolution near 1 (a state stuck between two rounded values alternates
+# between them, by one unit, and a smaller tol is never met there).
+REDUCED_TOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_converges_to_tolerance(dtype):
+    """The convergence test compares float32 changes of the stored states with tol, so every
+    sample stops, at a state within the dtype's tolerance of the float32 fixed point."""
+    p = _cast_problem(make_problem("tied", 8, torch.float32), dtype)
+    tol = REDUCED_TOL[dtype]
+    free = relax(p["states"], p["couplings"], p["drives"], max_steps=200, tol=tol)
+    assert free.residual.dtype == torch.float32
+    assert (free.residual < tol).all() and int(free.steps.max()) < 200
+    p32 = _cast_problem(p, torch.float32)
+    fixed = relax_reference(p32["states"], p32["couplings"], p32["drives"], max_steps=200,
+                            tol=1e-7)
+    for g, w in zip(free.states, fixed.states):
+        torch.testing.assert_close(g.float(), w, rtol=0, atol=REDUCED_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared_pre", [False, True])
+def test_reduced_precision_hebbian_matches_float32(dtype, shared_pre):
+    post_n, pre_n, post_f, pre_f = (t.to(dtype) for t in _phases(16, 5, 3, torch.float32))
+    if shared_pre:
+        pre_f = pre_n
+    kw = dict(post_activation="tanh", pre_activation="sigmoid")
+    grad_w, grad_b = hebbian_update(post_n, pre_n, post_f, pre_f, 0.5, **kw)
+    want_w, want_b = hebbian_update_reference(*(t.float() for t in (post_n, pre_n, post_f, pre_f)),
+                                              0.5, **kw)
+    assert grad_w.dtype == grad_b.dtype == dtype
+    # one rounding of each activity and of the result, relative to the update's scale
+    scale = want_w.abs().max().item()
+    torch.testing.assert_close(grad_w.float(), want_w, rtol=0, atol=8 * REDUCED_ATOL[dtype] * scale)
+    torch.testing.assert_close(grad_b.float(), want_b, rtol=0,
+                               atol=8 * REDUCED_ATOL[dtype] * want_b.abs().max().item())
+
+
+def test_autocast_relaxes_in_the_autocast_dtype():
+    """Under torch.autocast the op casts its float32 inputs to the autocast dtype: the same
+    result as the explicit bfloat16 call; the Hebbian update is then computed in float32."""
+    p = make_problem("tied", 5, torch.float32, loss="mse")
+    kw = dict(activation="tanh", max_steps=10, beta=0.5, loss="mse")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = relax(p["states"], p["couplings"], p["drives"], target=p["target"], **kw)
+        grad_w, _ = hebbian_update(got.states[1], got.states[0], p["states"][1], p["states"][0],
+                                   0.5)
+    b = _cast_problem(p, torch.bfloat16)
+    want = relax(b["states"], b["couplings"], b["drives"], target=b["target"], **kw)
+    for g, w in zip(got.states, want.states):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, w)
+    assert grad_w.dtype == torch.float32
+    torch.testing.assert_close(grad_w, hebbian_update_reference(
+        got.states[1].float(), got.states[0].float(), p["states"][1], p["states"][0], 0.5)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck_reduced_precision(dtype):
+    p = _cast_problem(make_problem("tied", 3, torch.float32, readout=True, loss="cross_entropy"),
+                      dtype)
+    args, kwargs = _relax_args(p)
+    torch.library.opcheck(torch.ops.toreq.relax.default, args, kwargs)
+    post_n, pre_n, post_f, pre_f = (t.to(dtype) for t in _phases(4, 5, 3, torch.float32))
+    torch.library.opcheck(torch.ops.toreq.hebbian_update.default,
+                          (post_n, pre_n, post_f, pre_f, 0.5, "tanh", "identity"))
+
+
+# --------------------------------------------------------------------------- autograd stance
+GRAPH_ERROR = "builds no graph; use toreq.ops.(relax|hebbian_update) or an estimator"
+
+
+@pytest.mark.parametrize("argument", ["states", "drives", "weights", "target", "readout_weight"])
+def test_relax_op_rejects_tensors_that_require_grad(argument):
+    """torch.ops.toreq.relax called directly (batch > 1) with a tensor that requires grad: a
+    clear error naming it, not a failing GEMM inside the kernel; under no_grad it runs."""
+    p = make_problem("tied", 4, torch.float32, readout=True, loss="cross_entropy")
+    args, kwargs = _relax_args(p)
+    states, drives, weights = (list(a) for a in args[:3])
+    name = {"states": "states[0]", "drives": "drives[0]", "weights": "weights[0]",
+            "target": "target", "readout_weight": "readout_weight"}[argument]
+    if argument in ("states", "drives", "weights"):
+        chosen = {"states": states, "drives": drives, "weights": weights}[argument]
+        chosen[0] = chosen[0].clone().requires_grad_()
+    else:
+        kwargs[argument] = kwargs[argument].clone().requires_grad_()
+    with pytest.raises(RuntimeError, match=GRAPH_ERROR) as error:
+        torch.ops.toreq.relax(states, drives, weights, *args[3:], **kwargs)
+    assert f"{name} requires grad" in str(error.value)
+    with torch.no_grad():
+        out, steps, _ = torch.ops.toreq.relax(states, drives, weights, *args[3:], **kwargs)
+    want = relax(p["states"], p["couplings"], p["drives"], **{k: v for k, v in kwargs.items()
+                                                             if k != "readout_weight"},
+                 readout_weight=p["readout_weight"])
+    for g, w in zip(out, want.states):
+        torch.testing.assert_close(g, w)
+    # opcheck's autograd registration test: the op has a kernel at the Autograd key
+    torch.library.opcheck(torch.ops.toreq.relax.default, (states, drives, weights, *args[3:]),
+                          kwargs, test_utils="test_autograd_registration")
+
+
+def test_hebbian_ops_reject_tensors_that_require_grad():
+    post_n, pre_n, post_f, pre_f = _phases(6, 5, 3, torch.float32)
+    pre_n.requires_grad_()
+    with pytest.raises(RuntimeError, match=GRAPH_ERROR + r" \(pre_nudged requires grad"):
+        torch.ops.toreq.hebbian_update(post_n, pre_n, post_f, pre_f, 0.5)
+    grad_w, grad_b = torch.zeros(5, 3), torch.zeros(5)
+    with pytest.raises(RuntimeError, match=GRAPH_ERROR):
+        torch.ops.toreq.hebbian_update_(post_n, pre_n, post_f, pre_f, 0.5, "identity",
+                                        "identity", grad_w, grad_b)
+    with torch.no_grad():
+        got_w, got_b = torch.ops.toreq.hebbian_update(post_n, pre_n, post_f, pre_f, 0.5)
+    want_w, want_b = hebbian_update_reference(post_n, pre_n.detach(), post_f, pre_f, 0.5)
+    torch.testing.assert_close(got_w, want_w)
+    torch.testing.assert_close(got_b, want_b)
+    # the wrapper detaches, so it runs with grad mode on
+    torch.testing.assert_close(hebbian_update(post_n, pre_n, post_f, pre_f, 0.5)[0], want_w)
+    torch.library.opcheck(torch.ops.toreq.hebbian_update.default,
+                          (post_n, pre_n, post_f, pre_f, 0.5, "identity", "identity"),
+                          test_utils="test_autograd_registration")
+    torch.library.opcheck(torch.ops.toreq.hebbian_update_.default,
+                          (post_n, pre_n, post_f, pre_f, 0.5, "identity", "identity", grad_w,
+                           grad_b), test_utils="test_autograd_registration")
+
+
 # --------------------------------------------------------------------------- hebbian vs reference
 def _phases(batch, n_post, n_pre, dtype, seed=0):
     torch.manual_seed(seed)
@@ -391,7 +556,7 @@ def test_relax_reports_divergence_from_finite_inputs():
     (lambda t: hebbian_update(*t, 0.1, grad_weight=torch.zeros(5, 3)), "grad_weight must be Double"),
     (lambda t: hebbian_update(*t, 0.1, grad_weight=torch.zeros(5, 3, dtype=torch.float64),
                               grad_bias=torch.zeros(3, dtype=torch.float64)), "grad_bias must have shape"),
-    (lambda t: hebbian_update(*(x.long() for x in t), 0.1), "float32 or float64"),
+    (lambda t: hebbian_update(*(x.long() for x in t), 0.1), "float32, float64, float16 or bfloat16"),
 ])
 def test_hebbian_rejects_bad_arguments(call, message):
     with pytest.raises(RuntimeError, match=message):

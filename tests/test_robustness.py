@@ -433,7 +433,7 @@ def test_hebbian_names_a_bad_argument(problem, what, data):
         tensors = list(tensors)
         tensors[i] = tensors[i].to(data.draw(st.sampled_from([torch.float16, torch.int64,
                                                               torch.bfloat16])))
-        message = "dtype|float32 or float64"
+        message = "dtype|float32, float64, float16 or bfloat16"
     else:
         with pytest.raises(ValueError, match="grad_bias was given without grad_weight"):
             hebbian_update(*tensors, beta, grad_bias=torch.zeros(tensors[0].shape[1]), **kwargs)

@@ -516,6 +516,9 @@ def _lm_study_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
                    metavar="EXPERIMENT",
                    help=f"the experiments to run, among {', '.join(EXPERIMENTS)}")
+    p.add_argument("--scales", nargs="+", type=float, default=None, metavar="FRACTION",
+                   help="the fractions of the base parameter count that the variants experiment "
+                        "compares (default: the configuration's, 0.5 0.75 0.9 1.0)")
     p.add_argument("--out", default="results/lm_study", help="output folder")
     p.add_argument("--resume", action="store_true",
                    help="skip the runs already in <out>/results.jsonl")
@@ -533,7 +536,10 @@ def _run_lm_study(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     corpus = load_tiny_shakespeare(args.data_dir)
     started = time.perf_counter()
-    run_study(corpus, args.out, QUICK if args.quick else FULL, experiments=args.experiments,
+    config = QUICK if args.quick else FULL
+    if args.scales is not None:
+        config = dataclasses.replace(config, scales=tuple(args.scales))
+    run_study(corpus, args.out, config, experiments=args.experiments,
               seed=args.seed, device=args.device, resume=args.resume,
               log=lambda line: print(line, file=sys.stderr, flush=True))
     print((Path(args.out) / "summary.md").read_text())

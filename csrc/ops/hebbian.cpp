@@ -1,12 +1,21 @@
 #include "ops/hebbian.h"
 
+#include "ops/dtypes.h"
+
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
+#include <utility>
 
 namespace toreq {
 
@@ -50,8 +59,8 @@ void hebbian_update_into(const at::Tensor& post_nudged, const at::Tensor& pre_nu
   TORCH_CHECK(post_nudged.dim() == 2, kOp,
               ": post_nudged must be 2-D (batch, features), got shape ", post_nudged.sizes());
   const auto dtype = post_nudged.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kOp,
-              ": inputs must be float32 or float64, got ", dtype);
+  TORCH_CHECK(is_supported_dtype(dtype), kOp, ": inputs must be ", kSupportedDtypes, ", got ",
+              dtype);
   check_phase_tensor(pre_nudged, "pre_nudged", post_nudged);
   check_phase_tensor(post_free, "post_free", post_nudged);
   check_phase_tensor(pre_free, "pre_free", post_nudged);
@@ -87,8 +96,7 @@ void hebbian_update_into(const at::Tensor& post_nudged, const at::Tensor& pre_nu
   const Activation pre_act = parse_activation(pre_activation, kOp, "pre_activation", true);
 
   const double scale = -1.0 / (beta * static_cast<double>(batch));
-  const double largest = dtype == at::kFloat ? std::numeric_limits<float>::max()
-                                             : std::numeric_limits<double>::max();
+  const double largest = normal_range(dtype).second;
   TORCH_CHECK(std::isfinite(scale) && std::abs(scale) <= largest, kOp, ": beta = ", beta,
               " is so small that the update's scale 1 / (beta * batch) = 1 / (", beta, " * ",
               batch, ") overflows ", dtype, "; use a larger beta");
@@ -145,6 +153,132 @@ std::tuple<at::Tensor, at::Tensor> hebbian_update(
   hebbian_update_into(post_nudged, pre_nudged, post_free, pre_free, beta, post_activation,
                       pre_activation, grad_weight, grad_bias, /*accumulate=*/false, kernels);
   return {grad_weight, grad_bias};
+}
+
+namespace {
+
+// --- the Autograd and Autocast keys, for every backend --------------------------------------
+// The Hebbian update *is* a gradient (EqProp's estimate); it records no graph of its own.
+// Called with inputs that require grad while grad mode is on, it says so (a clear error instead
+// of a GEMM with out= failing inside the kernel); under no_grad it just runs.
+
+using HebbianSignature = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+    c10::string_view, c10::string_view);
+using HebbianInplaceSignature = void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, double, c10::string_view,
+                                     c10::string_view, const at::Tensor&,
+                                     const std::optional<at::Tensor>&);
+
+const c10::TypedOperatorHandle<HebbianSignature>& hebbian_handle() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("toreq::hebbian_update", "")
+                                 .typed<HebbianSignature>();
+  return handle;
+}
+
+const c10::TypedOperatorHandle<HebbianInplaceSignature>& hebbian_inplace_handle() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("toreq::hebbian_update_", "")
+                                 .typed<HebbianInplaceSignature>();
+  return handle;
+}
+
+void reject_graph(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const auto& [name, t] : args) {
+    TORCH_CHECK(!(t->defined() && t->requires_grad()), op,
+                ": hebbian_update builds no graph; use toreq.ops.hebbian_update or an "
+                "estimator (", name, " requires grad: toreq.ops.hebbian_update detaches its "
+                "inputs, and its result is already the gradient to put into .grad)");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> hebbian_update_autograd(
+    const at::Tensor& post_nudged, const at::Tensor& pre_nudged, const at::Tensor& post_free,
+    const at::Tensor& pre_free, double beta, c10::string_view post_activation,
+    c10::string_view pre_activation) {
+  reject_graph(kOp, {{"post_nudged", &post_nudged}, {"pre_nudged", &pre_nudged},
+                     {"post_free", &post_free}, {"pre_free", &pre_free}});
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return hebbian_handle().call(post_nudged, pre_nudged, post_free, pre_free, beta,
+                               post_activation, pre_activation);
+}
+
+void hebbian_update_inplace_autograd(const at::Tensor& post_nudged, const at::Tensor& pre_nudged,
+                                     const at::Tensor& post_free, const at::Tensor& pre_free,
+                                     double beta, c10::string_view post_activation,
+                                     c10::string_view pre_activation,
+                                     const at::Tensor& grad_weight,
+                                     const std::optional<at::Tensor>& grad_bias) {
+  const at::Tensor no_bias;
+  reject_graph("toreq.hebbian_update_",
+               {{"post_nudged", &post_nudged}, {"pre_nudged", &pre_nudged},
+                {"post_free", &post_free}, {"pre_free", &pre_free},
+                {"grad_weight", &grad_weight},
+                {"grad_bias", grad_bias.has_value() ? &*grad_bias : &no_bias}});
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  hebbian_inplace_handle().call(post_nudged, pre_nudged, post_free, pre_free, beta,
+                                post_activation, pre_activation, grad_weight, grad_bias);
+}
+
+// The four activities cast to `dtype` for autocast, pre_free kept identical to pre_nudged when
+// it was (the single-GEMM form looks for that identity).
+std::array<at::Tensor, 4> cast_activities(at::ScalarType dtype, c10::DeviceType device,
+                                          const at::Tensor& post_nudged,
+                                          const at::Tensor& pre_nudged,
+                                          const at::Tensor& post_free,
+                                          const at::Tensor& pre_free) {
+  at::Tensor pre_n = at::autocast::cached_cast(dtype, pre_nudged, device);
+  at::Tensor pre_f = same_tensor(pre_nudged, pre_free)
+                         ? pre_n
+                         : at::autocast::cached_cast(dtype, pre_free, device);
+  return {at::autocast::cached_cast(dtype, post_nudged, device), pre_n,
+          at::autocast::cached_cast(dtype, post_free, device), pre_f};
+}
+
+// Under torch.autocast the update is computed in float32 from the reduced-precision activities
+// (it is a gradient, for float32 parameters: autocast's float32 class of ops), and the in-place
+// form in grad_weight's dtype.
+template <c10::DeviceType device>
+std::tuple<at::Tensor, at::Tensor> hebbian_update_autocast(
+    const at::Tensor& post_nudged, const at::Tensor& pre_nudged, const at::Tensor& post_free,
+    const at::Tensor& pre_free, double beta, c10::string_view post_activation,
+    c10::string_view pre_activation) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const auto a = cast_activities(at::kFloat, device, post_nudged, pre_nudged, post_free, pre_free);
+  return hebbian_handle().call(a[0], a[1], a[2], a[3], beta, post_activation, pre_activation);
+}
+
+template <c10::DeviceType device>
+void hebbian_update_inplace_autocast(const at::Tensor& post_nudged, const at::Tensor& pre_nudged,
+                                     const at::Tensor& post_free, const at::Tensor& pre_free,
+                                     double beta, c10::string_view post_activation,
+                                     c10::string_view pre_activation,
+                                     const at::Tensor& grad_weight,
+                                     const std::optional<at::Tensor>& grad_bias) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const auto a = cast_activities(grad_weight.scalar_type(), device, post_nudged, pre_nudged,
+                                 post_free, pre_free);
+  hebbian_inplace_handle().call(a[0], a[1], a[2], a[3], beta, post_activation, pre_activation,
+                                grad_weight, grad_bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(toreq, Autograd, m) {
+  m.impl("hebbian_update", &hebbian_update_autograd);
+  m.impl("hebbian_update_", &hebbian_update_inplace_autograd);
+}
+TORCH_LIBRARY_IMPL(toreq, AutocastCPU, m) {
+  m.impl("hebbian_update", &hebbian_update_autocast<c10::DeviceType::CPU>);
+  m.impl("hebbian_update_", &hebbian_update_inplace_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(toreq, AutocastCUDA, m) {
+  m.impl("hebbian_update", &hebbian_update_autocast<c10::DeviceType::CUDA>);
+  m.impl("hebbian_update_", &hebbian_update_inplace_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace toreq

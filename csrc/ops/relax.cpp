@@ -1,16 +1,24 @@
 #include "ops/relax.h"
 
+#include "ops/dtypes.h"
+
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/index_select.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/softmax.h>
+#include <ATen/ops/sub.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <ostream>
+#include <utility>
 
 namespace toreq {
 
@@ -64,8 +72,8 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
   const size_t num_layers = states.size();
   TORCH_CHECK(num_layers > 0, kOp, ": states must hold at least one layer's state");
   const at::Tensor& first = states[0];
-  TORCH_CHECK(first.scalar_type() == at::kFloat || first.scalar_type() == at::kDouble, kOp,
-              ": states must be float32 or float64, got ", first.scalar_type());
+  TORCH_CHECK(is_supported_dtype(first.scalar_type()), kOp, ": states must be ",
+              kSupportedDtypes, ", got ", first.scalar_type());
   std::vector<int64_t> widths(num_layers);
   for (size_t l = 0; l < num_layers; ++l) {
     const at::Tensor& s = states[l];
@@ -126,11 +134,7 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
   TORCH_CHECK(std::isfinite(beta), kOp, ": beta must be finite, got ", beta);
   // beta scales the nudge in the states' dtype: it must neither overflow it nor round to 0
   // there (which would silently run a free phase).
-  const bool is_float = first.scalar_type() == at::kFloat;
-  const double largest = is_float ? std::numeric_limits<float>::max()
-                                  : std::numeric_limits<double>::max();
-  const double smallest = is_float ? std::numeric_limits<float>::min()
-                                   : std::numeric_limits<double>::min();
+  const auto [smallest, largest] = normal_range(first.scalar_type());
   TORCH_CHECK(beta == 0.0 || (std::abs(beta) >= smallest && std::abs(beta) <= largest), kOp,
               ": beta = ", beta, " is outside the range of ", first.scalar_type(), " ([",
               smallest, ", ", largest, "] in magnitude), so the nudge -beta * dloss/ds "
@@ -202,8 +206,17 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
                                               "per sample)",
               ", got ", target->sizes());
   p.target = *target;
+  p.target = p.target.contiguous();  // the element update reads it by rows
+  if (p.loss == NudgeLoss::MSE && !p.readout_weight.defined()) {
+    p.element_nudge = ElementNudge::MSE;
+  } else {
+    p.element_nudge = ElementNudge::Gradient;
+    p.needs_output_gradient = p.loss != NudgeLoss::Gradient;
+  }
   return p;
 }
+
+
 
 RelaxProblem select_rows(const RelaxProblem& p, const at::Tensor& rows) {
   RelaxProblem selected = p;
@@ -233,33 +246,24 @@ void compute_preactivation(const RelaxProblem& p, int64_t layer,
     }
     for (size_t c = 1; c < in.size(); ++c) pre.addmm_(states[in[c].source], in[c].matrix);
   }
-  add_output_nudge(p, layer, states, pre);
 }
 
-void add_output_nudge(const RelaxProblem& p, int64_t layer, const std::vector<at::Tensor>& states,
-                      at::Tensor& pre) {
-  if (p.beta == 0.0 || layer != static_cast<int64_t>(p.incoming.size()) - 1) return;
-
-  // The nudge -beta * dloss/ds of the last layer's state s, added inside the activation.
-  const at::Tensor& s = states[layer];
+void output_gradient(const RelaxProblem& p, const at::Tensor& s, at::Tensor& grad) {
+  TORCH_INTERNAL_ASSERT(p.needs_output_gradient);
   const bool has_readout = p.readout_weight.defined();
-  if (p.loss == NudgeLoss::Gradient) {
-    pre.add_(p.target, -p.beta);
-    return;
-  }
   at::Tensor out_error;  // dloss/d(output)
   if (has_readout) {
     out_error = p.readout_bias.defined() ? at::addmm(p.readout_bias, s, p.readout_weight.t())
                                          : at::mm(s, p.readout_weight.t());
   } else {
-    out_error = s.clone();
+    out_error = s;
   }
   if (p.loss == NudgeLoss::CrossEntropy) out_error = at::softmax(out_error, 1);
-  out_error.sub_(p.target);
   if (has_readout) {
-    pre.addmm_(out_error, p.readout_weight, 1.0, -p.beta);
+    out_error = out_error - p.target;
+    at::mm_out(grad, out_error, p.readout_weight);
   } else {
-    pre.add_(out_error, -p.beta);
+    at::sub_out(grad, out_error, p.target);
   }
 }
 
@@ -283,6 +287,108 @@ void report_nonfinite_state(const RelaxProblem& p, at::TensorList states, int64_
               p.batch, " samples although every input is finite. Lower beta or the learning "
               "rate, raise damping, or spectrally normalise the weights so the dynamics "
               "contract.");
+}
+
+namespace {
+
+// --- the Autograd and Autocast keys, for every backend --------------------------------------
+// toreq.relax runs a fixed-point iteration and records no graph through it: gradients come from
+// the EqProp estimators (hebbian_update) or, for backprop through time, from relax_step. Called
+// with tensors that require grad while grad mode is on, it says so instead of letting a GEMM
+// with out= fail inside the kernel; under no_grad it just runs.
+
+using RelaxSignature = std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor>(
+    at::TensorList, const c10::List<std::optional<at::Tensor>>&, at::TensorList, at::IntArrayRef,
+    at::IntArrayRef, const c10::List<bool>&, c10::string_view, double, int64_t, double,
+    c10::string_view, double, c10::string_view, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+
+const c10::TypedOperatorHandle<RelaxSignature>& relax_handle() {
+  static const auto handle = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("toreq::relax", "")
+                                 .typed<RelaxSignature>();
+  return handle;
+}
+
+bool needs_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+bool needs_grad(const std::optional<at::Tensor>& t) { return t.has_value() && needs_grad(*t); }
+
+std::string first_requiring_grad(at::TensorList states,
+                                 const c10::List<std::optional<at::Tensor>>& drives,
+                                 at::TensorList weights, const std::optional<at::Tensor>& target,
+                                 const std::optional<at::Tensor>& readout_weight,
+                                 const std::optional<at::Tensor>& readout_bias) {
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (needs_grad(states[i])) return c10::str("states[", i, "]");
+  }
+  for (size_t i = 0; i < drives.size(); ++i) {
+    if (needs_grad(drives.get(i))) return c10::str("drives[", i, "]");
+  }
+  for (size_t i = 0; i < weights.size(); ++i) {
+    if (needs_grad(weights[i])) return c10::str("weights[", i, "]");
+  }
+  if (needs_grad(target)) return "target";
+  if (needs_grad(readout_weight)) return "readout_weight";
+  if (needs_grad(readout_bias)) return "readout_bias";
+  return "";
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_autograd(
+    at::TensorList states, const c10::List<std::optional<at::Tensor>>& drives,
+    at::TensorList weights, at::IntArrayRef targets, at::IntArrayRef sources,
+    const c10::List<bool>& transposed, c10::string_view activation, double damping,
+    int64_t max_steps, double tol, c10::string_view schedule, double beta, c10::string_view loss,
+    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& readout_weight,
+    const std::optional<at::Tensor>& readout_bias) {
+  if (at::GradMode::is_enabled()) {
+    const std::string culprit =
+        first_requiring_grad(states, drives, weights, target, readout_weight, readout_bias);
+    TORCH_CHECK(culprit.empty(), kOp, ": relax builds no graph; use toreq.ops.relax or an "
+                "estimator (", culprit, " requires grad: toreq.ops.relax detaches the inputs, "
+                "EqProp's gradients come from toreq.ops.hebbian_update, and backprop through "
+                "time unrolls toreq.ops.relax_step)");
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return relax_handle().call(states, drives, weights, targets, sources, transposed, activation,
+                             damping, max_steps, tol, schedule, beta, loss, target,
+                             readout_weight, readout_bias);
+}
+
+// Under torch.autocast the relaxation runs in the autocast dtype (float16 or bfloat16): every
+// floating tensor is cast to it (float64 ones are left alone, as autocast does), so a model with
+// float32 parameters relaxes reduced-precision states. The outputs stay in that dtype.
+template <c10::DeviceType device>
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_autocast(
+    at::TensorList states, const c10::List<std::optional<at::Tensor>>& drives,
+    at::TensorList weights, at::IntArrayRef targets, at::IntArrayRef sources,
+    const c10::List<bool>& transposed, c10::string_view activation, double damping,
+    int64_t max_steps, double tol, c10::string_view schedule, double beta, c10::string_view loss,
+    const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& readout_weight,
+    const std::optional<at::Tensor>& readout_bias) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+  c10::List<std::optional<at::Tensor>> cast_drives;
+  for (size_t i = 0; i < drives.size(); ++i) {
+    cast_drives.push_back(at::autocast::cached_cast(dtype, drives.get(i), device));
+  }
+  return relax_handle().call(
+      at::autocast::cached_cast(dtype, states, device), cast_drives,
+      at::autocast::cached_cast(dtype, weights, device), targets, sources, transposed,
+      activation, damping, max_steps, tol, schedule, beta, loss,
+      at::autocast::cached_cast(dtype, target, device),
+      at::autocast::cached_cast(dtype, readout_weight, device),
+      at::autocast::cached_cast(dtype, readout_bias, device));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(toreq, Autograd, m) { m.impl("relax", &relax_autograd); }
+TORCH_LIBRARY_IMPL(toreq, AutocastCPU, m) {
+  m.impl("relax", &relax_autocast<c10::DeviceType::CPU>);
+}
+TORCH_LIBRARY_IMPL(toreq, AutocastCUDA, m) {
+  m.impl("relax", &relax_autocast<c10::DeviceType::CUDA>);
 }
 
 }  // namespace toreq

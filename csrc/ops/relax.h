@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "ops/activation.h"
+#include "ops/relax_element.h"
 
 namespace toreq {
 
@@ -34,6 +35,10 @@ struct RelaxProblem {
   double beta = 0.0;
   NudgeLoss loss = NudgeLoss::MSE;
   at::Tensor target, readout_weight, readout_bias;  // undefined when not used
+  // How the element update nudges the last layer (relax_element.h); with
+  // needs_output_gradient, dloss/ds is computed by output_gradient before each update.
+  ElementNudge element_nudge = ElementNudge::None;
+  bool needs_output_gradient = false;
 };
 
 // Checks every argument of toreq.relax and returns the problem; errors name the argument and
@@ -51,15 +56,15 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
 // per-sample drives and the target are gathered; weights and shared drives are kept.
 RelaxProblem select_rows(const RelaxProblem& problem, const at::Tensor& rows);
 
-// pre = drive[layer] + sum of the layer's couplings from `states`, plus the output nudge
-// -beta * dloss/ds when `layer` is the last layer and beta != 0.
+// pre = drive[layer] + sum of the layer's couplings from `states` (the output nudge is the
+// element update's: see element_nudge).
 void compute_preactivation(const RelaxProblem& problem, int64_t layer,
                            const std::vector<at::Tensor>& states, at::Tensor& pre);
 
-// pre += the output nudge -beta * dloss/ds when `layer` is the last layer and beta != 0 (the
-// last part of compute_preactivation, for kernels that compute the couplings themselves).
-void add_output_nudge(const RelaxProblem& problem, int64_t layer,
-                      const std::vector<at::Tensor>& states, at::Tensor& pre);
+// grad = dloss/ds of the last layer's state s where that needs a GEMM or a row reduction
+// (problem.needs_output_gradient: through the readout, or the softmax of cross-entropy);
+// grad has s's shape. The element update then adds the nudge -beta * grad.
+void output_gradient(const RelaxProblem& problem, const at::Tensor& s, at::Tensor& grad);
 
 // Raises the error for a state that became NaN or Inf at `step` in `rows` samples, naming the
 // non-finite input if there is one.

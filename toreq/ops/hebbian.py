@@ -26,6 +26,13 @@ the rows of `S` being the batch's activities. The sign is that of `.grad` (desce
 `rho` is chosen per side (`post_activation`, `pre_activation`): `"identity"` (the
 default, for states that are already activities), `"hard_sigmoid"`, `"tanh"` or
 `"sigmoid"` (for states kept as pre-activations). Both products are formed in a single GEMM.
+
+Dtypes: float32, float64, float16 and bfloat16 (activations in float32, the GEMM with float32
+accumulation). Under `torch.autocast` the update is computed in float32 (in `grad_weight`'s
+dtype when accumulating), as the gradient of float32 parameters. The update is itself a
+gradient and records no graph: the wrapper detaches its inputs, and the ops called directly
+with an input that requires grad (grad mode on) raise `RuntimeError: ... hebbian_update builds
+no graph; use toreq.ops.hebbian_update or an estimator`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ class RelaxResult(NamedTuple):
     `states`: the final states, one `(batch, ...)` tensor per layer (new tensors);
     `steps`: int64 `(batch,)`, the number of updates each sample received;
     `residual`: `(batch,)`, each sample's largest state change in its last update
-    (`inf` when no step ran). A sample converged where `residual < tol` (see
+    (`inf` when no step ran), float32 for float16 and bfloat16 states and real for complex
+    ones. A sample converged where `residual < tol` (see
     [`converged`][toreq.ops.iteration.RelaxResult.converged]; `tol = 0` never claims convergence).
     """
 
@@ -114,7 +115,10 @@ def iterate(
         batch = like.shape[0]
         active = torch.ones(batch, dtype=torch.bool, device=like.device)
         steps = torch.zeros(batch, dtype=torch.long, device=like.device)
-        real = like.real.dtype  # complex states (holomorphic EqProp) have real changes
+        # the changes are real for complex states (holomorphic EqProp) and float32 for float16
+        # and bfloat16 states, as the op returns them
+        real = (torch.float32 if like.dtype in (torch.float16, torch.bfloat16)
+                else like.real.dtype)
         residual = torch.full((batch,), float("inf"), dtype=real, device=like.device)
         everyone = True  # every sample still relaxing: no masking needed
         for k in range(1, max_steps + 1):
@@ -130,7 +134,8 @@ def iterate(
             change = torch.zeros(batch, dtype=real, device=like.device)
             for t, p in zip(s, plain):
                 if t.shape[1:].numel() > 0:  # a layer of width 0 has nothing to compare
-                    change = torch.maximum(change, (p - t).detach().flatten(1).abs().amax(dim=1))
+                    delta = (p - t).detach().flatten(1).abs().amax(dim=1)
+                    change = torch.maximum(change, delta.to(real))
             converging = change < tol
             new = plain if accelerator is None else accelerator(s, plain, k, converging)
             if not static:

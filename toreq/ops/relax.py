@@ -49,7 +49,17 @@ Convergence is tested per sample: a sample whose largest state change in a step,
 ``max_l max_j |s_l^new - s_l^old|``, falls below ``tol`` stops updating, and ``steps[b]`` holds
 the number of updates it received (``tol=0`` never stops early). A state that becomes NaN or Inf
 raises a ``RuntimeError`` naming the non-finite input if there is one; a diverged state is never
-returned. No autograd graph is built: gradients come from :func:`hebbian_update`.
+returned.
+
+Dtypes: float32, float64, float16 and bfloat16 (every input in one dtype). Float16 and bfloat16
+states are updated in float32 arithmetic (GEMMs with float32 accumulation, the element update
+with its nudge, the convergence test) and rounded once per step; ``residual`` is then float32.
+Under ``torch.autocast`` the op relaxes in the autocast dtype (see ``csrc/README.md``).
+
+No autograd graph is built: gradients come from :func:`hebbian_update` (or, for backprop
+through time, from :func:`relax_step`). This wrapper detaches its inputs; the op itself,
+``torch.ops.toreq.relax``, called with a tensor that requires grad while grad mode is on,
+raises ``RuntimeError: ... relax builds no graph; use toreq.ops.relax or an estimator``.
 """
 
 from __future__ import annotations
@@ -157,7 +167,10 @@ def relax(
         activation: ``"hard_sigmoid"`` (clamp to [0, 1]), ``"tanh"`` or ``"sigmoid"``.
         damping: weight of the old state in each update, in ``[0, 1)``.
         max_steps: the most updates a sample receives.
-        tol: a sample stops once its largest state change in a step is below ``tol``.
+        tol: a sample stops once its largest state change in a step is below ``tol``. In
+            float16 or bfloat16, keep it at or above the dtype's resolution near the states'
+            magnitude (2^-10 and 2^-7 near 1): below it a rounded state may alternate between
+            two neighbouring values and never meet it.
         schedule: ``"sync"`` (Jacobi) or ``"async"`` (even layers, then odd layers).
         beta: signed nudging strength; 0 for the free phase. Otherwise its magnitude must
             lie in the states' dtype's normal range (a ValueError says so), since the nudge
@@ -331,5 +344,10 @@ def _relax_fake(states, drives, weights, targets, sources, transposed, activatio
     batch = states[0].shape[0]
     new_states = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in states]
     steps = states[0].new_empty((batch,), dtype=torch.long)
-    residual = states[0].new_empty((batch,))
+    residual = states[0].new_empty((batch,), dtype=_residual_dtype(states[0].dtype))
     return new_states, steps, residual
+
+
+def _residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The convergence test's dtype: float32 for float16 and bfloat16 states, else theirs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,5 +1,6 @@
 // CPU kernels of toreq.hebbian_update: the elementwise activations that feed its GEMM.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
@@ -13,13 +14,17 @@ namespace {
 void activate_cpu(const at::Tensor& in, Activation act, double sign, const at::Tensor& out) {
   const at::Tensor src = in.contiguous();
   const int64_t rows = src.size(0), n = src.size(1);
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "toreq_hebbian_activate", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(),
+                                  "toreq_hebbian_activate", [&] {
+    using acc = at::opmath_type<scalar_t>;
     const scalar_t* x = src.const_data_ptr<scalar_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
-    const auto s = static_cast<scalar_t>(sign);
+    const auto s = static_cast<acc>(sign);
     dispatch_activation(act, [&](auto a) {
       parallel_rows(rows, n, [&](int64_t r) {
-        for (int64_t j = r * n; j < (r + 1) * n; ++j) y[j] = s * activate<decltype(a)::value>(x[j]);
+        for (int64_t j = r * n; j < (r + 1) * n; ++j) {
+          y[j] = static_cast<scalar_t>(s * activate<decltype(a)::value>(static_cast<acc>(x[j])));
+        }
       });
     });
   });
@@ -29,7 +34,9 @@ void activate_difference_cpu(const at::Tensor& a_in, const at::Tensor& b_in, Act
                              const at::Tensor& out) {
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t rows = a.size(0), n = a.size(1);
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "toreq_hebbian_activate_difference", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
+                                  "toreq_hebbian_activate_difference", [&] {
+    using acc = at::opmath_type<scalar_t>;
     const scalar_t* pa = a.const_data_ptr<scalar_t>();
     const scalar_t* pb = b.const_data_ptr<scalar_t>();
     scalar_t* y = out.data_ptr<scalar_t>();
@@ -37,7 +44,8 @@ void activate_difference_cpu(const at::Tensor& a_in, const at::Tensor& b_in, Act
       constexpr Activation A = decltype(f)::value;
       parallel_rows(rows, n, [&](int64_t r) {
         for (int64_t j = r * n; j < (r + 1) * n; ++j) {
-          y[j] = activate<A>(pa[j]) - activate<A>(pb[j]);
+          y[j] = static_cast<scalar_t>(activate<A>(static_cast<acc>(pa[j])) -
+                                       activate<A>(static_cast<acc>(pb[j])));
         }
       });
     });

@@ -1,90 +1,139 @@
 // CPU kernel of toreq.relax: the step loop in C++, the couplings as BLAS GEMMs into reused
-// buffers, and the activation, damping, masking and convergence test fused in one pass.
+// buffers, and the elementwise nudge, activation, damping, masking and convergence test fused
+// in one pass through the element code shared with the CUDA kernel (relax_element.h).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <ATen/OpMathType.h>
+
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 
 #include "ops/cpu/parallel_rows.h"
 #include "ops/relax.h"
+#include "ops/relax_element.h"
 
 namespace toreq {
 namespace {
 
-// pre <- act(pre), in place, through ATen's vectorised and multithreaded kernels.
-void activate_in_place(at::Tensor& pre, Activation activation) {
-  switch (activation) {
-    case Activation::HardSigmoid: pre.clamp_(0, 1); break;
-    case Activation::Tanh: pre.tanh_(); break;
-    case Activation::Sigmoid: pre.sigmoid_(); break;
-    default: break;
-  }
-}
-
-// One row of the state update: s <- damping * s + (1 - damping) * activity. Returns the row's
-// largest |change| and sets *nonfinite where a new state is NaN or Inf. The reductions run in
-// kLanes independent accumulators so that the compiler can vectorise the loop without
-// reordering floating-point operations.
-template <typename scalar_t>
-TOREQ_ALWAYS_INLINE scalar_t update_row_body(scalar_t* s, const scalar_t* activity, int64_t n,
-                                             scalar_t damping, bool* nonfinite) {
+// One row of the state update, every element by the shared update_element (relax_element.h):
+// the elementwise nudge (last layer only), the activation, the damping, the change and the
+// non-finite marker. Returns the row's largest |change| and sets *nonfinite where a new state
+// is NaN or Inf. The reductions run in kLanes independent accumulators so that the compiler
+// can vectorise the loop without reordering floating-point operations.
+template <Activation A, ElementNudge N, typename scalar_t>
+TOREQ_ALWAYS_INLINE acc_t<scalar_t> update_row_body(scalar_t* s, const scalar_t* pre,
+                                                    const scalar_t* target, int64_t n,
+                                                    acc_t<scalar_t> damping,
+                                                    acc_t<scalar_t> beta, bool* nonfinite) {
+  using acc = acc_t<scalar_t>;
   constexpr int64_t kLanes = 16;
-  const scalar_t keep = scalar_t(1) - damping;
-  scalar_t change[kLanes] = {};
-  scalar_t poison[kLanes] = {};  // stays 0 unless a new state is NaN or Inf (0 * Inf = NaN)
+  constexpr bool kReadsTarget = N != ElementNudge::None;
+  acc change[kLanes] = {};
+  acc poison[kLanes] = {};  // stays 0 unless a new state is NaN or Inf
   const int64_t full = n - n % kLanes;
   for (int64_t j = 0; j < full; j += kLanes) {
     for (int64_t k = 0; k < kLanes; ++k) {
-      const scalar_t next = damping * s[j + k] + keep * activity[j + k];
-      const scalar_t delta = std::abs(next - s[j + k]);
-      change[k] = delta > change[k] ? delta : change[k];
-      poison[k] += next * scalar_t(0);
-      s[j + k] = next;
+      update_element<A, N>(s + j + k, pre + j + k, kReadsTarget ? target + j + k : nullptr, beta,
+                           damping, change[k], poison[k]);
     }
   }
   for (int64_t j = full; j < n; ++j) {
-    const scalar_t next = damping * s[j] + keep * activity[j];
-    const scalar_t delta = std::abs(next - s[j]);
-    change[0] = delta > change[0] ? delta : change[0];
-    poison[0] += next * scalar_t(0);
-    s[j] = next;
+    update_element<A, N>(s + j, pre + j, kReadsTarget ? target + j : nullptr, beta, damping,
+                         change[0], poison[0]);
   }
-  scalar_t row_max = 0, row_poison = 0;
+  acc row_max = 0, row_poison = 0;
   for (int64_t k = 0; k < kLanes; ++k) {
-    row_max = change[k] > row_max ? change[k] : row_max;
+    row_max = max_keep(row_max, change[k]);
     row_poison += poison[k];
   }
-  if (row_poison != scalar_t(0)) *nonfinite = true;
+  if (row_poison != acc(0)) *nonfinite = true;
   return row_max;
 }
 
-TOREQ_VECTOR_CLONES float update_row(float* s, const float* activity, int64_t n, float damping,
-                                     bool* nonfinite) {
-  return update_row_body(s, activity, n, damping, nonfinite);
+template <Activation A, typename scalar_t>
+TOREQ_ALWAYS_INLINE acc_t<scalar_t> update_row_nudge(scalar_t* s, const scalar_t* pre,
+                                                     const scalar_t* target, int64_t n,
+                                                     ElementNudge nudge, acc_t<scalar_t> damping,
+                                                     acc_t<scalar_t> beta, bool* nonfinite) {
+  switch (nudge) {
+    case ElementNudge::MSE:
+      return update_row_body<A, ElementNudge::MSE>(s, pre, target, n, damping, beta, nonfinite);
+    case ElementNudge::Gradient:
+      return update_row_body<A, ElementNudge::Gradient>(s, pre, target, n, damping, beta,
+                                                        nonfinite);
+    default:
+      return update_row_body<A, ElementNudge::None>(s, pre, target, n, damping, beta, nonfinite);
+  }
 }
 
-TOREQ_VECTOR_CLONES double update_row(double* s, const double* activity, int64_t n,
-                                      double damping, bool* nonfinite) {
-  return update_row_body(s, activity, n, damping, nonfinite);
+// The activation and nudge are picked per row here, inside the vector clones, rather than by
+// dispatch_activation outside them: target_clones cannot apply to templates, and the switch
+// costs nothing next to a row's work.
+template <typename scalar_t>
+TOREQ_ALWAYS_INLINE acc_t<scalar_t> update_row_any(scalar_t* s, const scalar_t* pre,
+                                                   const scalar_t* target, int64_t n,
+                                                   Activation a, ElementNudge nudge,
+                                                   acc_t<scalar_t> damping, acc_t<scalar_t> beta,
+                                                   bool* nonfinite) {
+  switch (a) {
+    case Activation::HardSigmoid:
+      return update_row_nudge<Activation::HardSigmoid>(s, pre, target, n, nudge, damping, beta,
+                                                       nonfinite);
+    case Activation::Tanh:
+      return update_row_nudge<Activation::Tanh>(s, pre, target, n, nudge, damping, beta,
+                                                nonfinite);
+    case Activation::Sigmoid:
+      return update_row_nudge<Activation::Sigmoid>(s, pre, target, n, nudge, damping, beta,
+                                                   nonfinite);
+    default:
+      return update_row_nudge<Activation::Identity>(s, pre, target, n, nudge, damping, beta,
+                                                    nonfinite);
+  }
+}
+
+TOREQ_VECTOR_CLONES float update_row(float* s, const float* pre, const float* target, int64_t n,
+                                     Activation a, ElementNudge nudge, float damping, float beta,
+                                     bool* nonfinite) {
+  return update_row_any(s, pre, target, n, a, nudge, damping, beta, nonfinite);
+}
+TOREQ_VECTOR_CLONES double update_row(double* s, const double* pre, const double* target,
+                                      int64_t n, Activation a, ElementNudge nudge, double damping,
+                                      double beta, bool* nonfinite) {
+  return update_row_any(s, pre, target, n, a, nudge, damping, beta, nonfinite);
+}
+TOREQ_VECTOR_CLONES float update_row(c10::Half* s, const c10::Half* pre, const c10::Half* target,
+                                     int64_t n, Activation a, ElementNudge nudge, float damping,
+                                     float beta, bool* nonfinite) {
+  return update_row_any(s, pre, target, n, a, nudge, damping, beta, nonfinite);
+}
+TOREQ_VECTOR_CLONES float update_row(c10::BFloat16* s, const c10::BFloat16* pre,
+                                     const c10::BFloat16* target, int64_t n, Activation a,
+                                     ElementNudge nudge, float damping, float beta,
+                                     bool* nonfinite) {
+  return update_row_any(s, pre, target, n, a, nudge, damping, beta, nonfinite);
 }
 
 // The state update of one layer on the rows still active; row_change[r] becomes
 // max(row_change[r], the row's largest |change|) and row_nonfinite[r] is set where a new state
-// is NaN or Inf.
+// is NaN or Inf. `target` (rows of `n`) is read where `nudge` is elementwise.
 template <typename scalar_t>
-void update_layer(scalar_t* s, const scalar_t* activity, int64_t batch, int64_t n,
-                  scalar_t damping, const uint8_t* active, scalar_t* row_change,
+void update_layer(scalar_t* s, const scalar_t* pre, const scalar_t* target, int64_t batch,
+                  int64_t n, Activation activation, ElementNudge nudge, acc_t<scalar_t> damping,
+                  acc_t<scalar_t> beta, const uint8_t* active, acc_t<scalar_t>* row_change,
                   uint8_t* row_nonfinite) {
   parallel_rows(batch, n, [&](int64_t r) {
     if (!active[r]) return;
     bool nonfinite = false;
-    const scalar_t change = update_row(s + r * n, activity + r * n, n, damping, &nonfinite);
-    row_change[r] = change > row_change[r] ? change : row_change[r];
+    const scalar_t* row_target = nudge == ElementNudge::None ? nullptr : target + r * n;
+    const acc_t<scalar_t> change = update_row(s + r * n, pre + r * n, row_target, n, activation,
+                                              nudge, damping, beta, &nonfinite);
+    row_change[r] = max_keep(row_change[r], change);
     if (nonfinite) row_nonfinite[r] = 1;
   });
 }
@@ -185,7 +234,6 @@ void compute_preactivation_one_sample(const RelaxProblem& p, int64_t layer,
       });
     }
   }
-  add_output_nudge(p, layer, states, pre);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
@@ -209,6 +257,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
     pre.push_back(at::empty_like(out.back(), at::MemoryFormat::Contiguous));
   }
   s = out;
+  // dloss/ds of the last layer's working rows, where output_gradient computes it
+  at::Tensor output_grad;
+  if (p.needs_output_gradient) output_grad = at::empty_like(s.back());
   RelaxProblem work = p;
   at::Tensor rows;                       // int64: the batch index of each working row
   std::vector<int64_t> sample(batch);    // the same, on the host
@@ -216,36 +267,54 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
   // filled in the loop below rather than by ATen fills: each ATen call costs about as much as a
   // step's elementwise work at batch 1
   at::Tensor steps = at::empty({batch}, out[0].options().dtype(at::kLong));
-  at::Tensor residual = at::empty({batch}, out[0].options());
+  // in the dtype the convergence test runs in: float32 for float16 and bfloat16 states
+  at::Tensor residual =
+      at::empty({batch}, out[0].options().dtype(at::toOpMathType(out[0].scalar_type())));
+  const int64_t last = static_cast<int64_t>(s.size()) - 1;
 
-  AT_DISPATCH_FLOATING_TYPES(out[0].scalar_type(), "toreq_relax_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[0].scalar_type(),
+                                  "toreq_relax_cpu", [&] {
+    using acc = acc_t<scalar_t>;
+    // The matrix-vector loops of batch 1 exist for float32 and float64; reduced-precision
+    // states take the GEMM path, whose float32 accumulation oneDNN provides.
+    constexpr bool kHasMatVec = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
     std::vector<uint8_t> active(batch, 1), row_nonfinite(batch, 0);
     std::vector<uint8_t> matvec(p.incoming.size());
-    for (size_t l = 0; l < matvec.size(); ++l) matvec[l] = has_matvec_layout(p, l);
-    std::vector<scalar_t> row_change(batch);
+    for (size_t l = 0; l < matvec.size(); ++l) matvec[l] = kHasMatVec && has_matvec_layout(p, l);
+    std::vector<acc> row_change(batch);
     int64_t* steps_ptr = steps.data_ptr<int64_t>();
-    scalar_t* residual_ptr = residual.data_ptr<scalar_t>();
+    acc* residual_ptr = residual.data_ptr<acc>();
     std::fill(steps_ptr, steps_ptr + batch, int64_t(0));
-    std::fill(residual_ptr, residual_ptr + batch, std::numeric_limits<scalar_t>::infinity());
-    const auto tol_s = static_cast<scalar_t>(p.tol);
+    std::fill(residual_ptr, residual_ptr + batch, std::numeric_limits<acc>::infinity());
+    const auto tol_s = static_cast<acc>(p.tol);
+    const auto damping_s = static_cast<acc>(p.damping);
+    const auto beta_s = static_cast<acc>(p.beta);
     int64_t num_active = batch, step = 0;
     while (step < p.max_steps && num_active > 0) {
       ++step;
       const int64_t working = work.batch;
-      std::fill(row_change.begin(), row_change.end(), scalar_t(0));
+      std::fill(row_change.begin(), row_change.end(), acc(0));
       for (const std::vector<int64_t>& group : p.groups) {
         for (int64_t l : group) {
-          if (working == 1 && matvec[l]) {
-            compute_preactivation_one_sample<scalar_t>(work, l, s, pre[l]);
-          } else {
-            compute_preactivation(work, l, s, pre[l]);
+          if constexpr (kHasMatVec) {
+            if (working == 1 && matvec[l]) {
+              compute_preactivation_one_sample<scalar_t>(work, l, s, pre[l]);
+              continue;
+            }
           }
-          activate_in_place(pre[l], p.activation);
+          compute_preactivation(work, l, s, pre[l]);
         }
         for (int64_t l : group) {
+          const ElementNudge nudge = l == last ? p.element_nudge : ElementNudge::None;
+          const scalar_t* target = nullptr;  // y (MSE) or dloss/ds (Gradient), by rows
+          if (nudge != ElementNudge::None) {
+            if (p.needs_output_gradient) output_gradient(work, s[l], output_grad);
+            target = (p.needs_output_gradient ? output_grad : work.target)
+                         .const_data_ptr<scalar_t>();
+          }
           update_layer<scalar_t>(s[l].data_ptr<scalar_t>(), pre[l].const_data_ptr<scalar_t>(),
-                                 working, s[l].size(1), static_cast<scalar_t>(p.damping),
-                                 active.data(), row_change.data(), row_nonfinite.data());
+                                 target, working, s[l].size(1), p.activation, nudge, damping_s,
+                                 beta_s, active.data(), row_change.data(), row_nonfinite.data());
         }
       }
       int64_t nonfinite = 0;
@@ -254,7 +323,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
         nonfinite += row_nonfinite[r];
         residual_ptr[sample[r]] = row_change[r];
         steps_ptr[sample[r]] = step;
-        if (row_change[r] < tol_s) {
+        if (is_converged(row_change[r], tol_s)) {
           active[r] = 0;
           --num_active;
         }
@@ -279,6 +348,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
         s[l] = s[l].index_select(0, keep);
         pre[l] = at::empty_like(s[l]);
       }
+      if (p.needs_output_gradient) output_grad = at::empty_like(s.back());
       work = select_rows(p, rows);
       sample = std::move(kept_sample);
       std::fill(active.begin(), active.begin() + num_active, uint8_t(1));

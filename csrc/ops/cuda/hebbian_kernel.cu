@@ -2,9 +2,10 @@
 // checks, the GEMM (cuBLAS through ATen) and the bias sum are shared with the CPU backend in
 // ops/hebbian.cpp; this file only supplies the HebbianKernels and registers the CUDA key.
 //
-// Only float32 and float64 are dispatched: hebbian_update_into rejects every other dtype
-// before a kernel is called, so Half/BFloat16 instantiations would be dead code.
+// float32, float64, float16 and bfloat16 are dispatched (hebbian_update_into rejects the rest);
+// reduced-precision activities are activated in float32 and rounded once.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 // The c10 headers rather than ATen/cuda/CUDAContext.h: at::cuda::getCurrentCUDAStream is
 // c10::cuda::getCurrentCUDAStream, and CUDAContext.h would also pull in the cuBLAS, cuSPARSE
@@ -42,7 +43,10 @@ __global__ void activate_kernel(const scalar_t* __restrict__ in, int64_t in_row_
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
     const int64_t r = i / n, c = i - r * n;
-    out[i] = sign * activate<A>(in[r * in_row_stride + c * in_col_stride]);
+    using acc = at::opmath_type<scalar_t>;
+    out[i] = static_cast<scalar_t>(static_cast<acc>(sign) *
+                                   activate<A>(static_cast<acc>(in[r * in_row_stride +
+                                                                   c * in_col_stride])));
   }
 }
 
@@ -57,8 +61,9 @@ __global__ void activate_difference_kernel(const scalar_t* __restrict__ a, int64
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
        i += stride) {
     const int64_t r = i / n, c = i - r * n;
-    out[i] = activate<A>(a[r * a_row_stride + c * a_col_stride]) -
-             activate<A>(b[r * b_row_stride + c * b_col_stride]);
+    using acc = at::opmath_type<scalar_t>;
+    out[i] = static_cast<scalar_t>(activate<A>(static_cast<acc>(a[r * a_row_stride + c * a_col_stride])) -
+                                   activate<A>(static_cast<acc>(b[r * b_row_stride + c * b_col_stride])));
   }
 }
 
@@ -70,7 +75,8 @@ void activate_cuda(const at::Tensor& in, Activation act, double sign, const at::
   // so the launch and the stream always belong to the tensors' device.
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "toreq_hebbian_activate_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.scalar_type(),
+                                  "toreq_hebbian_activate_cuda", [&] {
     dispatch_activation(act, [&](auto a) {
       activate_kernel<scalar_t, decltype(a)::value><<<num_blocks(rows * n), kThreads, 0, stream>>>(
           in.const_data_ptr<scalar_t>(), in.stride(0), in.stride(1), out.data_ptr<scalar_t>(),
@@ -88,7 +94,8 @@ void activate_difference_cuda(const at::Tensor& a, const at::Tensor& b, Activati
   if (rows * n == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "toreq_hebbian_activate_difference_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(),
+                                  "toreq_hebbian_activate_difference_cuda", [&] {
     dispatch_activation(act, [&](auto f) {
       activate_difference_kernel<scalar_t, decltype(f)::value>
           <<<num_blocks(rows * n), kThreads, 0, stream>>>(
