@@ -512,3 +512,49 @@ def test_quick_examples_run(script, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert re.search(r"\d+\.\d+%", result.stdout)
+
+
+# ------------------------------------------------------------------ the gradient estimator by name
+def test_train_takes_the_estimator_and_its_settings_by_name(capsys):
+    code = main(["train", "--algorithm", "holomorphic", "--algorithm-setting", "points=4",
+                 "--algorithm-setting", "beta=0.2", "--hidden", "32", "--epochs", "2", "--json",
+                 "--threads", "1", "--no-progress"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["preset"]["algorithm"] == "holomorphic"
+    assert [list(p) for p in report["preset"]["algorithm_settings"]] == [["points", 4], ["beta", 0.2]]
+    assert report["results"][0]["test_accuracy"] > 0.5  # digits, 10 classes, 2 epochs
+
+
+@pytest.mark.parametrize("options,code,message", [
+    (["--algorithm", "eqprop", "--algorithm-setting", "betta=0.1"], 1,
+     r"estimator 'eqprop': unknown setting\(s\) 'betta'; accepted: beta, nudged_steps"),
+    (["--algorithm", "cl"], 1, "reads its output through a readout"),
+    (["--algorithm", "cpl", "--algorithm-setting", "eta=2"], 1, r"eta must be in \(0, 1\]"),
+    (["--algorithm-setting", "eta"], 2, "expected NAME=VALUE"),
+    (["--algorithm", "hebbian"], 2, "invalid choice: 'hebbian'"),
+])
+def test_a_bad_estimator_or_setting_is_one_line(options, code, message, capsys):
+    assert main(["train", *options, "--epochs", "1", "--threads", "1", "--no-progress"]) == code
+    assert re.search(message, one_line(capsys.readouterr().err))
+
+
+def test_a_checkpoint_resumes_with_its_estimator(tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    common = ["--hidden", "16", "--threads", "1", "--no-progress", "--json"]
+    assert main(["train", "--algorithm", "eqprop", "--algorithm-setting", "nudging=negative",
+                 "--epochs", "1", "--checkpoint", str(path), *common]) == 0
+    capsys.readouterr()
+    about = read_checkpoint(path)["about"]
+    assert about["algorithm"]["estimator"] == "eqprop"
+    assert about["algorithm"]["estimator_settings"]["nudging"] == "negative"
+    # --resume needs only the path: the estimator and its settings come from the checkpoint
+    assert main(["train", "--checkpoint", str(path), "--resume", "--threads", "1",
+                 "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["preset"]["algorithm"] == "eqprop"
+    assert [list(p) for p in report["preset"]["algorithm_settings"]] == [["nudging", "negative"]]
+    # a different estimator on resume is refused
+    assert main(["train", "--checkpoint", str(path), "--resume", "--algorithm", "cpl",
+                 "--threads", "1", "--no-progress"]) == 1
+    assert "differs from the checkpoint's" in one_line(capsys.readouterr().err)

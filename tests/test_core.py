@@ -255,7 +255,7 @@ def test_unknown_names_and_settings_are_refused():
         LoopedMLP(5, 8, 3, solver="newton")
     with pytest.raises(ValueError, match="estimator must be one of"):
         get_estimator("backprop_magic")
-    with pytest.raises(TypeError, match="unexpected keyword argument 'betta'"):
+    with pytest.raises(TypeError, match="estimator 'eqprop': unknown setting\(s\) 'betta'; accepted: beta"):
         get_estimator("eqprop", betta=0.1)
     with pytest.raises(ValueError, match="nudging must be one of"):
         EqProp(0.1, nudging="both")

@@ -89,6 +89,7 @@ THREADS_HELP = ("torch CPU threads (default: torch's). Float sums are split by t
 
 
 def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from toreq.estimators import estimator_names
     from toreq.presets import MODELS, PRESETS
 
     p = sub.add_parser(
@@ -158,7 +159,29 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="step cap of the nudged phase")
     h.add_argument("--one-sided", dest="symmetric_nudging", action="store_false", default=keep,
                    help="contrast +beta with the free phase instead of +beta with -beta")
+    h.add_argument("--algorithm", choices=estimator_names(), default=keep,
+                   help="the gradient estimator (toreq.estimators): eqprop, holomorphic "
+                        "(holomorphic EqProp), cl (contrastive learning), cpl (coupled "
+                        "learning), implicit (recurrent backprop), bptt (truncated with "
+                        "truncation=K)")
+    h.add_argument("--algorithm-setting", dest="algorithm_settings", action="append",
+                   type=_setting, default=keep, metavar="NAME=VALUE",
+                   help="a setting of the estimator, e.g. nudging=negative, eta=0.2, points=8, "
+                        "truncation=16 (repeatable; an unknown one is refused)")
     p.set_defaults(run=_run_train)
+
+
+def _setting(text: str) -> tuple[str, int | float | str]:
+    """``NAME=VALUE`` of ``--algorithm-setting``: the value as an int, a float or a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier() or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. eta=0.2; got {text!r}")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -262,7 +285,8 @@ def _train_run_of(state: dict, path: str, command: str) -> dict:
 # The Preset fields that command-line options set (its name, data set, result and command are
 # not options; args.command is the subcommand).
 HYPERPARAMETERS = ("model", "hidden", "layers", "channels", "activation", "epochs", "batch_size",
-                   "lr", "beta", "free_steps", "nudged_steps", "symmetric_nudging")
+                   "lr", "beta", "free_steps", "nudged_steps", "symmetric_nudging", "algorithm",
+                   "algorithm_settings")
 
 
 def _preset(args: argparse.Namespace, saved: dict | None = None):
@@ -272,7 +296,10 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
     from toreq.presets import PRESETS, Preset, get_preset
 
     if saved is not None:
-        preset = Preset(**{**saved["preset"], "channels": tuple(saved["preset"]["channels"])})
+        preset = Preset(**{**saved["preset"], "channels": tuple(saved["preset"]["channels"]),
+                           "algorithm_settings": tuple(
+                               tuple(pair) for pair in saved["preset"].get("algorithm_settings",
+                                                                           ()))})
         dataset = saved["dataset"]
         if args.dataset is not None and args.dataset != dataset:
             raise ValueError(f"--dataset {args.dataset} differs from the checkpoint's "
@@ -287,6 +314,8 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
                  if hasattr(args, f.name) and f.name in HYPERPARAMETERS}
     if "channels" in overrides:
         overrides["channels"] = tuple(overrides["channels"])
+    if "algorithm_settings" in overrides:
+        overrides["algorithm_settings"] = tuple(overrides["algorithm_settings"])
     if saved is not None:
         for name, value in overrides.items():
             if value != getattr(preset, name):

@@ -30,6 +30,7 @@ registered with [`register_estimator`][toreq.estimators.register_estimator]) plu
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from toreq.dynamics import Nudge
 from toreq.ops import RelaxResult
 from toreq.solvers import PhaseSettings
 from toreq.validation import (check_choice, check_nonnegative_float, check_positive_float,
-                              check_positive_int)
+                              check_positive_int, refuse_unknown)
 
 __all__ = [
     "BPTT", "ContrastiveLearning", "CoupledLearning", "EqProp", "Estimate", "Estimator",
@@ -500,7 +501,11 @@ def get_estimator(estimator: str | Estimator, **settings: Any) -> Estimator:
     if estimator not in _REGISTRY:
         raise ValueError(f"estimator must be one of {estimator_names()} or a "
                          f"toreq.estimators.Estimator, got {estimator!r}")
-    return _REGISTRY[estimator](**settings)
+    factory = _REGISTRY[estimator]
+    parameters = inspect.signature(factory).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        refuse_unknown(f"estimator {estimator!r}", settings, parameters)
+    return factory(**settings)
 
 
 for _estimator in (EqProp, ImplicitDifferentiation, BPTT, ContrastiveLearning, CoupledLearning,

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -60,7 +61,11 @@ class Preset:
 
     `lr` is AdamW's learning rate, annealed to 0 by a cosine schedule over `epochs`; the
     backprop baseline of the same width uses the same optimiser, schedule and batches.
-    `activation` None keeps the model's own; `channels` sizes `conv_ep` only.
+    `activation` None keeps the model's own; `channels` sizes `conv_ep` only. `algorithm` is
+    the gradient estimator by name (see [`estimator_names`][toreq.estimators.estimator_names]),
+    with `algorithm_settings` as `(name, value)` pairs; EqProp and holomorphic EqProp take
+    `beta` and `nudged_steps` from the preset (and EqProp its nudging from
+    `symmetric_nudging`) unless the settings name them.
     `result` is the measured figure in words (with its seeds), `command` what produced it.
     """
 
@@ -78,11 +83,27 @@ class Preset:
     channels: tuple[int, ...] = (16, 32)
     activation: str | None = "tanh"
     symmetric_nudging: bool = True
+    algorithm: str = "eqprop"
+    algorithm_settings: tuple[tuple[str, Any], ...] = ()
     result: str = ""
     command: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def estimator(self):
+        """The preset's gradient estimator ([`get_estimator`][toreq.estimators.get_estimator]:
+        an unknown algorithm or setting is refused, naming what is accepted)."""
+        from toreq.estimators import get_estimator
+
+        settings = dict(self.algorithm_settings)
+        if self.algorithm == "eqprop":
+            settings = {"beta": self.beta, "nudged_steps": self.nudged_steps,
+                        "nudging": "centered" if self.symmetric_nudging else "positive",
+                        **settings}
+        elif self.algorithm == "holomorphic":
+            settings = {"beta": self.beta, "nudged_steps": self.nudged_steps, **settings}
+        return get_estimator(self.algorithm, **settings)
 
 
 PRESETS: dict[str, Preset] = {
@@ -149,9 +170,8 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
         raise ValueError(f"method must be 'eqprop', 'bptt' or 'backprop', got {method!r}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr)
     if method == "eqprop":
-        trainer = EqPropTrainer(model, optimizer, beta=preset.beta, free_steps=preset.free_steps,
-                                nudged_steps=preset.nudged_steps,
-                                symmetric=preset.symmetric_nudging)
+        trainer = EqPropTrainer(model, optimizer, free_steps=preset.free_steps,
+                                nudged_steps=preset.nudged_steps, estimator=preset.estimator())
     elif method == "bptt":
         trainer = BPTTTrainer(model, optimizer, steps=preset.free_steps)
     else:
@@ -173,7 +193,9 @@ def run_description(preset: Preset, dataset: str, model: torch.nn.Module, seed: 
                                 "layers": preset.layers, "activation": preset.activation,
                                 "max_steps": preset.free_steps, "channels": preset.channels,
                                 "image_shape": None if image_shape is None else tuple(image_shape)}},
-        "algorithm": {"method": "eqprop", "beta": preset.beta, "free_steps": preset.free_steps,
+        "algorithm": {"method": "eqprop", "estimator": preset.algorithm,
+                      "estimator_settings": preset.estimator().settings(),
+                      "beta": preset.beta, "free_steps": preset.free_steps,
                       "nudged_steps": preset.nudged_steps,
                       "symmetric_nudging": preset.symmetric_nudging, "optimizer": "AdamW",
                       "lr": preset.lr, "schedule": "cosine", "epochs": preset.epochs,
