@@ -54,7 +54,9 @@ def gradient_of(model: EPMLP, x, y, estimator) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     model.max_steps, model.tol, model.nudged_steps = 20000, 1e-14, None
     estimator.backward(model, x, y, model.network(x))
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+    # a parameter the estimate does not reach (truncated BPTT's first steps) gets zero
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                      for p in model.parameters()])
 
 
 def gradient_quality(quick: bool) -> list[dict]:

@@ -81,6 +81,13 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.view(-1, *[1] * (like.dim() - 1))
 
 
+def _diverged(what: str, step: int, bad: int, batch: int) -> None:
+    raise DivergenceError(
+        f"{what}: the state became NaN or Inf at step {step} in {bad} of {batch} samples; lower "
+        "the learning rate, add damping, or make the dynamics contract (e.g. spectral "
+        "normalisation of the recurrent weight)")
+
+
 def iterate(
     step: Callable[[list[Tensor]], Sequence[Tensor]],
     states: Sequence[Tensor],
@@ -121,6 +128,12 @@ def iterate(
                 else like.real.dtype)
         residual = torch.full((batch,), float("inf"), dtype=real, device=like.device)
         everyone = True  # every sample still relaxing: no masking needed
+        # With tol = 0 no sample stops: nothing to mask and no early exit, so the loop keeps the
+        # first step at which each sample became non-finite on the device and syncs once, at
+        # the end (the same error, without a host round trip per step).
+        fixed = tol <= 0 and not static
+        first_bad = torch.zeros(batch, dtype=torch.long, device=like.device) if fixed else None
+        change = residual
         for k in range(1, max_steps + 1):
             out = list(step(s))
             if len(out) != len(s):
@@ -138,16 +151,19 @@ def iterate(
                     change = torch.maximum(change, delta.to(real))
             converging = change < tol
             new = plain if accelerator is None else accelerator(s, plain, k, converging)
-            if not static:
+            if fixed:
                 # NaN compares false with everything, so a non-finite state has a non-finite
-                # change: one reduction and one host sync per step serve both tests.
+                # change
+                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(change),
+                                        torch.full_like(first_bad, k), first_bad)
+                s = new
+                continue
+            if not static:
+                # one reduction and one host sync per step serve both tests
                 bad, relaxing = torch.stack([(~torch.isfinite(change) & active).sum(),
                                              (active & ~converging).sum()]).tolist()
                 if bad:
-                    raise DivergenceError(
-                        f"{what}: the state became NaN or Inf at step {k} in {bad} of {batch} "
-                        "samples; lower the learning rate, add damping, or make the dynamics "
-                        "contract (e.g. spectral normalisation of the recurrent weight)")
+                    _diverged(what, k, bad, batch)
             if static or not everyone:
                 s = [torch.where(_per_sample(active, t), n, t) for t, n in zip(s, new)]
             else:
@@ -159,4 +175,10 @@ def iterate(
                 everyone = relaxing == batch
                 if relaxing == 0:
                     break
+        if fixed and max_steps > 0:
+            bad = first_bad > 0
+            if bool(bad.any()):
+                at = int(first_bad[bad].min())
+                _diverged(what, at, int((first_bad == at).sum()), batch)
+            residual, steps = change, torch.full_like(steps, max_steps)
         return RelaxResult(s, steps, residual)
