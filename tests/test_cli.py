@@ -529,14 +529,28 @@ def test_train_takes_the_estimator_and_its_settings_by_name(capsys):
 @pytest.mark.parametrize("options,code,message", [
     (["--algorithm", "eqprop", "--algorithm-setting", "betta=0.1"], 1,
      r"estimator 'eqprop': unknown setting\(s\) 'betta'; accepted: beta, nudged_steps"),
-    (["--algorithm", "cl"], 1, "reads its output through a readout"),
     (["--algorithm", "cpl", "--algorithm-setting", "eta=2"], 1, r"eta must be in \(0, 1\]"),
     (["--algorithm-setting", "eta"], 2, "expected NAME=VALUE"),
     (["--algorithm", "hebbian"], 2, "invalid choice: 'hebbian'"),
 ])
 def test_a_bad_estimator_or_setting_is_one_line(options, code, message, capsys):
-    assert main(["train", *options, "--epochs", "1", "--threads", "1", "--no-progress"]) == code
+    command = ["train", *options, "--epochs", "1", "--threads", "1", "--no-progress"]
+    if code == 2:  # refused by the parser
+        with pytest.raises(SystemExit) as exit_:
+            main(command)
+        assert exit_.value.code == 2
+    else:
+        assert main(command) == code
     assert re.search(message, one_line(capsys.readouterr().err))
+
+
+def test_an_estimator_that_does_not_fit_the_model_stops_the_run_in_one_line(capsys):
+    # contrastive learning clamps the output layer; the digits preset's LoopedMLP has a readout
+    assert main(["train", "--algorithm", "cl", "--epochs", "1", "--threads", "1",
+                 "--no-progress"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("toreq train: error: ") and "through a readout" in lines[-1]
+    assert sum("error" in line for line in lines) == 1 and "Traceback" not in "".join(lines)
 
 
 def test_a_checkpoint_resumes_with_its_estimator(tmp_path, capsys):

@@ -202,6 +202,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.tensorboard and args.log_dir is None:
         raise ValueError("--tensorboard writes into --log-dir: give --log-dir too")
     preset, dataset = _preset(args, saved)
+    preset.estimator()  # an unknown algorithm or setting is refused before anything runs
     seed = args.seed if args.seed is not None else saved["seed"] if saved else 0
     if saved and seed != saved["seed"]:
         raise ValueError(f"--seed {seed} differs from the checkpoint's seed {saved['seed']}: "
