@@ -25,7 +25,7 @@ CONVERTED_MODULES = [
     "toreq.nn.transformer", "toreq.nn.vision", "toreq.nn.lm", "toreq.lm_study", "toreq.validate",
     "toreq.presets", "toreq.ops", "toreq.ops.iteration", "toreq.solvers", "toreq.dynamics",
     "toreq.estimators", "toreq.errors", "toreq.nn", "toreq.nn.block", "toreq.nn.stepped",
-    "toreq.diagnostics", "toreq.export", "toreq.lm_training", "toreq.control",
+    "toreq.diagnostics", "toreq.export", "toreq.lm_training", "toreq.control", "toreq.ops.relax",
 ]
 RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):`|\.\. (math|code-block)::")
 # TeX that was not typeset (a $$ block Markdown did not see as one, a formula outside $...$)
