@@ -26,7 +26,8 @@ CONVERTED_MODULES = [
     "toreq.presets", "toreq.ops", "toreq.ops.iteration", "toreq.solvers", "toreq.dynamics",
     "toreq.estimators", "toreq.errors", "toreq.nn", "toreq.nn.block", "toreq.nn.stepped",
     "toreq.diagnostics", "toreq.export", "toreq.lm_training", "toreq.control", "toreq.ops.relax",
-    "toreq.validation", "toreq.checkpoint", "toreq.nn.equilibrium", "toreq.nn.models",
+    "toreq.validation", "toreq.checkpoint", "toreq.nn.equilibrium", "toreq.nn.models", "toreq.train",
+    "toreq.cli",
 ]
 RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):`|\.\. (math|code-block)::")
 # TeX that was not typeset (a $$ block Markdown did not see as one, a formula outside $...$)
