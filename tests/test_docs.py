@@ -18,18 +18,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-# The modules whose docstrings follow docs/contributing.md (Markdown, $...$ math, [`x`][path]
-# links). Add a module here once it is converted; in the end this is every module of toreq.
-CONVERTED_MODULES = [
-    "toreq", "toreq.ops.hebbian", "toreq.utils", "toreq.distributed", "toreq.data",
-    "toreq.nn.transformer", "toreq.nn.vision", "toreq.nn.lm", "toreq.lm_study", "toreq.validate",
-    "toreq.presets", "toreq.ops", "toreq.ops.iteration", "toreq.solvers", "toreq.dynamics",
-    "toreq.estimators", "toreq.errors", "toreq.nn", "toreq.nn.block", "toreq.nn.stepped",
-    "toreq.diagnostics", "toreq.export", "toreq.lm_training", "toreq.control",
-]
 RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):`|\.\. (math|code-block)::")
 # TeX that was not typeset (a $$ block Markdown did not see as one, a formula outside $...$)
 RAW_TEX = re.compile(r"\$\$|\\(frac|sum|left|right|top|tanh|leftarrow|beta|rho|nabla|mathrm)\b")
+
+
+def package_modules() -> list[str]:
+    """Every public module of toreq (no part of its dotted name starts with ``_``)."""
+    import toreq
+
+    return ["toreq"] + [m.name for m in pkgutil.walk_packages(toreq.__path__, "toreq.")
+                        if not any(part.startswith("_") for part in m.name.split("."))]
 
 
 def build_site(out: Path) -> Path:
@@ -141,12 +140,8 @@ def test_mathml_hook_typesets_inline_and_display_math_and_refuses_bad_tex():
 
 def public_names() -> list[tuple[str, str, str]]:
     """``(module, name, the dotted path of its API entry)`` for every name in an ``__all__``."""
-    import toreq
-
-    modules = ["toreq"] + [m.name for m in pkgutil.walk_packages(toreq.__path__, "toreq.")
-                           if not any(part.startswith("_") for part in m.name.split("."))]
     names = []
-    for module_name in modules:
+    for module_name in package_modules():
         module = importlib.import_module(module_name)
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)
@@ -172,9 +167,8 @@ def test_every_public_name_has_an_api_entry(site):
     assert not missing, f"no API entry for {missing}"
 
 
-@pytest.mark.parametrize("module", CONVERTED_MODULES)
-def test_converted_modules_render_no_restructuredtext(site, module):
-    text = module_text(site, module)
+def check_rendered(module: str, text: str) -> None:
+    """Fails when ``text``, a module's rendered documentation, is empty or shows raw markup."""
     assert len(text) > 200, f"{module}: its documentation is empty"
     raw = sorted({m.group(0) for m in RAW_RST.finditer(text)})
     assert not raw, f"{module}'s built documentation shows raw reStructuredText: {raw}"
@@ -182,12 +176,37 @@ def test_converted_modules_render_no_restructuredtext(site, module):
     assert not tex, f"{module}'s built documentation shows TeX as text: {tex}"
 
 
-def test_module_text_finds_raw_roles_in_an_unconverted_section(site):
-    # the check above can fail: toreq.ops.relax is not converted yet and shows its roles
-    if "toreq.ops.relax" in CONVERTED_MODULES:
-        pytest.skip("toreq.ops.relax is converted: nothing unconverted left to detect")
-    assert RAW_RST.search(module_text(site, "toreq.ops.relax"))
-    assert not RAW_RST.search(module_text(site, "toreq.ops.hebbian"))
+# Every module's docstrings follow docs/contributing.md (Markdown, $...$ math, [`x`][path]
+# links), and a new module needs an API page (a '::: module' line in docs/api/).
+@pytest.mark.parametrize("module", package_modules())
+def test_every_module_renders_no_restructuredtext(site, module):
+    check_rendered(module, module_text(site, module))
+
+
+def test_rendering_check_fails_on_raw_markup_in_a_module_section():
+    # the check above can fail: in a page of three module sections, the one left in
+    # reStructuredText and the one with TeX that was not typeset are caught, the clean one not
+    prose = "Relaxes a layered network to equilibrium, one phase at a time. " * 4
+
+    def section(module: str, body: str) -> str:
+        return (f'<div class="doc doc-object doc-module"><h2 id="{module}">{module}</h2>'
+                f'<div class="doc doc-contents"><p>{prose}</p>{body}</div></div>')
+
+    parser = ModuleText("page")
+    parser.feed(section("toreq.raw", "<p>See :func:`relax` and</p>"
+                                     "<p>.. math:: h \\leftarrow \\rho(W h)</p>")
+                + section("toreq.tex", "<p>$$ h \\leftarrow \\rho(W h) $$</p>")
+                + section("toreq.clean", '<p>See <a href="#toreq.raw"><code>relax</code></a> and'
+                                         ' <math><mi>h</mi></math>.</p>'))
+    text = {module: "".join(parts) for module, parts in parser.text.items()}
+    assert set(text) == {"page", "toreq.raw", "toreq.tex", "toreq.clean"}
+    with pytest.raises(AssertionError, match=re.escape("raw reStructuredText: ['.. math::', "
+                                                       "':func:`']")):
+        check_rendered("toreq.raw", text["toreq.raw"])
+    with pytest.raises(AssertionError, match=re.escape("TeX as text: ['$$', '\\\\leftarrow', "
+                                                       "'\\\\rho']")):
+        check_rendered("toreq.tex", text["toreq.tex"])
+    check_rendered("toreq.clean", text["toreq.clean"])
 
 
 def cli_actions(parser: argparse.ArgumentParser):

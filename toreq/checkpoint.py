@@ -1,18 +1,18 @@
 """Checkpoints that describe themselves: atomic writes, verified and safe reads.
 
-A checkpoint (``toreq-checkpoint-2``) is a ``torch.save`` archive of plain data and tensors
-only: the model's and optimizer's ``state_dict``, the trainer's step count, the metrics
-history, the RNG states, an ``extra`` dict for the caller, and ``about``, the run's own
-description: what wrote it (``command``: ``toreq train``, ``toreq lm-train``), the model
-(``model``: its class and the arguments that rebuild it), the preset, the data set, the
+A checkpoint (`toreq-checkpoint-2`) is a `torch.save` archive of plain data and tensors
+only: the model's and optimizer's `state_dict`, the trainer's step count, the metrics
+history, the RNG states, an `extra` dict for the caller, and `about`, the run's own
+description: what wrote it (`command`: `toreq train`, `toreq lm-train`), the model
+(`model`: its class and the arguments that rebuild it), the preset, the data set, the
 algorithm's settings, the seed, and the toreq and torch versions and torch thread count it ran
-with. So ``toreq export``, ``toreq generate`` and ``toreq train --resume`` need only the path,
+with. So `toreq export`, `toreq generate` and `toreq train --resume` need only the path,
 and a checkpoint given to the wrong command or model is answered with one line saying what it
-holds (:func:`describe_checkpoint`).
+holds ([`describe_checkpoint`][toreq.checkpoint.describe_checkpoint]).
 
-Reading never unpickles code: :func:`read_checkpoint` checks every record's CRC-32 and then
-loads with ``torch.load(weights_only=True)``. This module imports no model, so every layer
-(the trainers, the language models, the command line) can use it.
+Reading never unpickles code: [`read_checkpoint`][toreq.checkpoint.read_checkpoint] checks every
+record's CRC-32 and then loads with `torch.load(weights_only=True)`. This module imports no
+model, so every layer (the trainers, the language models, the command line) can use it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ FORMAT = "toreq-checkpoint-2"
 
 
 def _rng_state() -> dict[str, Any]:
-    """The torch, Python and NumPy generators' states in types ``weights_only`` loads."""
+    """The torch, Python and NumPy generators' states in types `weights_only` loads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
@@ -55,8 +55,8 @@ def save_checkpoint(path: str | os.PathLike, trainer: Any, epoch: int,
                     about: dict[str, Any] | None = None) -> None:
     """Writes a checkpoint atomically: a temporary file in the same folder, fsynced, renamed.
 
-    ``trainer`` is anything with ``model`` and ``optimizer`` (and optionally ``steps_done``).
-    ``about`` describes the run (see the module docstring); the toreq and torch versions and
+    `trainer` is anything with `model` and `optimizer` (and optionally `steps_done`).
+    `about` describes the run (see the module docstring); the toreq and torch versions and
     the torch thread count are added to it. A crash while writing leaves the previous
     checkpoint intact.
     """
@@ -91,14 +91,15 @@ def save_checkpoint(path: str | os.PathLike, trainer: Any, epoch: int,
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The dict of a checkpoint written by :func:`save_checkpoint`, verified, loaded safely.
+    """The dict of a checkpoint written by [`save_checkpoint`][toreq.checkpoint.save_checkpoint],
+    verified, loaded safely.
 
-    ``torch.save`` writes a zip archive holding a CRC-32 of every record, and ``torch.load``
+    `torch.save` writes a zip archive holding a CRC-32 of every record, and `torch.load`
     does not check them, so a flipped byte in a tensor would otherwise load as silently damaged
-    weights. The archive is then loaded with ``torch.load(weights_only=True)``, which refuses
+    weights. The archive is then loaded with `torch.load(weights_only=True)`, which refuses
     anything but tensors and plain data, so a crafted file cannot run code. A missing file
-    raises ``FileNotFoundError``; a truncated, corrupt or unsafe file, or one that is not a
-    toreq checkpoint of this format, a ``RuntimeError`` that says so in one line.
+    raises `FileNotFoundError`; a truncated, corrupt or unsafe file, or one that is not a
+    toreq checkpoint of this format, a `RuntimeError` that says so in one line.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,7 +129,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def describe_checkpoint(state: dict[str, Any], path: str | os.PathLike = "the checkpoint") -> str:
-    """One line saying what a checkpoint (the dict of :func:`read_checkpoint`) holds."""
+    """One line saying what a checkpoint (the dict of
+    [`read_checkpoint`][toreq.checkpoint.read_checkpoint]) holds."""
     about = state.get("about", {})
     model = about.get("model", {})
     what = model.get("class", "model of unknown class")
@@ -146,9 +148,10 @@ def describe_checkpoint(state: dict[str, Any], path: str | os.PathLike = "the ch
 def load_checkpoint(path: str | os.PathLike, trainer: Any) -> dict[str, Any]:
     """Restores model, optimizer, RNGs and trainer counters; returns the checkpoint dict.
 
-    The file is verified first (:func:`read_checkpoint`). A checkpoint that does not fit
-    ``trainer.model`` raises a one-line ``RuntimeError`` saying what the checkpoint holds and
-    how it differs (keys missing or unexpected, the first shape that differs).
+    The file is verified first ([`read_checkpoint`][toreq.checkpoint.read_checkpoint]). A
+    checkpoint that does not fit `trainer.model` raises a one-line `RuntimeError` saying what
+    the checkpoint holds and how it differs (keys missing or unexpected, the first shape that
+    differs).
     """
     state = read_checkpoint(path)
     mismatch = _state_dict_mismatch(state["model"], trainer.model.state_dict())
@@ -169,8 +172,8 @@ def load_checkpoint(path: str | os.PathLike, trainer: Any) -> dict[str, Any]:
 
 
 def save_safetensors(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Writes the model weights of a checkpoint dict as a ``.safetensors`` file (the
-    ``safetensors`` format: tensors and a JSON header only), with the checkpoint's ``about``
+    """Writes the model weights of a checkpoint dict as a `.safetensors` file (the
+    `safetensors` format: tensors and a JSON header only), with the checkpoint's `about`
     as string metadata. Non-tensor entries of the state dict (extra state) are left out."""
     import json
 

@@ -1,9 +1,10 @@
-"""The ``toreq`` command line (also ``python -m toreq``).
+"""The `toreq` command line (also `python -m toreq`).
 
-Every numeric option is checked when it is parsed (``_number``): a bad value stops with one line
-naming the option, the value and what is accepted, and exit code 2. An error of the library
+Every numeric option is checked when it is parsed ([`number_type`][toreq.cli.number_type]): a
+bad value stops with one line naming the option, the value and what is accepted, and exit code
+2. An error of the library
 while a command runs (a diverged training, a corrupt checkpoint, a missing file) is printed as
-one line with exit code 1; ``--debug`` shows its traceback instead.
+one line with exit code 1; `--debug` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ SEED_MAX = 2**32 - 1
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error: ``prog: error: message (see prog --help)``, exit 2."""
+    """argparse with a one-line error: `prog: error: message (see prog --help)`, exit 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -33,8 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 def number_type(kind: type, low: float | None = None, high: float | None = None, *,
             low_open: bool = False) -> Callable[[str], int | float]:
-    """An argparse ``type=``: an int (``kind=int``) or a finite float in ``[low, high]``
-    (``(low, high]`` with ``low_open``); argparse names the option in its message."""
+    """An argparse `type=`: an int (`kind=int`) or a finite float in `[low, high]`
+    (`(low, high]` with `low_open`); argparse names the option in its message."""
     bounds = []
     if low is not None:
         bounds.append(f"{'>' if low_open else '>='} {low:g}")
@@ -172,7 +173,7 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
 
 
 def _setting(text: str) -> tuple[str, int | float | str]:
-    """``NAME=VALUE`` of ``--algorithm-setting``: the value as an int, a float or a string."""
+    """`NAME=VALUE` of `--algorithm-setting`: the value as an int, a float or a string."""
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier() or not value:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. eta=0.2; got {text!r}")
@@ -271,7 +272,7 @@ def _refuse_to_overwrite(path: str) -> None:
 
 
 def _train_run_of(state: dict, path: str, command: str) -> dict:
-    """The ``about`` of a checkpoint of ``toreq train``; one line saying what it holds else."""
+    """The `about` of a checkpoint of `toreq train`; one line saying what it holds else."""
     from toreq.checkpoint import describe_checkpoint
 
     about = state.get("about", {})
@@ -291,7 +292,7 @@ HYPERPARAMETERS = ("model", "hidden", "layers", "channels", "activation", "epoch
 
 
 def _preset(args: argparse.Namespace, saved: dict | None = None):
-    """The run's preset and data set: ``--preset`` (default: the data set's), or the one a
+    """The run's preset and data set: `--preset` (default: the data set's), or the one a
     resumed checkpoint was trained with, with every hyper-parameter option given applied (on
     resume, an option that differs from the checkpoint's value is refused)."""
     from toreq.presets import PRESETS, Preset, get_preset
@@ -515,7 +516,7 @@ def _run_lm_train(args: argparse.Namespace) -> int:
 
 
 class _Heartbeat:
-    """Prints ``prog: text`` to stderr, at most one line every ``every_s`` seconds unless forced."""
+    """Prints `prog: text` to stderr, at most one line every `every_s` seconds unless forced."""
 
     def __init__(self, prog: str, every_s: float = 5.0) -> None:
         self.prog, self.every_s, self.last = prog, every_s, -math.inf
@@ -679,7 +680,7 @@ class _Watched:
 
 
 class _StillWorking:
-    """While a command runs, ``prog: still working (N s)`` on stderr after every QUIET_S seconds
+    """While a command runs, `prog: still working (N s)` on stderr after every QUIET_S seconds
     in which neither stdout nor stderr was written to."""
 
     def __init__(self, prog: str) -> None:
@@ -708,6 +709,8 @@ class _StillWorking:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    """The `toreq` argument parser, with every subcommand and its options (the
+    [command-line reference](../cli.md) of these pages is generated from it)."""
     import toreq
 
     parser = _Parser(
@@ -725,7 +728,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one command; returns its exit code (an error: one line on stderr, 1)."""
+    """Runs one command; returns its exit code (an error: one line on stderr, 1).
+
+    Args:
+        argv: the arguments after `toreq` (None: `sys.argv[1:]`).
+    """
     args = make_parser().parse_args(argv)
     try:
         with _StillWorking(f"toreq {args.command}"):

@@ -1,11 +1,14 @@
 """Trainers: EqProp, and the backprop-through-time and feedforward-backprop baselines.
 
-Each trainer's :meth:`step` takes one batch, writes gradients into the parameters' ``.grad``
-and steps the optimizer, so every ``torch.optim`` optimizer and LR scheduler works. One EqProp
-step reads top to bottom: free relaxation -> nudged relaxation(s) -> contrastive update ->
-optimizer step. :func:`fit` runs epochs with evaluation, a progress bar, metric logs and
-atomic, exactly-resumable checkpoints (:mod:`toreq.checkpoint`, whose ``save_checkpoint``,
-``read_checkpoint`` and ``load_checkpoint`` are re-exported here).
+Each trainer's `step` (e.g. [`EqPropTrainer.step`][toreq.train.EqPropTrainer.step]) takes one
+batch, writes gradients into the parameters' `.grad` and steps the optimizer, so every
+`torch.optim` optimizer and LR scheduler works. One EqProp step reads top to bottom: free
+relaxation, nudged relaxation(s), contrastive update, optimizer step. [`fit`][toreq.train.fit]
+runs epochs with evaluation, a progress bar, metric logs and atomic, exactly-resumable
+checkpoints ([`toreq.checkpoint`][toreq.checkpoint], whose
+[`save_checkpoint`][toreq.checkpoint.save_checkpoint],
+[`read_checkpoint`][toreq.checkpoint.read_checkpoint] and
+[`load_checkpoint`][toreq.checkpoint.load_checkpoint] are re-exported here).
 """
 
 from __future__ import annotations
@@ -60,38 +63,42 @@ class EqPropTrainer:
     """Trains an equilibrium model with a gradient estimator (EqProp by default), never with
     backprop through the relaxation.
 
-    The estimator (:mod:`toreq.estimators`) owns the phases; the trainer adds what every step
-    needs: the batch's effective weights built once, the safety checks (NaN/Inf, loss
-    blow-up), data-parallel averaging, the optimizer step and per-phase statistics.
+    The estimator ([`toreq.estimators`][toreq.estimators]) owns the phases; the trainer adds
+    what every step needs: the batch's effective weights built once, the safety checks
+    (NaN/Inf, loss blow-up), data-parallel averaging, the optimizer step and per-phase
+    statistics.
 
     Args:
-        model: a :class:`toreq.nn.EquilibriumModel`, or any module containing
-            :class:`toreq.nn.EquilibriumBlock` s (trained through its blocks' own backward, with
-            ``loss_fn``).
-        optimizer: any ``torch.optim`` optimizer over ``model.parameters()``.
+        model: a [`toreq.nn.EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel], or any
+            module containing [`toreq.nn.EquilibriumBlock`][toreq.nn.block.EquilibriumBlock]
+            layers (trained through its blocks' own backward, with `loss_fn`).
+        optimizer: any `torch.optim` optimizer over `model.parameters()`.
         beta: nudging strength of the default EqProp estimator (fixed by default; the earlier
-            prototype found annealing it unstable); a given ``estimator`` keeps its own.
-        free_steps: the free phase's step cap (``None``: the model's ``max_steps``).
+            prototype found annealing it unstable); a given `estimator` keeps its own.
+        free_steps: the free phase's step cap (`None`: the model's `max_steps`).
         nudged_steps: each nudged phase's step cap.
-        symmetric: the default estimator's nudging: centered (``+beta`` against ``-beta``, bias
-            O(beta^2)) when True, else positive (``+beta`` against the free phase).
+        symmetric: the default estimator's nudging: centered (`+beta` against `-beta`, bias
+            $O(\beta^2)$) when True, else positive (`+beta` against the free phase).
         tol: overrides the model's relaxation tolerance when given.
         damping: overrides the model's damping when given.
-        loss: override the model's loss (``"cross_entropy"`` or ``"mse"``) when given.
-        beta_schedule: optional ``step -> beta`` function (e.g. for annealing studies); it
+        loss: override the model's loss (`"cross_entropy"` or `"mse"`) when given.
+        beta_schedule: optional `step -> beta` function (e.g. for annealing studies); it
             overrides the estimator's beta at every step.
-        max_loss_ratio: a step whose loss exceeds this multiple of ``max(1, first step's loss)``
-            raises :class:`TrainingDiverged` (a blow-up that has not reached Inf yet, e.g. a
-            learning rate far too large); None turns the check off.
-        process_group: data-parallel training over this ``torch.distributed`` group (e.g.
-            ``torch.distributed.group.WORLD``): each rank passes its shard of the global batch
+        max_loss_ratio: a step whose loss exceeds this multiple of `max(1, first step's loss)`
+            raises [`TrainingDiverged`][toreq.errors.TrainingDiverged] (a blow-up that has not
+            reached Inf yet, e.g. a learning rate far too large); None turns the check off.
+        process_group: data-parallel training over this `torch.distributed` group (e.g.
+            `torch.distributed.group.WORLD`): each rank passes its shard of the global batch
             and the gradients are averaged over the global batch before the optimizer step
-            (see :mod:`toreq.distributed`; :func:`fit` shards the batches itself).
-        estimator: an estimator name of :func:`toreq.estimators.estimator_names` or a
-            :class:`toreq.estimators.Estimator` (default: EqProp from ``beta``, ``symmetric``
-            and ``nudged_steps``).
-        loss_fn: for modules with blocks, ``loss_fn(model(x), y)`` (default
-            :func:`toreq.dynamics.default_loss`: cross-entropy for integer labels).
+            (see [`toreq.distributed`][toreq.distributed]; [`fit`][toreq.train.fit] shards the
+            batches itself).
+        estimator: an estimator name of
+            [`toreq.estimators.estimator_names`][toreq.estimators.estimator_names] or a
+            [`toreq.estimators.Estimator`][toreq.estimators.Estimator] (default: EqProp from
+            `beta`, `symmetric` and `nudged_steps`).
+        loss_fn: for modules with blocks, `loss_fn(model(x), y)` (default
+            [`toreq.dynamics.default_loss`][toreq.dynamics.default_loss]: cross-entropy for
+            integer labels).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -137,7 +144,7 @@ class EqPropTrainer:
 
     def _phases(self, x: Tensor, y: Tensor,
                 beta: float | None) -> tuple[Tensor, Tensor, dict, dict]:
-        """The estimator's phases and gradients: ``(loss, output, phases, tolerances)``."""
+        """The estimator's phases and gradients: `(loss, output, phases, tolerances)`."""
         model = self.model
         if not isinstance(model, EquilibriumModel):  # blocks: their backward is the estimator
             output = model(x)
@@ -158,14 +165,18 @@ class EqPropTrainer:
         return estimate.loss, estimate.output, estimate.phases, estimate.tolerances
 
     def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One training step on the batch ``(x, y)``; with a process group, on this rank's shard.
+        """One training step on the batch `(x, y)`; with a process group, on this rank's shard.
 
-        Returns the batch's loss, accuracy and relaxation statistics per phase (with a process
-        group: over the global batch, except ``free_steps_max``, which is this rank's).
-        ``unconverged`` and ``nudged_unconverged`` are the shares of samples that stopped at
-        their phase's cap above its tolerance. Raises :class:`TrainingDiverged`, leaving the
-        parameters as they were, when the relaxation, the loss or a gradient is NaN or Inf or
-        the loss exploded; and when the optimizer step overflowed or made a parameter NaN or Inf.
+        Returns:
+            The batch's loss, accuracy and relaxation statistics per phase (with a process
+                group: over the global batch, except `free_steps_max`, which is this rank's).
+                `unconverged` and `nudged_unconverged` are the shares of samples that stopped
+                at their phase's cap above its tolerance.
+
+        Raises:
+            TrainingDiverged: leaving the parameters as they were, when the relaxation, the
+                loss or a gradient is NaN or Inf or the loss exploded; and when the optimizer
+                step overflowed or made a parameter NaN or Inf.
         """
         model, group = self.model, self.process_group
         check_batch(type(model).__name__, x, y)
@@ -281,8 +292,9 @@ def _check_finite(named: list[tuple[str, Tensor]], what: str, tensor: Callable[[
 
 
 class BPTTTrainer(EqPropTrainer):
-    """Backprop through time over the same dynamics, unrolled ``steps`` steps from rest: the
-    :class:`EqPropTrainer` with the :class:`toreq.estimators.BPTT` estimator."""
+    """Backprop through time over the same dynamics, unrolled `steps` steps from rest: the
+    [`EqPropTrainer`][toreq.train.EqPropTrainer] with the
+    [`toreq.estimators.BPTT`][toreq.estimators.BPTT] estimator."""
 
     def __init__(self, model: EquilibriumModel, optimizer: torch.optim.Optimizer, *,
                  steps: int | None = None, truncation: int | None = None) -> None:
@@ -294,7 +306,8 @@ class BPTTTrainer(EqPropTrainer):
 
 
 class BackpropTrainer:
-    """Ordinary backprop for a feedforward model (e.g. :class:`toreq.nn.FeedforwardMLP`)."""
+    """Ordinary backprop for a feedforward model (e.g.
+    [`toreq.nn.FeedforwardMLP`][toreq.nn.models.FeedforwardMLP])."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
@@ -315,7 +328,7 @@ class BackpropTrainer:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Loss, accuracy and (for equilibrium models) mean relaxation steps on ``(x, y)``."""
+    """Loss, accuracy and (for equilibrium models) mean relaxation steps on `(x, y)`."""
     check_batch(type(model).__name__, x, y)
     model.eval()
     total_loss, correct, steps = 0.0, 0, 0.0
@@ -342,34 +355,35 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         resume: bool = False, overwrite: bool = False, progress: bool | str = True,
         desc: str = "train", scheduler: Any = None, deterministic: bool = False,
         about: dict[str, Any] | None = None, tensorboard: bool = False) -> list[dict[str, Any]]:
-    """Trains for ``epochs`` epochs and returns one metrics dict per epoch.
+    """Trains for `epochs` epochs and returns one metrics dict per epoch.
 
-    The batch order of epoch ``e`` depends only on ``(seed, e)``, so a run resumed from the
-    checkpoint of epoch ``e`` (``checkpoint=..., resume=True``) reproduces the uninterrupted
-    run's losses exactly. An existing ``checkpoint`` is never overwritten by a new run unless
-    ``overwrite=True`` (``FileExistsError``); ``about`` describes the run in every checkpoint
-    (see :mod:`toreq.checkpoint`). With ``log_dir``, metrics go to ``metrics.jsonl`` and
-    ``metrics.csv`` there (and, with ``tensorboard=True``, to TensorBoard event files: the
-    ``tensorboard`` extra). A TrainingDiverged error stops training with advice.
+    The batch order of epoch `e` depends only on `(seed, e)`, so a run resumed from the
+    checkpoint of epoch `e` (`checkpoint=..., resume=True`) reproduces the uninterrupted
+    run's losses exactly. An existing `checkpoint` is never overwritten by a new run unless
+    `overwrite=True` (`FileExistsError`); `about` describes the run in every checkpoint
+    (see [`toreq.checkpoint`][toreq.checkpoint]). With `log_dir`, metrics go to `metrics.jsonl`
+    and `metrics.csv` there (and, with `tensorboard=True`, to TensorBoard event files: the
+    `tensorboard` extra). A [`TrainingDiverged`][toreq.errors.TrainingDiverged] error stops
+    training with advice.
 
-    ``progress``: ``True`` shows a progress bar on a terminal and, where stderr is not a
+    `progress`: `True` shows a progress bar on a terminal and, where stderr is not a
     terminal (a log file, CI), no bar but a line every 10 s within an epoch; both print one line
-    per epoch to stderr. ``"epochs"``: the epoch lines only. ``False``: nothing.
+    per epoch to stderr. `"epochs"`: the epoch lines only. `False`: nothing.
 
-    Every epoch's record holds its training time (``seconds``) and the torch thread count
-    (``threads``): float sums in matrix products are split by thread, so the same seed can
-    give slightly different results with another thread count. ``deterministic=True`` runs the
-    epochs on one thread under ``torch.use_deterministic_algorithms(True)`` (both restored
+    Every epoch's record holds its training time (`seconds`) and the torch thread count
+    (`threads`): float sums in matrix products are split by thread, so the same seed can
+    give slightly different results with another thread count. `deterministic=True` runs the
+    epochs on one thread under `torch.use_deterministic_algorithms(True)` (both restored
     afterwards): an op without a deterministic implementation raises instead of varying
     silently, and the result does not depend on the thread count (CUDA also needs
-    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment; see PyTorch's reproducibility
-    notes). Parameters are initialised by the caller: seed with ``torch.manual_seed`` before
+    `CUBLAS_WORKSPACE_CONFIG=:4096:8` in the environment; see PyTorch's reproducibility
+    notes). Parameters are initialised by the caller: seed with `torch.manual_seed` before
     building the model.
 
-    With a data-parallel trainer (``EqPropTrainer(..., process_group=...)``) ``batch_size`` is
+    With a data-parallel trainer (`EqPropTrainer(..., process_group=...)`) `batch_size` is
     the global batch: every rank draws the same batches and trains on its shard of each
-    (:func:`toreq.distributed.shard`), so the run matches one process on the same batches; only
-    rank 0 shows progress, writes logs and saves checkpoints.
+    ([`toreq.distributed.shard`][toreq.distributed.shard]), so the run matches one process on
+    the same batches; only rank 0 shows progress, writes logs and saves checkpoints.
     """
     from toreq.validation import check_choice, check_nonnegative_int, check_positive_int
 

@@ -1,7 +1,7 @@
 """Argument validators shared by every layer: one message format, naming the argument.
 
-Each returns the (normalised) value or raises ``ValueError``/``TypeError`` with
-``"<name> must be <what is accepted>, got <value>"``.
+Each returns the (normalised) value or raises `ValueError`/`TypeError` with
+`"<name> must be <what is accepted>, got <value>"`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _is_real(value: object) -> bool:
 
 
 def check_positive_int(name: str, value: Any, *, allow_none: bool = False) -> int | None:
-    """An int >= 1 (or None when ``allow_none``)."""
+    """An int >= 1 (or None when `allow_none`)."""
     if value is None and allow_none:
         return None
     if not _is_int(value) or value < 1:
@@ -66,14 +66,14 @@ def check_nonnegative_float(name: str, value: Any) -> float:
 
 
 def check_fraction(name: str, value: Any) -> float:
-    """A real number in ``[0, 1)`` (damping: the weight the old state keeps)."""
+    """A real number in `[0, 1)` (damping: the weight the old state keeps)."""
     if not _is_real(value) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """One of ``choices``."""
+    """One of `choices`."""
     choices = tuple(choices)
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
@@ -81,7 +81,7 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
 
 
 def refuse_unknown(what: str, given: Iterable[str], known: Iterable[str]) -> None:
-    """Raises ``TypeError`` naming every setting of ``given`` that is not in ``known``: a
+    """Raises `TypeError` naming every setting of `given` that is not in `known`: a
     misspelt setting is an error, never silently ignored."""
     known = set(known)
     unknown = sorted(set(given) - known)
@@ -103,7 +103,7 @@ def check_layer_sizes(model: str, **sizes: Any) -> None:
 
 
 def check_batched_input(model: str, x: Any, features: int | None = None) -> None:
-    """``x`` is a floating-point batch ``(batch, ...)`` (with ``features`` in its last dimension
+    """`x` is a floating-point batch `(batch, ...)` (with `features` in its last dimension
     when given). A single unbatched sample would otherwise be read as a batch of scalars."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{model}: x must be a torch.Tensor of shape (batch, ...), got "
@@ -119,8 +119,8 @@ def check_batched_input(model: str, x: Any, features: int | None = None) -> None
 
 
 def check_class_labels(y: Any, batch: int, num_classes: int | None = None) -> None:
-    """``y`` holds one integer class index per sample: shape ``(batch,)``, an integer dtype,
-    values in ``[0, num_classes)`` when given (float labels and one-hot targets are refused)."""
+    """`y` holds one integer class index per sample: shape `(batch,)`, an integer dtype,
+    values in `[0, num_classes)` when given (float labels and one-hot targets are refused)."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a tensor of class indices, got {type(y).__name__}")
     if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
@@ -138,7 +138,7 @@ def check_class_labels(y: Any, batch: int, num_classes: int | None = None) -> No
 
 
 def check_optimizer_covers(optimizer: Any, model: torch.nn.Module) -> None:
-    """``optimizer`` updates at least one of ``model``'s trainable parameters; otherwise training
+    """`optimizer` updates at least one of `model`'s trainable parameters; otherwise training
     would compute gradients and change nothing."""
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     held = {id(p) for group in getattr(optimizer, "param_groups", []) for p in group["params"]}
@@ -149,7 +149,8 @@ def check_optimizer_covers(optimizer: Any, model: torch.nn.Module) -> None:
 
 
 def check_batch(model: str, x: Any, y: Any) -> None:
-    """A training or evaluation batch: ``x`` batched (:func:`check_batched_input`) and ``y`` one
-    class index per sample (:func:`check_class_labels`)."""
+    """A training or evaluation batch: `x` batched
+    ([`check_batched_input`][toreq.validation.check_batched_input]) and `y` one class index per
+    sample ([`check_class_labels`][toreq.validation.check_class_labels])."""
     check_batched_input(model, x)
     check_class_labels(y, x.shape[0])

@@ -1,11 +1,14 @@
 """The base of toreq's equilibrium models: a dynamics, a solver and a gradient estimator.
 
-An :class:`EquilibriumModel` is an ``nn.Module`` that *is* a dynamics (a subclass also derives
-from one of :class:`toreq.dynamics.CouplingDynamics`, :class:`~toreq.dynamics.PrimitiveDynamics`
-or :class:`~toreq.dynamics.FieldDynamics`), *has* a solver (:mod:`toreq.solvers`, ``"auto"``:
-the C++ op for coupling lists, else iteration) and is trained by an estimator
-(:mod:`toreq.estimators`, chosen by the trainer). Every phase goes through :meth:`solve`, which
-also reports non-convergence.
+An [`EquilibriumModel`][toreq.nn.equilibrium.EquilibriumModel] is an `nn.Module` that *is* a
+dynamics (a subclass also derives from one of
+[`toreq.dynamics.CouplingDynamics`][toreq.dynamics.CouplingDynamics],
+[`PrimitiveDynamics`][toreq.dynamics.PrimitiveDynamics] or
+[`FieldDynamics`][toreq.dynamics.FieldDynamics]), *has* a solver
+([`toreq.solvers`][toreq.solvers], `"auto"`: the C++ op for coupling lists, else iteration) and
+is trained by an estimator ([`toreq.estimators`][toreq.estimators], chosen by the trainer).
+Every phase goes through [`solve`][toreq.nn.equilibrium.EquilibriumModel.solve], which also
+reports non-convergence.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ PHASE_NAMES = {"free": "the free phase", "positive": "the +beta nudged phase",
 
 def warn_unconverged(owner: str, phase: str, result: RelaxResult, settings: PhaseSettings,
                      stacklevel: int = 3) -> None:
-    """One :class:`toreq.errors.ConvergenceWarning` when a phase left samples above its
-    tolerance (``tol > 0``). The text has no per-call numbers, so Python shows it once per call
-    site; which samples and by how much are in the result's ``residual``."""
+    """One [`toreq.errors.ConvergenceWarning`][toreq.errors.ConvergenceWarning] when a phase left
+    samples above its tolerance (`tol > 0`). The text has no per-call numbers, so Python shows
+    it once per call site; which samples and by how much are in the result's `residual`."""
     if torch.compiler.is_compiling():  # a traced program cannot test values
         return
     if settings.tol > 0 and bool((~result.converged(settings.tol)).any()):
@@ -48,24 +51,27 @@ def warn_unconverged(owner: str, phase: str, result: RelaxResult, settings: Phas
 
 
 class EquilibriumModel(nn.Module):
-    """A network whose prediction is the fixed point of ``s <- F(x, s)``.
+    r"""A network whose prediction is the fixed point of $s \leftarrow F(x, s)$.
 
-    Subclasses derive from a dynamics kind first (``class M(CouplingDynamics,
-    EquilibriumModel)``) and define its methods (at least ``network``). After each forward the
-    free equilibrium is in ``last_states``, the per-sample step counts in ``last_steps`` and the
-    residuals in ``last_residual``.
+    Subclasses derive from a dynamics kind first
+    (`class M(CouplingDynamics, EquilibriumModel)`) and define its methods (at least
+    `network`). After each forward the
+    free equilibrium is in `last_states`, the per-sample step counts in `last_steps` and the
+    residuals in `last_residual`.
 
     Args:
-        activation: the activation of the dynamics (``"hard_sigmoid"``, ``"tanh"``,
-            ``"sigmoid"``).
-        loss: ``"cross_entropy"`` (through a readout) or ``"mse"`` (``1/2 |o - onehot(y)|^2``).
+        activation: the activation of the dynamics (`"hard_sigmoid"`, `"tanh"`,
+            `"sigmoid"`).
+        loss: `"cross_entropy"` (through a readout) or `"mse"`
+            ($\frac{1}{2} |o - \mathrm{onehot}(y)|^2$).
         max_steps: the free phase's step cap.
-        tol: the free phase's tolerance (the nudged phases use ``tol * |beta|``).
-        damping: the weight the old state keeps in each update, in ``[0, 1)``.
-        schedule: ``"sync"`` or ``"async"``.
-        solver: a solver name of :func:`toreq.solvers.solver_names` or a
-            :class:`toreq.solvers.Solver`; ``"auto"`` uses the C++ op where it applies.
-        nudged_steps: the nudged phases' step cap (None: ``max_steps``); an estimator's own
+        tol: the free phase's tolerance (the nudged phases use `tol * |beta|`).
+        damping: the weight the old state keeps in each update, in `[0, 1)`.
+        schedule: `"sync"` or `"async"`.
+        solver: a solver name of [`toreq.solvers.solver_names`][toreq.solvers.solver_names] or a
+            [`toreq.solvers.Solver`][toreq.solvers.Solver]; `"auto"` uses the C++ op where it
+            applies.
+        nudged_steps: the nudged phases' step cap (None: `max_steps`); an estimator's own
             setting takes precedence.
     """
 
@@ -87,7 +93,7 @@ class EquilibriumModel(nn.Module):
 
     @property
     def loss_name(self) -> str:
-        """The cost's name (``"cross_entropy"`` or ``"mse"``); assigning it changes the cost."""
+        """The cost's name (`"cross_entropy"` or `"mse"`); assigning it changes the cost."""
         return self.cost.name
 
     @loss_name.setter
@@ -111,9 +117,9 @@ class EquilibriumModel(nn.Module):
     def solve(self, x: Tensor, net: Any, states: list[Tensor], nudge: Nudge | None,
               settings: PhaseSettings, *, phase: str, graph: bool = False,
               solver: Solver | None = None) -> RelaxResult:
-        """One phase from ``states`` with the model's solver (or ``solver``); ``graph=True``
+        """One phase from `states` with the model's solver (or `solver`); `graph=True`
         unrolls it with an autograd graph (plain iteration). Warns once per call site when a
-        phase with ``tol > 0`` leaves samples unconverged."""
+        phase with `tol > 0` leaves samples unconverged."""
         if graph:
             solver = Iteration()
         result = (solver or self.solver).solve(self, x, net, states, nudge, settings,
@@ -124,7 +130,7 @@ class EquilibriumModel(nn.Module):
 
     def solve_map(self, fn: Callable[[list[Tensor]], list[Tensor]], states: list[Tensor],
                   settings: PhaseSettings, *, phase: str, what: str) -> RelaxResult:
-        """Solves ``s = fn(s)`` with the model's (Python) solver: the adjoint system."""
+        """Solves `s = fn(s)` with the model's (Python) solver: the adjoint system."""
         result = solve_map(self.solver, fn, states, settings, what=what)
         warn_unconverged(type(self).__name__, phase, result, settings)
         return result
@@ -132,8 +138,8 @@ class EquilibriumModel(nn.Module):
     def relax(self, x: Tensor, net: Any = None, *, states: list[Tensor] | None = None,
               beta: float = 0.0, target: Tensor | None = None, max_steps: int | None = None,
               tol: float | None = None) -> RelaxResult:
-        """One phase: free (``beta=0``, from rest unless ``states`` is given) or nudged toward
-        ``target`` (labels or rows), with the free phase's settings unless overridden."""
+        """One phase: free (`beta=0`, from rest unless `states` is given) or nudged toward
+        `target` (labels or rows), with the free phase's settings unless overridden."""
         if beta != 0.0 and target is None:
             raise ValueError("a nudged phase (beta != 0) needs a target")
         net = self.network(x) if net is None else net
@@ -146,13 +152,13 @@ class EquilibriumModel(nn.Module):
                                                               else "negative"))
 
     def unrolled(self, x: Tensor, steps: int, net: Any = None) -> list[Tensor]:
-        """The free dynamics unrolled for ``steps`` steps *with* an autograd graph (for BPTT)."""
+        """The free dynamics unrolled for `steps` steps *with* an autograd graph (for BPTT)."""
         net = self.network(x) if net is None else net
         return self.solve(x, net, self.init_states(x, net), None, PhaseSettings(steps, 0.0),
                           phase="free", graph=True).states
 
     def forward(self, x: Tensor) -> Tensor:
-        """The free-phase prediction for ``x``."""
+        """The free-phase prediction for `x`."""
         check_batched_input(type(self).__name__, x)
         net = self.network(x)
         free = self.solve(x, net, self.init_states(x, net), None, self.free_settings,
@@ -161,17 +167,18 @@ class EquilibriumModel(nn.Module):
         return self.output(free.states, net)
 
     def remember(self, free: RelaxResult) -> None:
-        """Keeps a free phase's states, step counts and residuals in ``last_*``."""
+        """Keeps a free phase's states, step counts and residuals in `last_*`."""
         self.last_states, self.last_steps, self.last_residual = free.states, free.steps, free.residual
 
     # ------------------------------------------------------------------ EqProp
     def eqprop_backward(self, x: Tensor, y: Tensor, net: Any, free: RelaxResult,
                         nudged: RelaxResult, reference: RelaxResult, beta: float) -> Tensor:
-        """Accumulates EqProp's gradients from two given phases into ``.grad``; returns the loss.
+        """Accumulates EqProp's gradients from two given phases into `.grad`; returns the loss.
 
-        ``nudged`` and ``reference`` are the two phases contrasted (``+beta`` and the free phase,
-        or ``+beta`` and ``-beta``), ``beta`` the difference of their nudging strengths; the
-        dynamics' ``contrast`` gives the update, the readout gets the loss's gradient at the free
-        equilibrium. :class:`toreq.estimators.EqProp` runs the phases and calls the same.
+        `nudged` and `reference` are the two phases contrasted (`+beta` and the free phase,
+        or `+beta` and `-beta`), `beta` the difference of their nudging strengths; the
+        dynamics' `contrast` gives the update, the readout gets the loss's gradient at the free
+        equilibrium. [`toreq.estimators.EqProp`][toreq.estimators.EqProp] runs the phases and
+        calls the same.
         """
         return apply_contrast(self, x, y, net, free, nudged, reference, beta)[0]

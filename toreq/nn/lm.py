@@ -148,8 +148,8 @@ class CharLM(nn.Module):
 
         Returns:
             the prompt followed by the sampled text (a string for a string prompt), or the
-            token ids with the new ones appended (the prompt's shape, longer by
-            `max_new_tokens`). The model's training mode is restored.
+                token ids with the new ones appended (the prompt's shape, longer by
+                `max_new_tokens`). The model's training mode is restored.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:

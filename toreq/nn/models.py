@@ -16,28 +16,31 @@ __all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "ToroidalMLP"]
 
 
 class LoopedMLP(CouplingDynamics, EquilibriumModel):
-    """One recurrent hidden layer iterated to equilibrium, with a readout.
+    r"""One recurrent hidden layer iterated to equilibrium, with a readout.
 
-    .. math::  h \\leftarrow \\gamma h + (1-\\gamma)\\,\\rho(U x + c\\, W h + b), \\qquad o = R h^* + r
+    $$
+    h \leftarrow \gamma h + (1-\gamma)\,\rho(U x + c\, W h + b), \qquad o = R h^* + r
+    $$
 
-    ``W`` is spectrally normalised (``spectral_norm=True``) and scaled by ``recurrent_scale``
-    (``c`` above) so that the map contracts; with ``symmetric=True`` (default) ``W = (A + A^T)/2``
-    and EqProp's vector-field gradient is exact (up to O(beta^2) with symmetric nudging);
-    without it, it is an approximation whose quality falls as ``W`` departs from symmetry.
+    $W$ is spectrally normalised (`spectral_norm=True`) and scaled by `recurrent_scale`
+    ($c$ above) so that the map contracts; with `symmetric=True` (default)
+    $W = (A + A^\top)/2$ and EqProp's vector-field gradient is exact (up to $O(\beta^2)$ with
+    symmetric nudging); without it, it is an approximation whose quality falls as $W$ departs
+    from symmetry.
 
     Args:
-        input_dim: size of ``x``.
-        hidden_dim: size of ``h``.
-        output_dim: size of ``o``.
-        activation: the hidden activation rho.
-        symmetric: parametrize ``W`` symmetric.
-        spectral_norm: normalise ``W`` to spectral norm 1 before scaling.
+        input_dim: size of $x$.
+        hidden_dim: size of $h$.
+        output_dim: size of $o$.
+        activation: the hidden activation $\rho$.
+        symmetric: parametrize $W$ symmetric.
+        spectral_norm: normalise $W$ to spectral norm 1 before scaling.
         recurrent_scale: the spectral norm the recurrent weight is scaled to.
-        loss: ``"cross_entropy"`` or ``"mse"`` on the readout.
+        loss: `"cross_entropy"` or `"mse"` on the readout.
         max_steps: the free relaxation's step cap.
         tol: the free relaxation's tolerance.
-        damping: the free relaxation's damping ``gamma``.
-        solver: how phases are solved (:mod:`toreq.solvers`; ``"auto"``: the C++ op).
+        damping: the free relaxation's damping $\gamma$.
+        solver: how phases are solved ([`toreq.solvers`][toreq.solvers]; `"auto"`: the C++ op).
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, *,
@@ -59,7 +62,8 @@ class LoopedMLP(CouplingDynamics, EquilibriumModel):
 
     @property
     def gradient_regime(self) -> str:
-        """``"exact"`` where EqProp's gradient equals backprop's as beta -> 0, else ``"approximate"``."""
+        r"""`"exact"` where EqProp's gradient equals backprop's as $\beta \to 0$, else
+        `"approximate"`."""
         return "exact" if self.symmetric else "approximate"
 
     def network(self, x: Tensor) -> Network:
@@ -69,13 +73,15 @@ class LoopedMLP(CouplingDynamics, EquilibriumModel):
 
 
 class ToroidalMLP(CouplingDynamics, EquilibriumModel):
-    """A ring of hidden layers relaxed jointly, the last feeding back into the first.
+    r"""A ring of hidden layers relaxed jointly, the last feeding back into the first.
 
-    .. math::  h_0 \\leftarrow \\rho(U x + c\\, W_{K-1 \\to 0} h_{K-1} + b_0), \\qquad
-               h_k \\leftarrow \\rho(c\\, W_{k-1 \\to k} h_{k-1} + b_k), \\qquad o = R h_{K-1}^* + r
+    $$
+    h_0 \leftarrow \rho(U x + c\, W_{K-1 \to 0} h_{K-1} + b_0), \qquad
+    h_k \leftarrow \rho(c\, W_{k-1 \to k} h_{k-1} + b_k), \qquad o = R h_{K-1}^* + r
+    $$
 
-    Every ring weight is spectrally normalised and scaled by ``recurrent_scale``. The couplings
-    are one-directional, so EqProp here is the vector-field approximation (``"approximate"``).
+    Every ring weight is spectrally normalised and scaled by `recurrent_scale`. The couplings
+    are one-directional, so EqProp here is the vector-field approximation (`"approximate"`).
     """
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, *, num_layers: int = 3,
@@ -109,17 +115,20 @@ class ToroidalMLP(CouplingDynamics, EquilibriumModel):
 
 
 class EPMLP(CouplingDynamics, EquilibriumModel):
-    """The canonical layered energy-based network (Scellier & Bengio 2017; Ernoult et al. 2019).
+    r"""The canonical layered energy-based network (Scellier & Bengio 2017; Ernoult et al. 2019).
 
-    Hidden layers ``s_1 .. s_L`` with tied, symmetric connections; the input clamps ``s_0 = x``:
+    Hidden layers $s_1, \dots, s_L$ with tied, symmetric connections; the input clamps
+    $s_0 = x$:
 
-    .. math::  s_l \\leftarrow \\rho(W_l s_{l-1} + W_{l+1}^\\top s_{l+1} + b_l),
+    $$
+    s_l \leftarrow \rho(W_l s_{l-1} + W_{l+1}^\top s_{l+1} + b_l),
+    $$
 
-    the energy's primitive being ``Phi = sum_l s_l^T W_l s_{l-1} + b_l^T s_l``. With
-    ``loss="mse"`` (default) the last layer is the output layer (``output_dim`` units) and is
-    nudged toward the one-hot target; with ``loss="cross_entropy"`` a feedforward readout reads
+    the energy's primitive being $\Phi = \sum_l s_l^\top W_l s_{l-1} + b_l^\top s_l$. With
+    `loss="mse"` (default) the last layer is the output layer (`output_dim` units) and is
+    nudged toward the one-hot target; with `loss="cross_entropy"` a feedforward readout reads
     the last hidden layer (Laborieux et al. 2021). EqProp's contrastive Hebbian update is exact
-    here as beta -> 0 (``"exact"``). The ``"async"`` schedule (even, then odd layers) is the
+    here as $\beta \to 0$ (`"exact"`). The `"async"` schedule (even, then odd layers) is the
     default: it needs far fewer steps than the synchronous one.
     """
 

@@ -77,7 +77,7 @@ def hebbian_update(
 
     Returns:
         `(grad_weight, grad_bias)`: new tensors of shapes `(n_post, n_pre)` and
-        `(n_post,)`, or the accumulated ones that were passed in.
+            `(n_post,)`, or the accumulated ones that were passed in.
     """
     tensors = [t.detach() for t in (post_nudged, pre_nudged, post_free, pre_free)]
     if grad_bias is not None and grad_weight is None:

@@ -1,65 +1,67 @@
-"""Relaxation of layered equilibrium networks: ``torch.ops.toreq.relax``.
+r"""Relaxation of layered equilibrium networks: `torch.ops.toreq.relax`.
 
-A network is a list of layers with states ``s[l]`` of shape ``(batch, n_l)`` and a list of
-couplings. One step of the dynamics computes, for every layer ``l``,
+A network is a list of layers with states `s[l]` of shape `(batch, n_l)` and a list of
+couplings. One step of the dynamics computes, for every layer $l$,
 
-.. math::
+$$
+a_l = d_l + \sum_{c:\, \mathrm{target}(c) = l} s_{\mathrm{source}(c)} M_c^\top
+      \;-\; \beta\, [l = L-1]\, \partial \ell / \partial s_{L-1},
+\qquad
+s_l \leftarrow \gamma\, s_l + (1 - \gamma)\, \rho(a_l),
+$$
 
-    a_l = d_l + \\sum_{c:\\, \\mathrm{target}(c) = l} s_{\\mathrm{source}(c)} M_c^\\top
-          \\;-\\; \\beta\\, [l = L-1]\\, \\partial \\ell / \\partial s_{L-1},
-    \\qquad
-    s_l \\leftarrow \\gamma\\, s_l + (1 - \\gamma)\\, \\rho(a_l),
+where $d_l$ is the layer's constant drive (the input projection and bias, computed once by the
+caller), $M_c$ the coupling's weight (`weight` of shape `(n_target, n_source)`, or its
+transpose when `transposed`: that is how tied, symmetric feedback reuses a forward weight),
+$\rho$ the activation, $\gamma$ the damping (the weight kept by the *old* state; 0 is plain
+fixed-point iteration), and the last term the output nudge of strength $\beta$ (signed, so
+$+\beta$ and $-\beta$ give symmetric nudging; 0 is the free phase). The nudge sits inside the
+activation's argument. With $\ell$ the per-sample loss:
 
-where ``d_l`` is the layer's constant drive (the input projection and bias, computed once by the
-caller), ``M_c`` the coupling's weight (``weight`` of shape ``(n_target, n_source)``, or its
-transpose when ``transposed``: that is how tied, symmetric feedback reuses a forward weight),
-``rho`` the activation, ``gamma`` the damping (the weight kept by the *old* state; 0 is plain
-fixed-point iteration), and the last term the output nudge of strength ``beta`` (signed, so
-``+beta`` and ``-beta`` give symmetric nudging; 0 is the free phase). The nudge sits inside the
-activation's argument. With ``ell`` the per-sample loss:
-
-* ``loss="mse"``: ``ell = 1/2 |o - y|^2`` with ``o`` the last layer's state, or
-  ``o = s_{L-1} R^T + c`` through a feedforward readout ``(R, c)``;
-* ``loss="cross_entropy"``: ``ell = CE(softmax(o), y)``, ``o`` as above (Laborieux et al. 2021);
-* ``loss="gradient"``: ``target`` *is* ``d ell / d s_{L-1}`` (a constant nudge, as used by a
-  block inside a larger backprop network).
+* `loss="mse"`: $\ell = \frac{1}{2} |o - y|^2$ with $o$ the last layer's state, or
+  $o = s_{L-1} R^\top + c$ through a feedforward readout $(R, c)$;
+* `loss="cross_entropy"`: $\ell = \mathrm{CE}(\mathrm{softmax}(o), y)$, $o$ as above
+  (Laborieux et al. 2021);
+* `loss="gradient"`: `target` *is* $\partial \ell / \partial s_{L-1}$ (a constant nudge, as
+  used by a block inside a larger backprop network).
 
 The models of the literature are special cases:
 
-* looped layer (LoopedMLP): one layer, ``d_0 = U x + b``, one coupling ``Coupling(W, 0, 0)``:
-  ``h <- rho(U x + W h + b)``;
+* looped layer (LoopedMLP): one layer, $d_0 = U x + b$, one coupling `Coupling(W, 0, 0)`:
+  $h \leftarrow \rho(U x + W h + b)$;
 * layered bidirectional network (Scellier & Bengio 2017; Ernoult et al. 2019): forward
-  couplings ``W_l`` from layer ``l`` to ``l+1`` and, tied, the same weights transposed from
-  ``l+1`` back to ``l`` (``layered_couplings(weights)``), or separate feedback weights
-  (untied, vector-field EqProp: ``layered_couplings(weights, feedback)``);
+  couplings $W_l$ from layer $l$ to $l+1$ and, tied, the same weights transposed from
+  $l+1$ back to $l$ (`layered_couplings(weights)`), or separate feedback weights
+  (untied, vector-field EqProp: `layered_couplings(weights, feedback)`);
 * a ring of layers (ToroidalMLP): the layered couplings plus one from the last layer to the
   first.
 
 States are *activities* (post-activation values). With tied weights this is the energy model
-``Phi = sum_l s_l^T W_l s_{l-1} + ...`` of Ernoult et al. (2019), whose contrastive Hebbian
-update (:func:`toreq.ops.hebbian_update`) is the exact gradient as beta -> 0 for every
-activation; for the hard sigmoid it is the same model as ``rho(s)``-coupled formulations, since
-``rho(s) = s`` on ``[0, 1]``.
+$\Phi = \sum_l s_l^\top W_l s_{l-1} + \dots$ of Ernoult et al. (2019), whose contrastive
+Hebbian update ([`hebbian_update`][toreq.ops.hebbian.hebbian_update]) is the exact gradient
+as $\beta \to 0$ for every activation; for the hard sigmoid it is the same model as
+$\rho(s)$-coupled formulations, since $\rho(s) = s$ on $[0, 1]$.
 
-Schedules: ``"sync"`` (Jacobi) updates every layer from the previous step's states;
-``"async"`` (Gauss-Seidel) updates the even layers first and then the odd layers from the fresh
+Schedules: `"sync"` (Jacobi) updates every layer from the previous step's states;
+`"async"` (Gauss-Seidel) updates the even layers first and then the odd layers from the fresh
 even ones, which for layered networks usually reaches the fixed point in fewer steps.
 
 Convergence is tested per sample: a sample whose largest state change in a step,
-``max_l max_j |s_l^new - s_l^old|``, falls below ``tol`` stops updating, and ``steps[b]`` holds
-the number of updates it received (``tol=0`` never stops early). A state that becomes NaN or Inf
-raises a ``RuntimeError`` naming the non-finite input if there is one; a diverged state is never
-returned.
+$\max_l \max_j |s_l^{new} - s_l^{old}|$, falls below `tol` stops updating, and `steps[b]`
+holds the number of updates it received (`tol=0` never stops early). A state that becomes NaN
+or Inf raises a `RuntimeError` naming the non-finite input if there is one; a diverged state is
+never returned.
 
 Dtypes: float32, float64, float16 and bfloat16 (every input in one dtype). Float16 and bfloat16
 states are updated in float32 arithmetic (GEMMs with float32 accumulation, the element update
-with its nudge, the convergence test) and rounded once per step; ``residual`` is then float32.
-Under ``torch.autocast`` the op relaxes in the autocast dtype (see ``csrc/README.md``).
+with its nudge, the convergence test) and rounded once per step; `residual` is then float32.
+Under `torch.autocast` the op relaxes in the autocast dtype (see `csrc/README.md`).
 
-No autograd graph is built: gradients come from :func:`hebbian_update` (or, for backprop
-through time, from :func:`relax_step`). This wrapper detaches its inputs; the op itself,
-``torch.ops.toreq.relax``, called with a tensor that requires grad while grad mode is on,
-raises ``RuntimeError: ... relax builds no graph; use toreq.ops.relax or an estimator``.
+No autograd graph is built: gradients come from
+[`hebbian_update`][toreq.ops.hebbian.hebbian_update] (or, for backprop through time, from
+[`relax_step`][toreq.ops.relax.relax_step]). This wrapper detaches its inputs; the op itself,
+`torch.ops.toreq.relax`, called with a tensor that requires grad while grad mode is on,
+raises `RuntimeError: ... relax builds no graph; use toreq.ops.relax or an estimator`.
 """
 
 from __future__ import annotations
@@ -80,15 +82,15 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid")
-"""The activations the op's kernels implement; `activate` also takes `"identity"` (a linear
-layer in Python dynamics)."""
+"""The activations the op's kernels implement; [`activate`][toreq.ops.relax.activate] also takes
+`"identity"` (a linear layer in Python dynamics)."""
 
 
 class Coupling(NamedTuple):
-    """A coupling that adds ``states[source] @ M^T`` to layer ``target``'s pre-activation.
+    r"""A coupling that adds $s_{source} M^\top$ to layer `target`'s pre-activation.
 
-    ``weight`` has shape ``(n_target, n_source)``; with ``transposed=True`` it has shape
-    ``(n_source, n_target)`` and ``weight^T`` is used, which is how tied feedback reuses the
+    `weight` ($M$) has shape `(n_target, n_source)`; with `transposed=True` it has shape
+    `(n_source, n_target)` and its transpose is used, which is how tied feedback reuses the
     forward weight of the layer above.
     """
 
@@ -103,9 +105,9 @@ def layered_couplings(
 ) -> list[Coupling]:
     """Couplings of a layered bidirectional network.
 
-    ``weights[l]`` of shape ``(n_{l+1}, n_l)`` carries layer ``l`` up to layer ``l+1``. Feedback
-    from ``l+1`` down to ``l`` uses ``weights[l]^T`` (tied, symmetric: an energy-based network)
-    when ``feedback`` is None, or ``feedback[l]`` of shape ``(n_l, n_{l+1})`` (untied).
+    `weights[l]` of shape `(n_{l+1}, n_l)` carries layer `l` up to layer `l+1`. Feedback
+    from `l+1` down to `l` uses `weights[l]^T` (tied, symmetric: an energy-based network)
+    when `feedback` is None, or `feedback[l]` of shape `(n_l, n_{l+1})` (untied).
     """
     if feedback is not None and len(feedback) != len(weights):
         raise ValueError(
@@ -123,7 +125,7 @@ def layered_couplings(
 
 
 def labels_to_rows(target: Tensor, loss: str, num_outputs: int, dtype: torch.dtype) -> Tensor:
-    """Integer class labels ``(batch,)`` become one-hot rows; float targets pass through."""
+    """Integer class labels `(batch,)` become one-hot rows; float targets pass through."""
     if target.is_floating_point() or loss == "gradient":
         return target
     if target.dim() != 1:
@@ -157,34 +159,36 @@ def relax(
     readout_weight: Tensor | None = None,
     readout_bias: Tensor | None = None,
 ) -> RelaxResult:
-    """Relaxes a layered network to equilibrium (free phase, ``beta=0``) or nudged equilibrium.
+    r"""Relaxes a layered network to equilibrium (free phase, `beta=0`) or nudged equilibrium.
 
     Args:
-        states: initial state of each layer, ``(batch, n_l)`` (the free equilibrium, to start a
+        states: initial state of each layer, `(batch, n_l)` (the free equilibrium, to start a
             nudged phase from it). Not modified.
-        couplings: the network's :class:`Coupling` s (see :func:`layered_couplings`).
-        drives: per layer, a constant input ``(batch, n_l)`` or bias ``(n_l,)``, or None.
-        activation: ``"hard_sigmoid"`` (clamp to [0, 1]), ``"tanh"`` or ``"sigmoid"``.
-        damping: weight of the old state in each update, in ``[0, 1)``.
+        couplings: the network's couplings, [`Coupling`][toreq.ops.relax.Coupling] tuples (see
+            [`layered_couplings`][toreq.ops.relax.layered_couplings]).
+        drives: per layer, a constant input `(batch, n_l)` or bias `(n_l,)`, or None.
+        activation: `"hard_sigmoid"` (clamp to [0, 1]), `"tanh"` or `"sigmoid"`.
+        damping: weight of the old state in each update, in `[0, 1)`.
         max_steps: the most updates a sample receives.
-        tol: a sample stops once its largest state change in a step is below ``tol``. In
+        tol: a sample stops once its largest state change in a step is below `tol`. In
             float16 or bfloat16, keep it at or above the dtype's resolution near the states'
-            magnitude (2^-10 and 2^-7 near 1): below it a rounded state may alternate between
-            two neighbouring values and never meet it.
-        schedule: ``"sync"`` (Jacobi) or ``"async"`` (even layers, then odd layers).
+            magnitude ($2^{-10}$ and $2^{-7}$ near 1): below it a rounded state may alternate
+            between two neighbouring values and never meet it.
+        schedule: `"sync"` (Jacobi) or `"async"` (even layers, then odd layers).
         beta: signed nudging strength; 0 for the free phase. Otherwise its magnitude must
             lie in the states' dtype's normal range (a ValueError says so), since the nudge
             is computed in that dtype.
-        loss: ``"mse"``, ``"cross_entropy"`` or ``"gradient"`` (see the module docstring).
-        target: with ``beta != 0``, the target ``(batch, n_out)`` (rows of values or class
-            probabilities; int64 class labels ``(batch,)`` are turned into one-hot rows), or for
-            ``loss="gradient"`` the gradient of the loss with respect to the last layer.
-        readout_weight: ``R`` of an optional feedforward readout ``o = s R^T + c`` of the last
+        loss: `"mse"`, `"cross_entropy"` or `"gradient"` (see the module docstring).
+        target: with `beta != 0`, the target `(batch, n_out)` (rows of values or class
+            probabilities; int64 class labels `(batch,)` are turned into one-hot rows), or for
+            `loss="gradient"` the gradient of the loss with respect to the last layer.
+        readout_weight: $R$ of an optional feedforward readout $o = s R^\top + c$ of the last
             layer that the loss is measured on.
-        readout_bias: ``c`` of that readout.
+        readout_bias: $c$ of that readout.
 
     Returns:
-        :class:`RelaxResult` with the final states, per-sample step counts and residuals.
+        [`RelaxResult`][toreq.ops.iteration.RelaxResult] with the final states, per-sample step
+            counts and residuals.
     """
     # No graph is built through the relaxation. Detached unconditionally, not only where
     # requires_grad is set: a torch.export trace must record the detach, since the exported
@@ -217,7 +221,7 @@ def _no_grad(t: Tensor | None) -> Tensor | None:
 
 
 def row_softmax(x: Tensor) -> Tensor:
-    """``softmax`` over dim 1, also for complex rows (where torch has no kernel): softmax is
+    """`softmax` over dim 1, also for complex rows (where torch has no kernel): softmax is
     holomorphic, and shifting by the rows' largest real part keeps it finite."""
     if not x.is_complex():
         return torch.softmax(x, dim=1)
@@ -226,7 +230,7 @@ def row_softmax(x: Tensor) -> Tensor:
 
 
 def activate(name: str, x: Tensor) -> Tensor:
-    """``rho(x)`` for an activation's name: the op's activations and ``"identity"``."""
+    r"""$\rho(x)$ for an activation's name: the op's activations and `"identity"`."""
     if name == "hard_sigmoid":
         return x.clamp(0.0, 1.0)
     if name == "tanh":
@@ -253,13 +257,15 @@ def relax_step(
     readout_bias: Tensor | None = None,
     clamp: Tensor | None = None,
 ) -> list[Tensor]:
-    """One step of the dynamics of :func:`relax` for every sample, differentiable.
+    r"""One step of the dynamics of [`relax`][toreq.ops.relax.relax] for every sample,
+    differentiable.
 
-    This is the map ``s <- F(s)`` whose fixed point :func:`relax` finds: plain PyTorch, so
-    autograd can unroll it (backprop through time, the baseline EqProp is compared with) and
-    take vector-Jacobian products of it. ``target`` must be rows, not class labels.
+    This is the map $s \leftarrow F(s)$ whose fixed point [`relax`][toreq.ops.relax.relax] finds:
+    plain PyTorch, so autograd can unroll it (backprop through time, the baseline EqProp is
+    compared with) and take vector-Jacobian products of it. `target` must be rows, not class
+    labels.
 
-    ``clamp`` (Python only, not an op argument): the last layer's state is held at these rows
+    `clamp` (Python only, not an op argument): the last layer's state is held at these rows
     (the clamped phases of contrastive and coupled learning); every other layer sees it. States,
     weights and drives may be complex (holomorphic EqProp), all of one dtype.
     """
@@ -310,7 +316,8 @@ def iterate_per_sample(
     tol: float,
     what: str = "toreq.relax",
 ) -> RelaxResult:
-    """Deprecated alias of :func:`toreq.ops.iterate` (removed in the next release)."""
+    """Deprecated alias of [`toreq.ops.iterate`][toreq.ops.iteration.iterate] (removed in the next
+    release)."""
     warnings.warn("toreq.ops.iterate_per_sample is deprecated; use toreq.ops.iterate (the same "
                   "loop, with damping, acceleration and a static mode)", DeprecationWarning,
                   stacklevel=2)
@@ -326,11 +333,12 @@ def relax_reference(
     tol: float = 0.0,
     **dynamics,
 ) -> RelaxResult:
-    """Pure-PyTorch reference of :func:`relax`: :func:`relax_step` repeated, in Python.
+    """Pure-PyTorch reference of [`relax`][toreq.ops.relax.relax]:
+    [`relax_step`][toreq.ops.relax.relax_step] repeated, in Python.
 
-    Takes the same arguments as :func:`relax`. Used by the tests, and where no compiled kernel
-    exists for the device. It expects valid arguments (the compiled op checks them) and
-    ``target`` as rows, not labels.
+    Takes the same arguments as [`relax`][toreq.ops.relax.relax]. Used by the tests, and where no
+    compiled kernel exists for the device. It expects valid arguments (the compiled op checks
+    them) and `target` as rows, not labels.
     """
     return iterate(lambda s: relax_step(s, couplings, drives, **dynamics), states,
                    max_steps=max_steps, tol=tol, what="toreq.relax")
