@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):`|\.\. (math|code-block)::")
+# a role as rendered: its backticks may have become a code element, leaving ":func:name"
+RAW_RST = re.compile(r":(func|meth|class|mod|data|attr|exc|obj):|\.\. (math|code-block)::")
 # TeX that was not typeset (a $$ block Markdown did not see as one, a formula outside $...$)
 RAW_TEX = re.compile(r"\$\$|\\(frac|sum|left|right|top|tanh|leftarrow|beta|rho|nabla|mathrm)\b")
 
@@ -193,15 +194,16 @@ def test_rendering_check_fails_on_raw_markup_in_a_module_section():
                 f'<div class="doc doc-contents"><p>{prose}</p>{body}</div></div>')
 
     parser = ModuleText("page")
-    parser.feed(section("toreq.raw", "<p>See :func:`relax` and</p>"
+    parser.feed(section("toreq.raw", "<p>See :func:<code>relax</code> and</p>"
                                      "<p>.. math:: h \\leftarrow \\rho(W h)</p>")
                 + section("toreq.tex", "<p>$$ h \\leftarrow \\rho(W h) $$</p>")
                 + section("toreq.clean", '<p>See <a href="#toreq.raw"><code>relax</code></a> and'
                                          ' <math><mi>h</mi></math>.</p>'))
     text = {module: "".join(parts) for module, parts in parser.text.items()}
     assert set(text) == {"page", "toreq.raw", "toreq.tex", "toreq.clean"}
+    # a role whose backticks rendered as a code element still shows as ":func:relax"
     with pytest.raises(AssertionError, match=re.escape("raw reStructuredText: ['.. math::', "
-                                                       "':func:`']")):
+                                                       "':func:']")):
         check_rendered("toreq.raw", text["toreq.raw"])
     with pytest.raises(AssertionError, match=re.escape("TeX as text: ['$$', '\\\\leftarrow', "
                                                        "'\\\\rho']")):

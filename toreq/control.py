@@ -76,7 +76,7 @@ EVAL_SEED = 1_000_000
 #: Bump when the way the data are generated changes: the cache's checksum includes it.
 GENERATOR_VERSION = 1
 
-#: A policy maps a batch of raw observations ``(N, D)`` to one action per row ``(N,)``.
+#: A policy maps a batch of raw observations `(N, D)` to one action per row `(N,)`.
 Policy = Callable[[np.ndarray], np.ndarray]
 
 

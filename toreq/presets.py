@@ -182,10 +182,11 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
 
 def run_description(preset: Preset, dataset: str, model: torch.nn.Module, seed: int,
                     image_shape: Sequence[int] | None = None) -> dict:
-    """What a checkpoint of ``toreq train`` says about its run (``about``, see
-    :mod:`toreq.checkpoint`): the command, the data set, the model's class and the
-    :func:`build_model` arguments that rebuild it, the preset (every hyper-parameter), the
-    algorithm's settings and the seed. :func:`build_trainer` on the preset rebuilds the run."""
+    """What a checkpoint of `toreq train` says about its run (`about`, see
+    [`toreq.checkpoint`][toreq.checkpoint]): the command, the data set, the model's class and the
+    [`build_model`][toreq.presets.build_model] arguments that rebuild it, the preset (every
+    hyper-parameter), the algorithm's settings and the seed.
+    [`build_trainer`][toreq.presets.build_trainer] on the preset rebuilds the run."""
     return {
         "command": "toreq train", "dataset": dataset, "seed": seed, "preset": preset.as_dict(),
         "model": {"class": type(model).__name__, "builder": "toreq.presets.build_model",
