@@ -144,6 +144,17 @@ def iterate(
                         f"{what}: the step returned shape {tuple(o.shape)} for a state of shape "
                         f"{tuple(t.shape)} (layer {layer}); the step must keep every shape")
             plain = out
+            if fixed and k < max_steps and accelerator is None:
+                # Only finiteness matters before the last step: one pass of row sums (NaN and
+                # Inf propagate through them; accumulated in float32, so a large finite half-
+                # precision state does not overflow) instead of the change's three.
+                sums = sum(p.detach().flatten(1).sum(dim=1, dtype=real) for p in plain
+                           if p.shape[1:].numel() > 0)
+                if isinstance(sums, Tensor):
+                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(sums),
+                                            torch.full_like(first_bad, k), first_bad)
+                s = plain
+                continue
             change = torch.zeros(batch, dtype=real, device=like.device)
             for t, p in zip(s, plain):
                 if t.shape[1:].numel() > 0:  # a layer of width 0 has nothing to compare
