@@ -45,7 +45,11 @@ BENCHMARKS = ("bench_ops", "memory", "accuracy")
 # tasks' accuracy run, which needs the control extra and so is its own command
 # (``accuracy.py --datasets cartpole acrobot --out <results>/accuracy_control``)
 RESULTS_BLOCKS = {**{name: f"{name}/{name}.md" for name in BENCHMARKS},
-                  "accuracy_control": "accuracy_control/accuracy.md"}
+                  "accuracy_control": "accuracy_control/accuracy.md",
+                  # run on their own: python benchmarks/estimators.py --parts gradients,
+                  # python benchmarks/train_step.py --quick (see benchmarks/README.md)
+                  "estimators": "estimators/estimators.md",
+                  "train_step": "train_step/train_step.md"}
 README = HERE.parent / "README.md"
 RESULTS_PAGE = HERE.parent / "docs" / "results.md"
 
