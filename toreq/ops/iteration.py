@@ -128,45 +128,51 @@ def iterate(
                 else like.real.dtype)
         residual = torch.full((batch,), float("inf"), dtype=real, device=like.device)
         everyone = True  # every sample still relaxing: no masking needed
-        # With tol = 0 no sample stops: nothing to mask and no early exit, so the loop keeps the
-        # first step at which each sample became non-finite on the device and syncs once, at
-        # the end (the same error, without a host round trip per step).
-        fixed = tol <= 0 and not static
-        first_bad = torch.zeros(batch, dtype=torch.long, device=like.device) if fixed else None
+        # With tol = 0 no sample stops: nothing to mask and no early exit. The loop then only
+        # tests finiteness before the last step (eager mode), keeps the first step at which each
+        # sample became non-finite on the device and syncs once, at the end (the same error,
+        # without a host round trip per step); the static mode does no bookkeeping at all until
+        # the last step's change.
+        fixed = tol <= 0
+        first_bad = torch.zeros(batch, dtype=torch.long, device=like.device)
         change = residual
         for k in range(1, max_steps + 1):
             out = list(step(s))
-            if len(out) != len(s):
-                raise ValueError(f"{what}: the step returned {len(out)} states for {len(s)}")
-            for layer, (o, t) in enumerate(zip(out, s)):
-                if o.shape != t.shape:
-                    raise ValueError(
-                        f"{what}: the step returned shape {tuple(o.shape)} for a state of shape "
-                        f"{tuple(t.shape)} (layer {layer}); the step must keep every shape")
+            if k == 1:  # a step that keeps the shapes once keeps them (checked once: traced too)
+                if len(out) != len(s):
+                    raise ValueError(f"{what}: the step returned {len(out)} states for {len(s)}")
+                for layer, (o, t) in enumerate(zip(out, s)):
+                    if o.shape != t.shape:
+                        raise ValueError(
+                            f"{what}: the step returned shape {tuple(o.shape)} for a state of "
+                            f"shape {tuple(t.shape)} (layer {layer}); the step must keep every "
+                            "shape")
             plain = out
             if fixed and k < max_steps and accelerator is None:
-                # Only finiteness matters before the last step: one pass of row sums (NaN and
-                # Inf propagate through them; accumulated in float32, so a large finite half-
-                # precision state does not overflow) instead of the change's three.
-                sums = sum(p.detach().flatten(1).sum(dim=1, dtype=real) for p in plain
-                           if p.shape[1:].numel() > 0)
-                if isinstance(sums, Tensor):
-                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(sums),
-                                            torch.full_like(first_bad, k), first_bad)
+                if not static:
+                    # one pass of row sums (NaN and Inf propagate through them; accumulated in
+                    # float32, so a large finite half-precision state does not overflow)
+                    # instead of the change's three
+                    sums = sum(p.detach().flatten(1).sum(dim=1, dtype=real) for p in plain
+                               if p.shape[1:].numel() > 0)
+                    if isinstance(sums, Tensor):
+                        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(sums),
+                                                torch.full_like(first_bad, k), first_bad)
                 s = plain
                 continue
-            change = torch.zeros(batch, dtype=real, device=like.device)
-            for t, p in zip(s, plain):
-                if t.shape[1:].numel() > 0:  # a layer of width 0 has nothing to compare
-                    delta = (p - t).detach().flatten(1).abs().amax(dim=1)
-                    change = torch.maximum(change, delta.to(real))
+            # a layer of width 0 has nothing to compare
+            deltas = [(p - t).detach().flatten(1).abs().amax(dim=1).to(real)
+                      for t, p in zip(s, plain) if t.shape[1:].numel() > 0]
+            change = (deltas[0] if len(deltas) == 1 else torch.stack(deltas).amax(dim=0)
+                      if deltas else torch.zeros(batch, dtype=real, device=like.device))
             converging = change < tol
             new = plain if accelerator is None else accelerator(s, plain, k, converging)
             if fixed:
-                # NaN compares false with everything, so a non-finite state has a non-finite
-                # change
-                first_bad = torch.where((first_bad == 0) & ~torch.isfinite(change),
-                                        torch.full_like(first_bad, k), first_bad)
+                if not static:
+                    # NaN compares false with everything: a non-finite state has a non-finite
+                    # change
+                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(change),
+                                            torch.full_like(first_bad, k), first_bad)
                 s = new
                 continue
             if not static:
@@ -180,16 +186,17 @@ def iterate(
             else:
                 s = new
             residual = torch.where(active, change, residual)
-            steps = torch.where(active, torch.full_like(steps, k), steps)
+            steps = steps + active.long()  # active only ever turns off: the count is its last k
             active = active & ~converging
             if not static:
                 everyone = relaxing == batch
                 if relaxing == 0:
                     break
         if fixed and max_steps > 0:
-            bad = first_bad > 0
-            if bool(bad.any()):
-                at = int(first_bad[bad].min())
-                _diverged(what, at, int((first_bad == at).sum()), batch)
+            if not static:
+                bad = first_bad > 0
+                if bool(bad.any()):
+                    at = int(first_bad[bad].min())
+                    _diverged(what, at, int((first_bad == at).sum()), batch)
             residual, steps = change, torch.full_like(steps, max_steps)
         return RelaxResult(s, steps, residual)
