@@ -4,8 +4,7 @@ Every ``import`` and ``from ... import`` of every module is read from its source
 inside functions included) and each toreq module it names must sit in the same layer or a lower
 one. The layers, lowest first:
 
-0. foundations: ``toreq.errors``, ``toreq.validation``, ``toreq.data`` (and ``toreq.control``,
-   its behaviour-cloning sets), ``toreq.utils``,
+0. foundations: ``toreq.errors``, ``toreq.validation``, ``toreq.data``, ``toreq.utils``,
    ``toreq.checkpoint`` (files only: it imports no model)
 1. operators: ``toreq.ops`` (the C++ ops, their references, the one Python fixed-point loop)
 2. solvers: ``toreq.solvers``
@@ -27,7 +26,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "toreq"
 
 LAYERS = [
-    ("toreq.errors", "toreq.validation", "toreq.data", "toreq.control", "toreq.utils",
+    ("toreq.errors", "toreq.validation", "toreq.data", "toreq.utils",
      "toreq.checkpoint"),
     ("toreq.ops",),
     ("toreq.solvers",),

@@ -22,5 +22,6 @@ except ImportError as error:  # pragma: no cover - only without a built extensio
     ) from error
 
 from toreq import ops  # noqa: E402
+from toreq import control  # noqa: E402,F401  (registers the behaviour-cloning data sets)
 
 __all__ = ["__version__", "ops"]

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from toreq.data import ClassificationData, data_root
+from toreq.data import ClassificationData, data_root, register_classification
 from toreq.validation import check_fraction, check_nonnegative_int, check_positive_int
 
 __all__ = ["EVAL_SEED", "TASKS", "ControlData", "ControlTask", "control_data", "evaluate_policy",
@@ -392,3 +392,7 @@ def evaluate_policy(policy: Policy, task: str, episodes: int = 20,
     returns = [float(e["return"]) for e in run_episodes(policy, task, episodes, seed)]
     return {"mean": float(np.mean(returns)), "std": float(np.std(returns)), "returns": returns,
             "episodes": episodes, "seed": seed}
+
+
+for _name in TASKS:  # load_classification("cartpole") etc., without toreq.data importing this
+    register_classification(_name, load_control)

@@ -47,6 +47,7 @@ __all__ = [
     "data_root",
     "load_classification",
     "load_digits",
+    "register_classification",
     "load_fashion_mnist",
     "load_mnist",
     "load_tiny_shakespeare",
@@ -575,7 +576,15 @@ def load_fashion_mnist(root: str | os.PathLike[str] | None = None,
     return _load_idx_set("fashion_mnist", "fashion-mnist", root, download)
 
 
-_CLASSIFICATION = ("digits", "mnist", "fashion_mnist", "cartpole", "acrobot")
+_CLASSIFICATION = ("digits", "mnist", "fashion_mnist")
+# Data sets that other modules add by name (toreq.control registers its behaviour-cloning sets
+# when the package is imported): this module imports none of them.
+_REGISTERED: dict[str, Any] = {}
+
+
+def register_classification(name: str, loader: Any) -> None:
+    """Makes `load_classification(name, root, **kwargs)` call `loader(name, root, **kwargs)`."""
+    _REGISTERED[name] = loader
 
 
 def load_classification(name: str, root: str | os.PathLike[str] | None = None,
@@ -600,11 +609,10 @@ def load_classification(name: str, root: str | os.PathLike[str] | None = None,
         return load_mnist(root, download, **kwargs)
     if key == "fashion_mnist":
         return load_fashion_mnist(root, download, **kwargs)
-    if key in ("cartpole", "acrobot"):
-        from toreq.control import load_control  # toreq.control imports this module
-
-        return load_control(key, root, **kwargs)
-    raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(_CLASSIFICATION)}")
+    if key in _REGISTERED:
+        return _REGISTERED[key](key, root, **kwargs)
+    raise ValueError(f"unknown data set {name!r}; choose one of "
+                     f"{', '.join((*_CLASSIFICATION, *_REGISTERED))}")
 
 
 def load_tiny_shakespeare(root: str | os.PathLike[str] | None = None, download: bool = True,

@@ -82,6 +82,14 @@ def run_free_phase(model: Any, x: Tensor, net: Any, settings: PhaseSettings) -> 
     return model.solve(x, net, model.init_states(x, net), None, settings, phase="free")
 
 
+def free_phase(model: Any, x: Tensor, net: Any, free: RelaxResult | None,
+               settings: PhaseSettings | None) -> tuple[RelaxResult, PhaseSettings]:
+    """An estimator's free phase: `free` when one was run already, else run with `settings`
+    (default the model's `free_settings`); returns it with the settings it stands for."""
+    settings = model.free_settings if settings is None else settings
+    return (run_free_phase(model, x, net, settings) if free is None else free), settings
+
+
 def apply_contrast(model: Any, x: Tensor, y: Tensor, net: Any, free: RelaxResult,
                    a: RelaxResult, b: RelaxResult, delta: float) -> tuple[Tensor, Tensor]:
     """Accumulates the dynamics' contrast of phases `a` and `b` (strengths `delta` apart)
@@ -185,9 +193,7 @@ class EqProp(Estimator):
         return a, b, (2 * beta if self.nudging == "centered" else beta), run
 
     def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
-        free_settings = model.free_settings if free_settings is None else free_settings
-        if free is None:
-            free = run_free_phase(model, x, net, free_settings)
+        free, free_settings = free_phase(model, x, net, free, free_settings)
         a, b, delta, run = self.phases(
             model, x, net, free, lambda bt: model.nudge(bt, y, x, net, free.states), beta)
         loss, output = apply_contrast(model, x, y, net, free, a, b, delta)
@@ -222,9 +228,7 @@ class ImplicitDifferentiation(Estimator):
         return result._replace(states=[result.states[0] * scale])
 
     def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
-        free_settings = model.free_settings if free_settings is None else free_settings
-        if free is None:
-            free = run_free_phase(model, x, net, free_settings)
+        free, free_settings = free_phase(model, x, net, free, free_settings)
         s = [t.detach().requires_grad_() for t in free.states]
         loss = model.loss(model.output(s, net), y)
         g = torch.autograd.grad(loss, s, retain_graph=True, allow_unused=True)
@@ -323,9 +327,7 @@ class ContrastiveLearning(Estimator):
         return False
 
     def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
-        free_settings = model.free_settings if free_settings is None else free_settings
-        if free is None:
-            free = run_free_phase(model, x, net, free_settings)
+        free, free_settings = free_phase(model, x, net, free, free_settings)
         target = _clamp_target(model, x, y, net, free)
         clamped = model.solve(x, net, free.states, Nudge.clamped(target), model.nudged_settings,
                               phase="clamped")
@@ -367,9 +369,7 @@ class CoupledLearning(Estimator):
         return False
 
     def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
-        free_settings = model.free_settings if free_settings is None else free_settings
-        if free is None:
-            free = run_free_phase(model, x, net, free_settings)
+        free, free_settings = free_phase(model, x, net, free, free_settings)
         target = _clamp_target(model, x, y, net, free)
         output = free.states[-1]
         run: dict[str, RelaxResult] = {}
@@ -445,9 +445,7 @@ class HolomorphicEqProp(Estimator):
 
     def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
         self.check(model)
-        free_settings = model.free_settings if free_settings is None else free_settings
-        if free is None:
-            free = run_free_phase(model, x, net, free_settings)
+        free, free_settings = free_phase(model, x, net, free, free_settings)
         real = free.states[0].dtype
         dtype = torch.complex128 if real == torch.float64 else torch.complex64
         start = [s.to(dtype) for s in free.states]
