@@ -21,6 +21,12 @@ the expert's return on the same episodes (the control issue's targets):
 * Acrobot: EqProp >= 96.9%, within 2 points of backprop; mean return within 10% of the
   expert's.
 
+``--papers NAME ...`` runs the papers' presets instead (``scellier2017-1h``, ``ernoult2019-p1h``,
+``laborieux2021-mlp``, ...: SGD with their per-layer rates, their dynamics): EqProp and the
+preset's own baseline (the BPTT of the same model, truncated as the paper ran it, where the
+paper has one), and writes ``papers.json`` and ``papers.md``: test error mean ± std over the
+seeds and seconds per epoch (training and the per-epoch evaluation) next to the paper's figure.
+
 ``--quick`` (one seed, two epochs, 5,000 training images for MNIST and Fashion-MNIST) checks
 that everything runs; its accuracies are not the preset's figures. Writes ``accuracy.json``
 and ``accuracy.md`` into ``--out`` (default ``results/accuracy``). MNIST and Fashion-MNIST are
@@ -153,6 +159,74 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def papers_markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# The papers' MNIST configurations", "",
+        f"`{m['command']}` on {m['date']} ({report['seconds']:.0f} s): CPU {m['cpu_model']} "
+        f"({m['logical_cpus']} logical CPUs), {m['threads']} torch threads, torch {m['torch']}.",
+        "", "Test error of the last epoch, mean ± standard deviation over the seeds; seconds per "
+        "epoch include the per-epoch evaluation.", "",
+        "| preset | method | seeds | epochs | test error | best epoch's test error | train error "
+        "| s/epoch |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for entry in report["presets"]:
+        for method, s in entry["summary"].items():
+            lines.append(
+                f"| {entry['preset']['name']} | {method} | {s['seeds']} | "
+                f"{entry['preset']['epochs']} | {s['error_mean']:.2f} ± {s['error_std']:.2f}% | "
+                f"{s['best_error_mean']:.2f} ± {s['best_error_std']:.2f}% | "
+                f"{s['train_error_mean']:.2f}% | {s['seconds_per_epoch']:.1f} |")
+    if report["quick"]:
+        lines += ["", "Quick run (one seed, two epochs, 5,000 training images): it checks that "
+                  "the benchmark runs; these are not the presets' figures."]
+    lines += ["", "The papers' figures and command lines:", ""]
+    for entry in report["presets"]:
+        p = entry["preset"]
+        lines.append(f"- `{p['name']}`: {p['paper']}. Their command: `{p['paper_command']}`. "
+                     f"Ours: `toreq train --preset {p['name']}`.")
+    return "\n".join(lines) + "\n"
+
+
+def run_papers(names: list[str], args: argparse.Namespace, seeds: int) -> int:
+    """The papers' presets: EqProp and the preset's baseline, `seeds` seeds each."""
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    report = {"machine": machine_info(torch.device("cpu"), threads, threads), "quick": args.quick,
+              "presets": []}
+    for name in names:
+        preset = PRESETS[name]
+        data = load_classification(preset.dataset, root=args.data_dir)
+        if args.quick:
+            preset = dataclasses.replace(preset, epochs=min(preset.epochs, 2))
+            data = dataclasses.replace(data, x_train=data.x_train[:5000],
+                                       y_train=data.y_train[:5000])
+        methods = ("eqprop",) + ((preset.baseline,) if preset.baseline else ())
+        runs = {method: [] for method in methods}
+        for seed in range(seeds):
+            for method in methods:
+                run = train_preset(preset, data, method, seed, progress=args.progress)
+                runs[method].append(run)
+                print(f"{name:<20} seed {seed} {method:<8} test error "
+                      f"{100 - run['test_accuracy']:.2f}% {run['seconds']:.0f} s", flush=True)
+        summary = {}
+        for method, rs in runs.items():
+            errors = [100 - r["test_accuracy"] for r in rs]
+            best = [100 - 100 * max(h["test_accuracy"] for h in r["history"]) for r in rs]
+            summary[method] = {
+                "seeds": len(rs), "error_mean": statistics.fmean(errors),
+                "error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+                "best_error_mean": statistics.fmean(best),
+                "best_error_std": statistics.stdev(best) if len(best) > 1 else 0.0,
+                "train_error_mean": statistics.fmean(100 - r["train_accuracy"] for r in rs),
+                "seconds_per_epoch": statistics.fmean(r["seconds"] for r in rs) / preset.epochs,
+            }
+        report["presets"].append({"preset": preset.as_dict(), "summary": summary, "runs": runs})
+    report["seconds"] = time.perf_counter() - started
+    write_results(args.out, "papers", report, papers_markdown(report))
+    print(f"wrote papers.json and papers.md into {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", choices=list(TARGETS), default=list(VISION),
@@ -165,10 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="results/accuracy")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--papers", nargs="+", default=None, metavar="PRESET",
+                        choices=[n for n, p in PRESETS.items() if p.paper],
+                        help="run these papers' presets instead of the data sets")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = 1 if args.quick else args.seeds
+    if args.papers:
+        return run_papers(args.papers, args, seeds)
     started = time.perf_counter()
     threads = torch.get_num_threads()
     report = {"machine": machine_info(torch.device("cpu"), threads, threads), "quick": args.quick,

@@ -110,7 +110,8 @@ def check_relax_parity(problem: dict, dtype: torch.dtype, device="cuda", **kwarg
 @pytest.mark.parametrize("schedule", ["sync", "async"])
 def test_free_phase_matches_cpu_and_reference(dtype, kind, batch, schedule):
     p = make_problem(kind, batch, dtype)
-    for damping, activation in [(0.0, "hard_sigmoid"), (0.4, "tanh"), (0.2, "sigmoid")]:
+    for damping, activation in [(0.0, "hard_sigmoid"), (0.4, "tanh"), (0.2, "sigmoid"),
+                                (0.1, "steep_sigmoid")]:
         got = check_relax_parity(p, dtype, activation=activation, damping=damping, max_steps=25,
                                  schedule=schedule)
         assert got.steps.tolist() == [25] * batch

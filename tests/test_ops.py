@@ -33,7 +33,8 @@ def assert_same_result(result, expected, dtype):
 @pytest.mark.parametrize("schedule", ["sync", "async"])
 def test_free_phase_matches_reference(dtype, kind, batch, schedule):
     p = make_problem(kind, batch, dtype)
-    for damping, activation in [(0.0, "hard_sigmoid"), (0.4, "tanh"), (0.2, "sigmoid")]:
+    for damping, activation in [(0.0, "hard_sigmoid"), (0.4, "tanh"), (0.2, "sigmoid"),
+                                (0.1, "steep_sigmoid")]:
         kw = dict(activation=activation, damping=damping, max_steps=25, schedule=schedule)
         got = relax(p["states"], p["couplings"], p["drives"], **kw)
         want = relax_reference(p["states"], p["couplings"], p["drives"], **kw)

@@ -47,7 +47,12 @@ def test_every_preset_builds_and_takes_a_step(name, method):
     metrics = trainer.step(torch.rand(8, dims), torch.randint(0, 10, (8,)))
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert scheduler.T_max == preset.epochs
+    if preset.optimizer == "adamw":
+        assert scheduler.T_max == preset.epochs
+    else:  # the papers' SGD at constant per-layer rates, input side first
+        assert scheduler is None and isinstance(trainer.optimizer, torch.optim.SGD)
+        rates = [group["lr"] for group in trainer.optimizer.param_groups]
+        assert rates == list(preset.learning_rates()) and len(rates) == preset.layers + 1
 
 
 def test_unknown_names_are_rejected():
@@ -82,3 +87,24 @@ def test_command_line_options_override_the_preset(capsys):
     assert preset["symmetric_nudging"] is False
     assert preset["lr"] == get_preset("digits-looped").lr  # not given: the preset's
     assert report["results"][0]["parameters"] == 64 * 16 + 16 + 16 * 16 + 16 * 10 + 10
+
+
+def test_the_papers_options_on_the_command_line(capsys):
+    """Per-layer rates in the paper's order, SGD and the steep sigmoid from the command line."""
+    import json
+
+    from toreq.cli import main
+
+    assert main(["train", "--preset", "ernoult2019-p1h", "--dataset", "digits", "--epochs", "1",
+                 "--hidden", "16", "--optimizer", "sgd", "--layer-lrs", "0.02", "0.1",
+                 "--layer-order", "output_first", "--activation", "steep_sigmoid", "--json",
+                 "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    preset = report["preset"]
+    assert preset["layer_lrs"] == [0.02, 0.1] and preset["layer_order"] == "output_first"
+    assert preset["optimizer"] == "sgd" and preset["activation"] == "steep_sigmoid"
+    assert report["results"][0]["test_accuracy"] > 0.2  # a fraction; chance is 0.1
+    assert main(["train", "--preset", "ernoult2019-p1h", "--dataset", "digits", "--epochs", "1",
+                 "--layer-lrs", "0.1"]) == 1
+    assert "layer_lrs must hold one rate per weight layer of EPMLP (2), got 1" in \
+        capsys.readouterr().err

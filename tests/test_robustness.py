@@ -41,7 +41,7 @@ from toreq.train import EqPropTrainer, fit, load_checkpoint, save_checkpoint
 PROPERTY = settings(max_examples=150, deadline=timedelta(seconds=5),
                     suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float32, torch.float64]
-ACTIVATIONS = ["hard_sigmoid", "tanh", "sigmoid"]
+ACTIVATIONS = ["hard_sigmoid", "tanh", "sigmoid", "steep_sigmoid"]
 LAYOUTS = ["contiguous", "transposed", "strided", "expanded"]
 
 

@@ -91,6 +91,7 @@ THREADS_HELP = ("torch CPU threads (default: torch's). Float sums are split by t
 
 def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from toreq.estimators import estimator_names
+    from toreq.ops.relax import ACTIVATIONS
     from toreq.presets import MODELS, PRESETS
 
     p = sub.add_parser(
@@ -147,12 +148,20 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="hidden layers (ep_mlp, toroidal_mlp)")
     h.add_argument("--channels", type=_channels, default=keep,
                    help="conv_ep: output channels of each convolutional layer, comma-separated")
-    h.add_argument("--activation", choices=("hard_sigmoid", "tanh", "sigmoid"), default=keep,
-                   help="hidden activation")
+    h.add_argument("--activation", choices=ACTIVATIONS, default=keep,
+                   help="hidden activation (steep_sigmoid: sigmoid(4(x - 1/2)), the papers')")
     h.add_argument("--epochs", type=POSITIVE_INT, default=keep)
     h.add_argument("--batch-size", type=POSITIVE_INT, default=keep)
     h.add_argument("--lr", type=LEARNING_RATE, default=keep,
-                   help="AdamW learning rate, annealed to 0 by a cosine schedule")
+                   help="learning rate (AdamW: annealed to 0 by a cosine schedule; SGD: constant)")
+    h.add_argument("--optimizer", choices=("adamw", "sgd"), default=keep,
+                   help="adamw (cosine schedule) or sgd (constant rates, as the papers ran it)")
+    h.add_argument("--layer-lrs", dest="layer_lrs", type=LEARNING_RATE, nargs="+",
+                   default=keep, metavar="LR",
+                   help="one learning rate per weight layer (ep_mlp), in --layer-order")
+    h.add_argument("--layer-order", choices=("input_first", "output_first"), default=keep,
+                   help="the order of --layer-lrs: from the input layer up (default) or from "
+                        "the output layer down (Ernoult et al.'s --lr_tab)")
     h.add_argument("--beta", type=BETA, default=keep, help="nudging strength")
     h.add_argument("--free-steps", type=POSITIVE_INT, default=keep,
                    help="step cap of the free phase")
@@ -287,8 +296,8 @@ def _train_run_of(state: dict, path: str, command: str) -> dict:
 # The Preset fields that command-line options set (its name, data set, result and command are
 # not options; args.command is the subcommand).
 HYPERPARAMETERS = ("model", "hidden", "layers", "channels", "activation", "epochs", "batch_size",
-                   "lr", "beta", "free_steps", "nudged_steps", "symmetric_nudging", "algorithm",
-                   "algorithm_settings")
+                   "lr", "optimizer", "layer_lrs", "layer_order", "beta", "free_steps",
+                   "nudged_steps", "symmetric_nudging", "algorithm", "algorithm_settings")
 
 
 def _preset(args: argparse.Namespace, saved: dict | None = None):
@@ -298,10 +307,7 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
     from toreq.presets import PRESETS, Preset, get_preset
 
     if saved is not None:
-        preset = Preset(**{**saved["preset"], "channels": tuple(saved["preset"]["channels"]),
-                           "algorithm_settings": tuple(
-                               tuple(pair) for pair in saved["preset"].get("algorithm_settings",
-                                                                           ()))})
+        preset = Preset.from_dict(saved["preset"])
         dataset = saved["dataset"]
         if args.dataset is not None and args.dataset != dataset:
             raise ValueError(f"--dataset {args.dataset} differs from the checkpoint's "
@@ -316,8 +322,9 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
                  if hasattr(args, f.name) and f.name in HYPERPARAMETERS}
     if "channels" in overrides:
         overrides["channels"] = tuple(overrides["channels"])
-    if "algorithm_settings" in overrides:
-        overrides["algorithm_settings"] = tuple(overrides["algorithm_settings"])
+    for name in ("algorithm_settings", "layer_lrs"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
     if saved is not None:
         for name, value in overrides.items():
             if value != getattr(preset, name):
@@ -387,7 +394,7 @@ def _run_export(args: argparse.Namespace) -> int:
         return 0
     from toreq.export import export_model, to_onnx
 
-    preset = Preset(**{**about["preset"], "channels": tuple(about["preset"]["channels"])})
+    preset = Preset.from_dict(about["preset"])
     data = load_classification(about["dataset"], root=args.data_dir)
     model, trainer, _ = build_trainer(preset, data.input_dim, data.num_classes,
                                       image_shape=data.image_shape)

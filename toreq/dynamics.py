@@ -236,11 +236,15 @@ class CouplingDynamics(Dynamics):
     Needs `activation`, `damping` and `schedule` attributes; `network(x)` returns a
     [`Network`][toreq.dynamics.Network]. The op relaxes them (`relax_with_op`);
     `step` is the same step in PyTorch ([`toreq.ops.relax_step`][toreq.ops.relax.relax_step]).
+    `nudge_position` says where the output nudge enters
+    ([`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]; the op takes `"inside"` only, so a
+    phase nudged `"outside"` runs on the Python loop).
     """
 
     activation: str
     damping: float
     schedule: str
+    nudge_position: str = "inside"
 
     def init_states(self, x: Tensor, net: Network) -> list[Tensor]:
         return [x.new_zeros(x.shape[0], n) for n in net.widths]
@@ -254,7 +258,12 @@ class CouplingDynamics(Dynamics):
             schedule=self.schedule, beta=0.0 if nudge is None else nudge.beta,
             loss=self.cost.name, target=None if nudge is None else nudge.rows,
             readout_weight=net.readout_weight, readout_bias=net.readout_bias,
-            clamp=None if nudge is None else nudge.clamp)
+            clamp=None if nudge is None else nudge.clamp, nudge_position=self.nudge_position)
+
+    def op_expresses(self, nudge: Nudge | None) -> bool:
+        """Whether `torch.ops.toreq.relax` can run a phase with `nudge`: not a clamped output,
+        nor a nudge outside the activation."""
+        return nudge is None or (nudge.clamp is None and self.nudge_position == "inside")
 
     def primitive(self, x: Tensor, states: list[Tensor], net: Network) -> Tensor:
         """`Phi(x, s)` summed over the batch, for networks with an energy (tied couplings, or

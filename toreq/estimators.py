@@ -11,7 +11,8 @@ registered with [`register_estimator`][toreq.estimators.register_estimator]) plu
 
 * [`EqProp`][toreq.estimators.EqProp] (`"eqprop"`): the free phase, then nudged phases from it.
   `nudging`: `"positive"` contrasts `+beta` with the free phase, `"negative"` the free phase with
-  `-beta` (both bias O(beta)), `"centered"` `+beta` with `-beta` (bias O(beta^2)).
+  `-beta` (both bias O(beta)), `"centered"` `+beta` with `-beta` (bias O(beta^2)), `"random"`
+  one of the one-sided two with a sign drawn per batch (the biases cancel on average).
   For descent, with `s^a` the more positively nudged phase, `s^b` the other and
   `delta` the difference of their strengths (`beta`, or `2 beta` centered), the dynamics'
   `contrast` gives `-(1/(delta B)) (dPhi/dtheta(s^a) - dPhi/dtheta(s^b))` (energy, Hebbian)
@@ -140,14 +141,15 @@ class EqProp(Estimator):
 
     Args:
         beta: the nudging strength, `> 0`.
-        nudging: `"centered"` (default), `"positive"` or `"negative"`.
+        nudging: `"centered"` (default), `"positive"`, `"negative"`, or `"random"`: one-sided
+            with the sign drawn per batch from torch's generator (Scellier & Bengio 2017).
         nudged_steps: each nudged phase's step cap (None: the model's `nudged_steps`).
         nudged_tol: each nudged phase's tolerance (None: `tol * |beta|` from the model's
             tolerance; 0: exactly `nudged_steps` steps, as the GDD curve needs).
     """
 
     name = "eqprop"
-    NUDGINGS = ("centered", "positive", "negative")
+    NUDGINGS = ("centered", "positive", "negative", "random")
 
     def __init__(self, beta: float = 0.5, nudging: str = "centered",
                  nudged_steps: int | None = None, nudged_tol: float | None = None) -> None:
@@ -181,16 +183,19 @@ class EqProp(Estimator):
         name. `nudge_for(beta)` builds a phase's [`toreq.dynamics.Nudge`][toreq.dynamics.Nudge]."""
         beta = self.beta if beta is None else beta
         settings = self.nudged_phase_settings(model, beta, free.states[0].dtype)
+        nudging = self.nudging
+        if nudging == "random":
+            nudging = "positive" if bool(torch.randint(2, ())) else "negative"
         run: dict[str, RelaxResult] = {}
-        if self.nudging in ("centered", "positive"):
+        if nudging in ("centered", "positive"):
             run["positive"] = model.solve(x, net, free.states, nudge_for(beta), settings,
                                           phase="positive")
-        if self.nudging in ("centered", "negative"):
+        if nudging in ("centered", "negative"):
             run["negative"] = model.solve(x, net, free.states, nudge_for(-beta), settings,
                                           phase="negative")
         a = run.get("positive", free)
         b = run.get("negative", free)
-        return a, b, (2 * beta if self.nudging == "centered" else beta), run
+        return a, b, (2 * beta if nudging == "centered" else beta), run
 
     def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
         free, free_settings = free_phase(model, x, net, free, free_settings)

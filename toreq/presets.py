@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from toreq.validation import check_choice, check_positive_float
+
 __all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "get_preset",
-           "run_description", "train_preset"]
+           "parameter_groups", "run_description", "train_preset"]
 
 MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp", "modern_eqprop", "conv_ep")
 """The model names [`build_model`][toreq.presets.build_model] builds (`toreq train --model`)."""
@@ -27,18 +29,20 @@ MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp", "modern_eqprop", "conv_ep")
 def build_model(name: str, input_dim: int, output_dim: int, hidden: int, *, layers: int = 1,
                 activation: str | None = None, max_steps: int | None = None,
                 image_shape: Sequence[int] | None = None,
-                channels: Sequence[int] = (16, 32)) -> torch.nn.Module:
+                channels: Sequence[int] = (16, 32), **model_options: Any) -> torch.nn.Module:
     """An equilibrium model by its name in [`MODELS`][toreq.presets.MODELS] (the command line's
     `--model`).
 
     `conv_ep` reads its flattened input as images of `image_shape` `(C, H, W)` and has one
     convolutional layer per entry of `channels`; `hidden` and `layers` size the other
-    models. `activation` and `max_steps` left as None keep the model's own defaults.
+    models. `activation` and `max_steps` left as None keep the model's own defaults;
+    `model_options` go to the model's constructor (e.g. `schedule`, `tol`, `nudge_position`).
     """
     from toreq.nn import EPMLP, ConvEP, LoopedMLP, ModernEqProp, ToroidalMLP
 
     options = {k: v for k, v in dict(activation=activation, max_steps=max_steps).items()
                if v is not None}
+    options.update(model_options)
     if name == "looped_mlp":
         return LoopedMLP(input_dim, hidden, output_dim, **options)
     if name == "toroidal_mlp":
@@ -67,6 +71,17 @@ class Preset:
     `beta` and `nudged_steps` from the preset (and EqProp its nudging from
     `symmetric_nudging`) unless the settings name them.
     `result` is the measured figure in words (with its seeds), `command` what produced it.
+
+    The papers' presets reproduce a published configuration: `optimizer="sgd"` (plain SGD at
+    constant rates, as the papers ran it) with `layer_lrs`, one rate per weight layer in the
+    paper's own order, `layer_order` (`"input_first"` or `"output_first"`: Ernoult et al. list
+    theirs from the output layer down); `model_options` (the model's constructor arguments:
+    schedule, tolerance, nudge position); `baseline`, the method the benchmark trains next to
+    EqProp (`"backprop"`, `"bptt"` or `""` for none); `bptt_truncation`, the last steps the BPTT
+    baseline backpropagates through (the papers' K + 1; the whole trajectory keeps
+    `free_steps` steps); `init`, `"default"` (PyTorch's) or `"glorot_uniform"` (weights
+    uniform in `±sqrt(6 / (fan_in + fan_out))`, biases 0); `paper`, the paper's figure in words,
+    and `paper_command`, its code's command line.
     """
 
     name: str
@@ -85,11 +100,37 @@ class Preset:
     symmetric_nudging: bool = True
     algorithm: str = "eqprop"
     algorithm_settings: tuple[tuple[str, Any], ...] = ()
+    optimizer: str = "adamw"
+    layer_lrs: tuple[float, ...] = ()
+    layer_order: str = "input_first"
+    model_options: tuple[tuple[str, Any], ...] = ()
+    baseline: str = "backprop"
+    bptt_truncation: int | None = None
+    init: str = "default"
+    paper: str = ""
+    paper_command: str = ""
     result: str = ""
     command: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, about: dict) -> Preset:
+        """The preset of [`as_dict`][toreq.presets.Preset.as_dict] after a round trip through a
+        checkpoint (lists back to tuples; fields a newer release added keep their defaults)."""
+        fields = dict(about)
+        for name in ("channels", "layer_lrs"):
+            if name in fields:
+                fields[name] = tuple(fields[name])
+        for name in ("algorithm_settings", "model_options"):
+            if name in fields:
+                fields[name] = tuple(tuple(pair) for pair in fields[name])
+        return cls(**fields)
+
+    def learning_rates(self) -> tuple[float, ...]:
+        """`layer_lrs` input side first."""
+        return self.layer_lrs[::-1] if self.layer_order == "output_first" else self.layer_lrs
 
     def estimator(self):
         """The preset's gradient estimator ([`get_estimator`][toreq.estimators.get_estimator]:
@@ -139,6 +180,78 @@ PRESETS: dict[str, Preset] = {
             result="EqProp 99.78 ± 0.02% held-out action accuracy and closed-loop return -82.1 ± 18.6 (expert -81.4 ± 18.4), backprop of the same width 99.87 ± 0.03% and -82.0 ± 18.5 (3 seeds, 20 episodes each, 16 s per run on one CPU thread of a busy machine)",
             command="python benchmarks/accuracy.py --datasets cartpole acrobot --threads 1 --out results/accuracy_control",
         ),
+        # The papers' configurations (issue: reproduce the papers' MNIST tables). Their
+        # published errors could not be read on this machine; `paper` says so.
+        Preset(
+            name="scellier2017-1h", dataset="mnist", model="ep_mlp", hidden=500, epochs=25,
+            batch_size=20, lr=0.2, beta=1.0, free_steps=100, nudged_steps=4,
+            activation="hard_sigmoid", symmetric_nudging=False,
+            # their C = |y - s|^2 has no 1/2: their beta 0.5 is our 1.0, their rates doubled
+            algorithm_settings=(("nudging", "random"), ("nudged_tol", 0.0)), optimizer="sgd",
+            layer_lrs=(0.2, 0.1),
+            model_options=(("schedule", "sync"), ("damping", 0.5), ("tol", 1e-4)),
+            init="glorot_uniform", baseline="",
+            paper="Scellier & Bengio 2017, 784-500-10 (net1): test error not read here (the "
+                  "paper's text is not on this machine); their code trains on 50,000 images and "
+                  "reports the other 10,000, and starts each free phase from the example's last "
+                  "equilibrium (persistent particles, 20 steps), which toreq does not keep: its "
+                  "free phase relaxes from rest to tol 1e-4 (at most 100 steps)",
+            paper_command="python train_model.py (net1: n_it_neg 20, n_it_pos 4, epsilon 0.5, "
+                          "beta 0.5, alphas 0.1 0.05, 25 epochs, batch 20)",
+        ),
+        Preset(
+            name="scellier2017-2h", dataset="mnist", model="ep_mlp", hidden=500, layers=2,
+            epochs=60, batch_size=20, lr=0.8, beta=2.0, free_steps=300, nudged_steps=6,
+            activation="hard_sigmoid", symmetric_nudging=False,
+            algorithm_settings=(("nudging", "random"), ("nudged_tol", 0.0)), optimizer="sgd",
+            layer_lrs=(0.8, 0.2, 0.02),
+            model_options=(("schedule", "sync"), ("damping", 0.5), ("tol", 1e-4)),
+            init="glorot_uniform", baseline="",
+            paper="Scellier & Bengio 2017, 784-500-500-10 (net2): test error not read here; "
+                  "persistent particles (150 steps) in their code, from rest to tol 1e-4 (at "
+                  "most 300 steps) here",
+            paper_command="python train_model.py (net2: n_it_neg 150, n_it_pos 6, epsilon 0.5, "
+                          "beta 1.0, alphas 0.4 0.1 0.01, 60 epochs, batch 20)",
+        ),
+        Preset(
+            name="ernoult2019-p1h", dataset="mnist", model="ep_mlp", hidden=512, epochs=30,
+            batch_size=20, lr=0.08, beta=0.1, free_steps=40, nudged_steps=15,
+            activation="steep_sigmoid", symmetric_nudging=False, optimizer="sgd",
+            layer_lrs=(0.04, 0.08), layer_order="output_first",
+            model_options=(("schedule", "sync"), ("nudge_position", "outside"), ("tol", 0.0)),
+            baseline="bptt", bptt_truncation=16,
+            paper="Ernoult et al. 2019 (NeurIPS), Table 1, P-1h, EP and BPTT: test errors not "
+                  "read here (the paper's text is not on this machine; the issue quotes about 2%)",
+            paper_command="python main.py --action 'train' --discrete --size_tab 10 512 784 "
+                          "--lr_tab 0.04 0.08 --epochs 30 --T 40 --Kmax 15 --beta 0.1 "
+                          "--benchmark",
+        ),
+        Preset(
+            name="ernoult2019-p2h", dataset="mnist", model="ep_mlp", hidden=512, layers=2,
+            epochs=50, batch_size=20, lr=0.2, beta=0.5, free_steps=100, nudged_steps=20,
+            activation="steep_sigmoid", symmetric_nudging=False, optimizer="sgd",
+            layer_lrs=(0.005, 0.05, 0.2), layer_order="output_first",
+            model_options=(("schedule", "sync"), ("nudge_position", "outside"), ("tol", 0.0)),
+            baseline="bptt", bptt_truncation=21,
+            paper="Ernoult et al. 2019 (NeurIPS), Table 1, P-2h, EP and BPTT: test errors not "
+                  "read here (the paper's text is not on this machine)",
+            paper_command="python main.py --action 'train' --discrete --size_tab 10 512 512 784 "
+                          "--lr_tab 0.005 0.05 0.2 --epochs 50 --T 100 --Kmax 20 --beta 0.5 "
+                          "--benchmark",
+        ),
+        Preset(
+            name="laborieux2021-mlp", dataset="mnist", model="ep_mlp", hidden=512, epochs=30,
+            batch_size=20, lr=0.08, beta=0.2, free_steps=40, nudged_steps=15,
+            activation="steep_sigmoid", symmetric_nudging=True, optimizer="sgd",
+            layer_lrs=(0.08, 0.04),
+            model_options=(("schedule", "sync"), ("tol", 0.0)), baseline="",
+            paper="Laborieux et al. 2021 (Frontiers in Neuroscience), the MNIST MLP with "
+                  "symmetric (centered) nudging: no MLP test error read here (the paper's text "
+                  "is not on this machine)",
+            paper_command="python main.py --model 'MLP' --task 'MNIST' --archi 784 512 10 "
+                          "--act 'mysig' --optim 'sgd' --lrs 0.08 0.04 --mbs 20 --T1 40 --T2 15 "
+                          "--betas 0.0 0.2 --thirdphase --loss 'mse' --alg 'EP' --epochs 30",
+        ),
     )
 }
 """The measured configurations by name (`toreq train --preset NAME`)."""
@@ -157,6 +270,8 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
     from toreq.nn import FeedforwardMLP
     from toreq.train import BackpropTrainer, BPTTTrainer, EqPropTrainer
 
+    check_choice("optimizer", preset.optimizer, ("adamw", "sgd"))
+    check_choice("layer_order", preset.layer_order, ("input_first", "output_first"))
     torch.manual_seed(seed)
     if method == "backprop":
         model = FeedforwardMLP(input_dim, [preset.hidden] * preset.layers, num_classes,
@@ -165,19 +280,55 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
         model = build_model(preset.model, input_dim, num_classes, preset.hidden,
                             layers=preset.layers, activation=preset.activation,
                             max_steps=preset.free_steps, image_shape=image_shape,
-                            channels=preset.channels)
+                            channels=preset.channels, **dict(preset.model_options))
     else:
         raise ValueError(f"method must be 'eqprop', 'bptt' or 'backprop', got {method!r}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=preset.lr)
+    initialise(model, check_choice("init", preset.init, ("default", "glorot_uniform")))
+    groups = parameter_groups(model, preset)
+    if preset.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=preset.lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
+    else:
+        optimizer, scheduler = torch.optim.SGD(groups, lr=preset.lr), None
     if method == "eqprop":
         trainer = EqPropTrainer(model, optimizer, free_steps=preset.free_steps,
                                 nudged_steps=preset.nudged_steps, estimator=preset.estimator())
     elif method == "bptt":
-        trainer = BPTTTrainer(model, optimizer, steps=preset.free_steps)
+        trainer = BPTTTrainer(model, optimizer, steps=preset.free_steps,
+                              truncation=preset.bptt_truncation)
     else:
         trainer = BackpropTrainer(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
     return model, trainer, scheduler
+
+
+def initialise(model: torch.nn.Module, init: str) -> None:
+    """`"glorot_uniform"`: every weight layer's weight Glorot-uniform and its bias zero (Scellier
+    & Bengio 2017); `"default"` keeps PyTorch's initialisation."""
+    if init == "default":
+        return
+    with torch.no_grad():
+        for params in model.layer_parameters():
+            weight, *bias = params
+            torch.nn.init.xavier_uniform_(weight)
+            for b in bias:
+                b.zero_()
+
+
+def parameter_groups(model: torch.nn.Module, preset: Preset) -> list[dict]:
+    """The optimiser's parameter groups: one per weight layer with `preset`'s per-layer rates
+    (the model's `layer_parameters()`, input side first), else one group of every parameter."""
+    if not preset.layer_lrs:
+        return [{"params": list(model.parameters())}]
+    layers = getattr(model, "layer_parameters", None)
+    if layers is None:
+        raise ValueError(f"layer_lrs needs a model with per-layer parameters (ep_mlp, or the "
+                         f"feedforward baseline); {type(model).__name__} has none")
+    layers = layers()
+    if len(layers) != len(preset.layer_lrs):
+        raise ValueError(f"layer_lrs must hold one rate per weight layer of "
+                         f"{type(model).__name__} ({len(layers)}), got {len(preset.layer_lrs)}")
+    return [{"params": params, "lr": check_positive_float("layer_lrs", lr)}
+            for params, lr in zip(layers, preset.learning_rates())]
 
 
 def run_description(preset: Preset, dataset: str, model: torch.nn.Module, seed: int,
@@ -193,14 +344,17 @@ def run_description(preset: Preset, dataset: str, model: torch.nn.Module, seed: 
                   "arguments": {"name": preset.model, "hidden": preset.hidden,
                                 "layers": preset.layers, "activation": preset.activation,
                                 "max_steps": preset.free_steps, "channels": preset.channels,
-                                "image_shape": None if image_shape is None else tuple(image_shape)}},
+                                "image_shape": None if image_shape is None else tuple(image_shape),
+                                **dict(preset.model_options)}},
         "algorithm": {"method": "eqprop", "estimator": preset.algorithm,
                       "estimator_settings": preset.estimator().settings(),
                       "beta": preset.beta, "free_steps": preset.free_steps,
                       "nudged_steps": preset.nudged_steps,
-                      "symmetric_nudging": preset.symmetric_nudging, "optimizer": "AdamW",
-                      "lr": preset.lr, "schedule": "cosine", "epochs": preset.epochs,
-                      "batch_size": preset.batch_size},
+                      "symmetric_nudging": preset.symmetric_nudging,
+                      "optimizer": {"adamw": "AdamW", "sgd": "SGD"}[preset.optimizer],
+                      "lr": preset.lr, "layer_lrs": preset.learning_rates(),
+                      "schedule": "cosine" if preset.optimizer == "adamw" else "constant",
+                      "epochs": preset.epochs, "batch_size": preset.batch_size},
     }
 
 

@@ -294,13 +294,19 @@ def _check_finite(named: list[tuple[str, Tensor]], what: str, tensor: Callable[[
 class BPTTTrainer(EqPropTrainer):
     """Backprop through time over the same dynamics, unrolled `steps` steps from rest: the
     [`EqPropTrainer`][toreq.train.EqPropTrainer] with the
-    [`toreq.estimators.BPTT`][toreq.estimators.BPTT] estimator."""
+    [`toreq.estimators.BPTT`][toreq.estimators.BPTT] estimator. With `truncation=k` the
+    trajectory still has `steps` steps, and only its last `k` are backpropagated through (the
+    first `steps - k` run without a graph), as the papers' baselines ran it."""
 
     def __init__(self, model: EquilibriumModel, optimizer: torch.optim.Optimizer, *,
                  steps: int | None = None, truncation: int | None = None) -> None:
         steps = model.max_steps if steps is None else steps
         check_positive_int("steps", steps)
-        super().__init__(model, optimizer, free_steps=steps,
+        check_positive_int("truncation", truncation, allow_none=True)
+        if truncation is not None and truncation >= steps:
+            raise ValueError(f"truncation must be below steps ({steps}), got {truncation}")
+        free_steps = steps if truncation is None else steps - truncation
+        super().__init__(model, optimizer, free_steps=free_steps,
                          estimator=BPTT(truncation=truncation, steps=steps))
         self.steps = steps
 

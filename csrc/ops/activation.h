@@ -12,10 +12,12 @@
 
 namespace toreq {
 
-enum class Activation { Identity, HardSigmoid, Tanh, Sigmoid };
+// SteepSigmoid is sigmoid(4 (x - 1/2)): the hard sigmoid's smooth counterpart (the same value
+// and slope at 1/2), the activation of Ernoult et al. 2019 and Laborieux et al. 2021.
+enum class Activation { Identity, HardSigmoid, Tanh, Sigmoid, SteepSigmoid };
 
-// Parses "identity", "hard_sigmoid", "tanh" or "sigmoid"; anything else is an error that
-// names the op and the argument.
+// Parses "identity", "hard_sigmoid", "tanh", "sigmoid" or "steep_sigmoid"; anything else is an
+// error that names the op and the argument.
 Activation parse_activation(c10::string_view name, const char* op, const char* argument,
                             bool allow_identity);
 
@@ -133,6 +135,8 @@ inline C10_HOST_DEVICE T activate(T v) {
     return activation_tanh(v);
   } else if constexpr (A == Activation::Sigmoid) {
     return activation_sigmoid(v);
+  } else if constexpr (A == Activation::SteepSigmoid) {
+    return activation_sigmoid(T(4) * (v - T(0.5)));
   } else {
     return v;
   }
@@ -149,6 +153,8 @@ decltype(auto) dispatch_activation(Activation a, F&& f) {
       return f(std::integral_constant<Activation, Activation::Tanh>{});
     case Activation::Sigmoid:
       return f(std::integral_constant<Activation, Activation::Sigmoid>{});
+    case Activation::SteepSigmoid:
+      return f(std::integral_constant<Activation, Activation::SteepSigmoid>{});
     default:
       return f(std::integral_constant<Activation, Activation::Identity>{});
   }

@@ -9,10 +9,11 @@ from torch import Tensor, nn
 from toreq import utils
 from toreq.dynamics import CouplingDynamics, Network
 from toreq.nn.equilibrium import EquilibriumModel
-from toreq.ops import Coupling
-from toreq.validation import check_layer_sizes
+from toreq.ops import Coupling, activate
+from toreq.ops.relax import NUDGE_POSITIONS
+from toreq.validation import check_choice, check_layer_sizes
 
-__all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "ToroidalMLP"]
+__all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "SteepSigmoid", "ToroidalMLP"]
 
 
 class LoopedMLP(CouplingDynamics, EquilibriumModel):
@@ -130,23 +131,41 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
     the last hidden layer (Laborieux et al. 2021). EqProp's contrastive Hebbian update is exact
     here as $\beta \to 0$ (`"exact"`). The `"async"` schedule (even, then odd layers) is the
     default: it needs far fewer steps than the synchronous one.
+
+    `nudge_position="outside"` adds the nudge after the activation,
+    $s_{out} \leftarrow \rho(a_{out}) + \beta (y - s_{out})$: the discrete-time prototypical
+    model of Ernoult et al. 2019 (with `schedule="sync"`, `activation="steep_sigmoid"`). Its
+    EqProp update is the gradient of the loss with the output error divided by
+    $\rho'(a_{out})$ ([`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]): exact for the hard
+    sigmoid away from its clamps, `"approximate"` for the smooth activations.
     """
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
                  activation: str = "hard_sigmoid", loss: str = "mse", max_steps: int = 40,
                  tol: float = 1e-4, damping: float = 0.0, schedule: str = "async",
-                 solver: str = "auto") -> None:
+                 nudge_position: str = "inside", solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
                          damping=damping, schedule=schedule, solver=solver)
         check_layer_sizes("EPMLP", input_dim=input_dim, hidden_dims=list(hidden_dims),
                           output_dim=output_dim)
+        self.nudge_position = check_choice("nudge_position", nudge_position, NUDGE_POSITIONS)
         widths = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
         self.input = nn.Linear(input_dim, widths[0])
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.readout = nn.Linear(widths[-1], output_dim) if loss == "cross_entropy" else None
         self.widths = widths
 
-    gradient_regime = "exact"
+    @property
+    def gradient_regime(self) -> str:
+        r"""`"exact"` (as $\beta \to 0$) unless the nudge sits outside a smooth activation."""
+        smooth = self.activation != "hard_sigmoid"
+        return "approximate" if self.nudge_position == "outside" and smooth else "exact"
+
+    def layer_parameters(self) -> list[list[nn.Parameter]]:
+        """The parameters of each weight layer, input side first (the input projection, each
+        coupling, the readout): what per-layer learning rates apply to."""
+        layers = [self.input, *self.layers] + ([self.readout] if self.readout is not None else [])
+        return [list(layer.parameters()) for layer in layers]
 
     def network(self, x: Tensor) -> Network:
         couplings = []
@@ -158,6 +177,14 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
         return Network(couplings, drives, *readout, list(self.widths))
 
 
+class SteepSigmoid(nn.Module):
+    r"""$\sigma(4(x - \tfrac{1}{2}))$ as a module (the feedforward baseline's
+    `"steep_sigmoid"`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return activate("steep_sigmoid", x)
+
+
 class FeedforwardMLP(nn.Module):
     """A plain feedforward MLP: the backprop baseline of matched size."""
 
@@ -167,12 +194,16 @@ class FeedforwardMLP(nn.Module):
         check_layer_sizes("FeedforwardMLP", input_dim=input_dim, hidden_dims=list(hidden_dims),
                           output_dim=output_dim)
         acts = {"tanh": nn.Tanh, "hard_sigmoid": lambda: nn.Hardtanh(0.0, 1.0),
-                "sigmoid": nn.Sigmoid, "relu": nn.ReLU}
+                "sigmoid": nn.Sigmoid, "steep_sigmoid": SteepSigmoid, "relu": nn.ReLU}
         layers: list[nn.Module] = []
         for a, b in zip([input_dim, *hidden_dims], hidden_dims):
             layers += [nn.Linear(a, b), acts[activation]()]
         layers.append(nn.Linear(([input_dim, *hidden_dims])[-1], output_dim))
         self.net = nn.Sequential(*layers)
+
+    def layer_parameters(self) -> list[list[nn.Parameter]]:
+        """The parameters of each linear layer, input side first."""
+        return [list(m.parameters()) for m in self.net if isinstance(m, nn.Linear)]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -77,13 +77,26 @@ from toreq.ops._dispatch import has_kernel
 from toreq.ops.iteration import RelaxResult, iterate
 
 __all__ = [
-    "ACTIVATIONS", "Coupling", "RelaxResult", "activate", "iterate_per_sample", "labels_to_rows",
+    "ACTIVATIONS", "NUDGE_POSITIONS", "Coupling", "RelaxResult", "activate", "iterate_per_sample", "labels_to_rows",
     "layered_couplings", "relax", "relax_reference", "relax_step", "row_softmax",
 ]
 
-ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid")
-"""The activations the op's kernels implement; [`activate`][toreq.ops.relax.activate] also takes
-`"identity"` (a linear layer in Python dynamics)."""
+ACTIVATIONS = ("hard_sigmoid", "tanh", "sigmoid", "steep_sigmoid")
+r"""The activations the op's kernels implement; [`activate`][toreq.ops.relax.activate] also takes
+`"identity"` (a linear layer in Python dynamics). `"steep_sigmoid"` is
+$\sigma(4(x - \tfrac{1}{2}))$, the hard sigmoid's smooth counterpart (the same value and slope 1
+at $\tfrac{1}{2}$): the activation of Ernoult et al. 2019 (their `sigm`) and Laborieux et al. 2021
+(`my_sigmoid`)."""
+
+NUDGE_POSITIONS = ("inside", "outside")
+r"""Where the output nudge enters the step: `"inside"` the activation's argument,
+$s \leftarrow \rho(a - \beta\, \partial\ell/\partial s)$ (the gradient dynamics of the total
+energy, exact as $\beta \to 0$), or `"outside"` it, $s \leftarrow \rho(a) - \beta\, \partial\ell/
+\partial s$ (the discrete-time prototypical model of Ernoult et al. 2019, whose nudge
+$\beta (y - s)$ is added after the activation). To first order in $\beta$ the outside nudge is the
+inside one with the output error divided by $\rho'(a)$: the same where the output units are
+linear (identity, or the hard sigmoid away from its clamps), a differently weighted error
+elsewhere."""
 
 
 class Coupling(NamedTuple):
@@ -167,7 +180,8 @@ def relax(
         couplings: the network's couplings, [`Coupling`][toreq.ops.relax.Coupling] tuples (see
             [`layered_couplings`][toreq.ops.relax.layered_couplings]).
         drives: per layer, a constant input `(batch, n_l)` or bias `(n_l,)`, or None.
-        activation: `"hard_sigmoid"` (clamp to [0, 1]), `"tanh"` or `"sigmoid"`.
+        activation: `"hard_sigmoid"` (clamp to [0, 1]), `"tanh"`, `"sigmoid"` or
+            `"steep_sigmoid"` (see [`ACTIVATIONS`][toreq.ops.relax.ACTIVATIONS]).
         damping: weight of the old state in each update, in `[0, 1)`.
         max_steps: the most updates a sample receives.
         tol: a sample stops once its largest state change in a step is below `tol`. In
@@ -237,6 +251,8 @@ def activate(name: str, x: Tensor) -> Tensor:
         return torch.tanh(x)
     if name == "sigmoid":
         return torch.sigmoid(x)
+    if name == "steep_sigmoid":
+        return torch.sigmoid(4.0 * (x - 0.5))
     if name == "identity":
         return x
     raise ValueError(f"unknown activation '{name}'")
@@ -256,6 +272,7 @@ def relax_step(
     readout_weight: Tensor | None = None,
     readout_bias: Tensor | None = None,
     clamp: Tensor | None = None,
+    nudge_position: str = "inside",
 ) -> list[Tensor]:
     r"""One step of the dynamics of [`relax`][toreq.ops.relax.relax] for every sample,
     differentiable.
@@ -266,8 +283,10 @@ def relax_step(
     labels.
 
     `clamp` (Python only, not an op argument): the last layer's state is held at these rows
-    (the clamped phases of contrastive and coupled learning); every other layer sees it. States,
-    weights and drives may be complex (holomorphic EqProp), all of one dtype.
+    (the clamped phases of contrastive and coupled learning); every other layer sees it.
+    `nudge_position` (Python only): `"inside"` (the op's) or `"outside"` the activation (see
+    [`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]). States, weights and drives may be
+    complex (holomorphic EqProp), all of one dtype.
     """
     s = list(states)
     num_layers = len(s)
@@ -284,11 +303,13 @@ def relax_step(
         for c in couplings:
             if c.target == layer:
                 pre = pre + s[c.source] @ (c.weight if c.transposed else c.weight.T)
-        if beta == 0.0 or layer != num_layers - 1:
-            return pre
+        return pre
+
+    def output_error() -> Tensor:
+        """beta times d ell / d s_out at the current states."""
         if loss == "gradient":
-            return pre - beta * target
-        out = s[layer]
+            return beta * target
+        out = s[-1]
         if readout_weight is not None:
             out = out @ readout_weight.T
             if readout_bias is not None:
@@ -298,13 +319,21 @@ def relax_step(
         error = out - target
         if readout_weight is not None:
             error = error @ readout_weight
-        return pre - beta * error
+        return beta * error
 
+    last = num_layers - 1
     for group in groups:
-        group = [layer for layer in group if clamp is None or layer != num_layers - 1]
+        group = [layer for layer in group if clamp is None or layer != last]
         pres = {layer: preactivation(layer) for layer in group}
+        nudge = output_error() if beta != 0.0 and last in group else None
         for layer in group:
-            s[layer] = damping * s[layer] + (1.0 - damping) * activate(activation, pres[layer])
+            pre = pres[layer]
+            if nudge is not None and layer == last and nudge_position == "inside":
+                pre = pre - nudge
+            new = activate(activation, pre)
+            if nudge is not None and layer == last and nudge_position == "outside":
+                new = new - nudge
+            s[layer] = damping * s[layer] + (1.0 - damping) * new
     return s
 
 

@@ -91,6 +91,9 @@ TOREQ_ALWAYS_INLINE acc_t<scalar_t> update_row_any(scalar_t* s, const scalar_t* 
     case Activation::Sigmoid:
       return update_row_nudge<Activation::Sigmoid>(s, pre, target, n, nudge, damping, beta,
                                                    nonfinite);
+    case Activation::SteepSigmoid:
+      return update_row_nudge<Activation::SteepSigmoid>(s, pre, target, n, nudge, damping, beta,
+                                                        nonfinite);
     default:
       return update_row_nudge<Activation::Identity>(s, pre, target, n, nudge, damping, beta,
                                                     nonfinite);
