@@ -10,7 +10,7 @@ import torch
 
 from toreq.data import load_classification
 from toreq.diagnostics import compare
-from toreq.estimators import BPTT, EqProp
+from toreq.estimators import BPTT, EqProp, HolomorphicEqProp
 from toreq.nn import EPMLP
 from toreq.ops import activate
 from toreq.presets import Preset, build_trainer, get_preset, train_preset
@@ -192,3 +192,42 @@ def test_a_quick_run_of_a_papers_preset_learns_mnist(name):
                                x_test=data.x_test[:1000], y_test=data.y_test[:1000])
     run = train_preset(dataclasses.replace(get_preset(name), epochs=1), data, "eqprop", seed=0)
     assert run["test_accuracy"] >= 70.0, run["test_accuracy"]
+
+
+# ------------------------------------------------------------------ per-layer activations
+def test_per_layer_activations_match_bptt_and_a_hand_written_step():
+    """A deep Hopfield network with a linear output layer (Scellier et al. 2023): hidden
+    sigmoid, output identity. EqProp against BPTT in float64, and one step by hand."""
+    torch.manual_seed(7)
+    model = EPMLP(5, [6, 4], 3, activation=("sigmoid", "tanh", "identity"), schedule="sync",
+                  damping=0.3).double()
+    with torch.no_grad():  # a linear output layer contracts only with small enough weights
+        model.layers[1].weight.mul_(0.5)
+    assert model.activation == ("sigmoid", "tanh", "identity")
+    assert model.gradient_regime == "exact" and not model.op_expresses(None)
+    net = model.network(X)
+    states = [torch.rand(4, n, dtype=torch.float64) for n in (6, 4, 3)]
+    got = model.step(X, states, net)
+    w0, w1, w2 = model.input.weight, model.layers[0].weight, model.layers[1].weight
+    b0, b1, b2 = model.input.bias, model.layers[0].bias, model.layers[1].bias
+    want = [torch.sigmoid(X @ w0.T + b0 + states[1] @ w1),
+            torch.tanh(states[0] @ w1.T + b1 + states[2] @ w2),
+            states[1] @ w2.T + b2]
+    for g, w, s in zip(got, want, states):
+        torch.testing.assert_close(g, 0.3 * s + 0.7 * w, rtol=0, atol=1e-14)
+    reference = _gradients(model, X, Y, BPTT(steps=600))
+    for estimator in (EqProp(1e-4, "centered"), HolomorphicEqProp(0.05, points=6)):
+        got = _gradients(model, X, Y, estimator)
+        for name, want in reference.items():
+            assert compare(got[name], want).relative_error <= 1e-6, (estimator, name)
+
+
+def test_per_layer_activations_are_checked():
+    with pytest.raises(ValueError, match=r"one per layer \(2: the hidden layers and, with "
+                                         r"loss='mse', the output layer\), got 3"):
+        EPMLP(5, [6], 3, activation=("sigmoid", "tanh", "identity"))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        EPMLP(5, [6], 3, activation=("sigmoid", "relu"))
+    assert EPMLP(5, [6], 3, activation=("tanh", "tanh")).activation == "tanh"
+    with pytest.raises(ValueError, match="holomorphic activation"):
+        HolomorphicEqProp().check(EPMLP(5, [6], 3, activation=("hard_sigmoid", "identity")))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from toreq.data import load_digits
+from toreq.estimators import get_estimator
 from toreq.nn import EPMLP, FeedforwardMLP, LoopedMLP, ToroidalMLP
 from toreq.train import (
     BackpropTrainer,
@@ -107,6 +108,35 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tmp_path, digits):
     resumed = fit(trainer(), x, y, epochs=4, batch_size=32, seed=7, progress=False,
                   checkpoint=ckpt, resume=True)
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full]
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("eqprop", {"beta": 0.2, "nudging": "centered"}), ("eqprop", {"beta": 0.2, "nudging": "random"}),
+    ("cl", {}), ("cpl", {"eta": 0.5, "nudging": "centered"}),
+    ("holomorphic", {"beta": 0.2, "points": 4}), ("implicit", {}), ("bptt", {"truncation": 5}),
+])
+def test_every_estimator_resumes_exactly(tmp_path, digits, name, settings, one_thread):
+    """A run stopped after one epoch and resumed from its checkpoint reproduces the
+    uninterrupted run, losses and weights, bit for bit (random nudging's draws included)."""
+    x, y = digits.x_train[:96], digits.y_train[:96]
+
+    def trainer():
+        torch.manual_seed(5)
+        model = EPMLP(digits.input_dim, [12], digits.num_classes, activation="sigmoid",
+                      schedule="sync", max_steps=20)
+        return EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=1e-2),
+                             estimator=get_estimator(name, **settings))
+
+    uninterrupted = trainer()
+    full = fit(uninterrupted, x, y, epochs=2, batch_size=32, seed=7, progress=False)
+    ckpt = tmp_path / "run.pt"
+    fit(trainer(), x, y, epochs=1, batch_size=32, seed=7, progress=False, checkpoint=ckpt)
+    resumed_trainer = trainer()
+    resumed = fit(resumed_trainer, x, y, epochs=2, batch_size=32, seed=7, progress=False,
+                  checkpoint=ckpt, resume=True)
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in full], name
+    for a, b in zip(resumed_trainer.model.parameters(), uninterrupted.model.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, digits, monkeypatch):

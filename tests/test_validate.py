@@ -128,3 +128,22 @@ def test_annealed_beta_schedule(tmp_path):
     run = train_preset(preset, digits, "eqprop", 0, beta_schedule=recorded)
     batches = math.ceil(digits.x_train.shape[0] / preset.batch_size)
     assert asked == list(range(batches)) and 0 <= run["test_accuracy"] <= 100
+
+
+def test_the_accuracy_claims_train_with_a_chosen_estimator(monkeypatch, capsys):
+    from toreq import presets
+
+    short = dataclasses.replace(presets.PRESETS["digits-looped"], epochs=2, hidden=32)
+    monkeypatch.setitem(presets.PRESETS, "digits-looped", short)
+    report = run_claims(["accuracy_digits"], 1, True, algorithm="eqprop",
+                        algorithm_settings=[("nudging", "negative"), ("beta", 0.2)])
+    claim = report["claims"][0]
+    assert claim["notes"][0] == ("Estimator: EqProp(beta=0.2, nudging='negative', "
+                                 "nudged_steps=30, nudged_tol=None).")
+    eqprop = next(m for m in claim["metrics"] if m["name"] == "EqProp test accuracy")
+    assert eqprop["values"][0] > 50.0  # two epochs of digits, trained by negative nudging
+    with pytest.raises(TypeError, match="unknown setting.*'eta'"):
+        run_claims(["accuracy_digits"], 1, True, algorithm="eqprop",
+                   algorithm_settings=[("eta", 0.2)])
+    assert main(["validate", "--claims", "gradient", "--algorithm-setting", "beta=0.1"]) == 1
+    assert "--algorithm-setting needs --algorithm" in capsys.readouterr().err

@@ -617,6 +617,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _validate_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from toreq.estimators import estimator_names
     from toreq.validate import CLAIMS
 
     p = sub.add_parser(
@@ -640,6 +641,13 @@ def _validate_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--out", default="results/validation", help="output folder")
     p.add_argument("--data-dir", default=None, help="folder holding fashion-mnist/")
     p.add_argument("--threads", type=THREADS, default=None, help=THREADS_HELP)
+    p.add_argument("--algorithm", choices=estimator_names(), default=None,
+                   help="train the accuracy claims' EqProp model by this gradient estimator "
+                        "instead of its preset's (toreq.estimators)")
+    p.add_argument("--algorithm-setting", dest="algorithm_settings", action="append",
+                   type=_setting, default=[], metavar="NAME=VALUE",
+                   help="a setting of --algorithm's estimator, e.g. nudging=negative "
+                        "(repeatable; an unknown one is refused)")
     p.set_defaults(run=_run_validate)
 
 
@@ -648,8 +656,11 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     seeds = args.seeds if args.seeds is not None else 2 if args.quick else 5
     _set_threads(args.threads)
+    if args.algorithm_settings and args.algorithm is None:
+        raise ValueError("--algorithm-setting needs --algorithm")
     report = run_claims(args.claims, seeds, args.quick, data_dir=args.data_dir,
-                        log=lambda line: print(line, file=sys.stderr, flush=True))
+                        log=lambda line: print(line, file=sys.stderr, flush=True),
+                        algorithm=args.algorithm, algorithm_settings=args.algorithm_settings)
     path = write_report(report, args.out)
     print(path.read_text())
     print(f"wrote {path} and {path.with_suffix('.json')}")

@@ -238,10 +238,11 @@ class CouplingDynamics(Dynamics):
     `step` is the same step in PyTorch ([`toreq.ops.relax_step`][toreq.ops.relax.relax_step]).
     `nudge_position` says where the output nudge enters
     ([`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]; the op takes `"inside"` only, so a
-    phase nudged `"outside"` runs on the Python loop).
+    phase nudged `"outside"` runs on the Python loop). `activation` is one name, or one per
+    layer (the op takes one for every layer: per-layer activations run on the Python loop).
     """
 
-    activation: str
+    activation: str | tuple[str, ...]
     damping: float
     schedule: str
     nudge_position: str = "inside"
@@ -261,8 +262,10 @@ class CouplingDynamics(Dynamics):
             clamp=None if nudge is None else nudge.clamp, nudge_position=self.nudge_position)
 
     def op_expresses(self, nudge: Nudge | None) -> bool:
-        """Whether `torch.ops.toreq.relax` can run a phase with `nudge`: not a clamped output,
-        nor a nudge outside the activation."""
+        """Whether `torch.ops.toreq.relax` can run a phase with `nudge`: one activation for every
+        layer, and not a clamped output nor a nudge outside the activation."""
+        if not isinstance(self.activation, str):
+            return False
         return nudge is None or (nudge.clamp is None and self.nudge_position == "inside")
 
     def primitive(self, x: Tensor, states: list[Tensor], net: Network) -> Tensor:

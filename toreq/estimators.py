@@ -406,7 +406,8 @@ class HolomorphicEqProp(Estimator):
     detached states; a readout gets the loss's gradient at the free equilibrium. Its error
     against the gradient falls like `|beta|^N` (the Cauchy integral of `dPhi/dtheta(s^beta)`
     sampled at `N` points), where the dynamics is holomorphic in the states: a primitive
-    `Phi` (tied couplings) and a holomorphic activation (`tanh`, `sigmoid`, `identity`;
+    `Phi` (tied couplings) and a holomorphic activation (`tanh`, `sigmoid`, `steep_sigmoid`,
+    `identity`, one or one per layer;
     the hard sigmoid is refused). The phases run on the Python solver (the op has no complex
     kernels).
 
@@ -417,7 +418,7 @@ class HolomorphicEqProp(Estimator):
     """
 
     name = "holomorphic"
-    ACTIVATIONS = ("tanh", "sigmoid", "identity")
+    ACTIVATIONS = ("tanh", "sigmoid", "identity", "steep_sigmoid")
 
     def __init__(self, beta: float = 0.1, points: int = 4,
                  nudged_steps: int | None = None) -> None:
@@ -444,7 +445,8 @@ class HolomorphicEqProp(Estimator):
                              f"networks, e.g. EPMLP, LoopedMLP); {type(model).__name__}'s step "
                              "is not holomorphic (pooling, normalisation)")
         activation = getattr(model, "activation", None)
-        if activation not in self.ACTIVATIONS:
+        names = (activation,) if activation is None or isinstance(activation, str) else activation
+        if any(name not in self.ACTIVATIONS for name in names):
             raise ValueError(f"holomorphic EqProp needs a holomorphic activation, one of "
                              f"{self.ACTIVATIONS}; got {activation!r}")
 

@@ -10,7 +10,7 @@ from toreq import utils
 from toreq.dynamics import CouplingDynamics, Network
 from toreq.nn.equilibrium import EquilibriumModel
 from toreq.ops import Coupling, activate
-from toreq.ops.relax import NUDGE_POSITIONS
+from toreq.ops.relax import ACTIVATIONS, NUDGE_POSITIONS
 from toreq.validation import check_choice, check_layer_sizes
 
 __all__ = ["EPMLP", "FeedforwardMLP", "LoopedMLP", "SteepSigmoid", "ToroidalMLP"]
@@ -132,6 +132,11 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
     here as $\beta \to 0$ (`"exact"`). The `"async"` schedule (even, then odd layers) is the
     default: it needs far fewer steps than the synchronous one.
 
+    `activation` is one name for every layer, or one per layer (hidden layers first, then the
+    output layer with `loss="mse"`), `"identity"` allowed: the deep Hopfield networks of Scellier
+    et al. 2023 have a linear output layer, `("hard_sigmoid", "identity")`. A per-layer list runs
+    on the Python loop (the op takes one activation).
+
     `nudge_position="outside"` adds the nudge after the activation,
     $s_{out} \leftarrow \rho(a_{out}) + \beta (y - s_{out})$: the discrete-time prototypical
     model of Ernoult et al. 2019 (with `schedule="sync"`, `activation="steep_sigmoid"`). Its
@@ -141,15 +146,26 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
     """
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
-                 activation: str = "hard_sigmoid", loss: str = "mse", max_steps: int = 40,
-                 tol: float = 1e-4, damping: float = 0.0, schedule: str = "async",
-                 nudge_position: str = "inside", solver: str = "auto") -> None:
-        super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule=schedule, solver=solver)
+                 activation: str | Sequence[str] = "hard_sigmoid", loss: str = "mse",
+                 max_steps: int = 40, tol: float = 1e-4, damping: float = 0.0,
+                 schedule: str = "async", nudge_position: str = "inside",
+                 solver: str = "auto") -> None:
+        per_layer = not isinstance(activation, str)
+        super().__init__(activation="hard_sigmoid" if per_layer else activation, loss=loss,
+                         max_steps=max_steps, tol=tol, damping=damping, schedule=schedule,
+                         solver=solver)
         check_layer_sizes("EPMLP", input_dim=input_dim, hidden_dims=list(hidden_dims),
                           output_dim=output_dim)
         self.nudge_position = check_choice("nudge_position", nudge_position, NUDGE_POSITIONS)
         widths = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
+        if per_layer:
+            names = tuple(check_choice("activation", a, (*ACTIVATIONS, "identity"))
+                          for a in activation)
+            if len(names) != len(widths):
+                raise ValueError(f"activation must be one name or one per layer ({len(widths)}: "
+                                 f"the hidden layers and, with loss='mse', the output layer), "
+                                 f"got {len(names)}")
+            self.activation = names[0] if len(set(names)) == 1 else names
         self.input = nn.Linear(input_dim, widths[0])
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.readout = nn.Linear(widths[-1], output_dim) if loss == "cross_entropy" else None
@@ -158,7 +174,8 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
     @property
     def gradient_regime(self) -> str:
         r"""`"exact"` (as $\beta \to 0$) unless the nudge sits outside a smooth activation."""
-        smooth = self.activation != "hard_sigmoid"
+        output = self.activation if isinstance(self.activation, str) else self.activation[-1]
+        smooth = output not in ("hard_sigmoid", "identity")
         return "approximate" if self.nudge_position == "outside" and smooth else "exact"
 
     def layer_parameters(self) -> list[list[nn.Parameter]]:

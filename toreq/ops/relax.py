@@ -263,7 +263,7 @@ def relax_step(
     couplings: Sequence[Coupling],
     drives: Sequence[Tensor | None] | None = None,
     *,
-    activation: str = "hard_sigmoid",
+    activation: str | Sequence[str] = "hard_sigmoid",
     damping: float = 0.0,
     schedule: str = "sync",
     beta: float = 0.0,
@@ -285,8 +285,9 @@ def relax_step(
     `clamp` (Python only, not an op argument): the last layer's state is held at these rows
     (the clamped phases of contrastive and coupled learning); every other layer sees it.
     `nudge_position` (Python only): `"inside"` (the op's) or `"outside"` the activation (see
-    [`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]). States, weights and drives may be
-    complex (holomorphic EqProp), all of one dtype.
+    [`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]). `activation` may also be one name per
+    layer (Python only; `"identity"` allowed: a linear output layer). States, weights and drives
+    may be complex (holomorphic EqProp), all of one dtype.
     """
     s = list(states)
     num_layers = len(s)
@@ -330,7 +331,7 @@ def relax_step(
             pre = pres[layer]
             if nudge is not None and layer == last and nudge_position == "inside":
                 pre = pre - nudge
-            new = activate(activation, pre)
+            new = activate(activation if isinstance(activation, str) else activation[layer], pre)
             if nudge is not None and layer == last and nudge_position == "outside":
                 new = new - nudge
             s[layer] = damping * s[layer] + (1.0 - damping) * new
