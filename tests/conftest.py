@@ -37,3 +37,16 @@ def shakespeare(shakespeare_root):
     from toreq.data import load_tiny_shakespeare
 
     return load_tiny_shakespeare(shakespeare_root, download=False)
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """MNIST (the official files) from $TOREQ_DATA or the shared data beside the repository, as
+    a :class:`toreq.data.ClassificationData`."""
+    from toreq.data import load_mnist
+
+    root = Path(os.environ.get("TOREQ_DATA")
+                or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not (root / "mnist" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"no local copy of MNIST in {root} (set TOREQ_DATA to a folder with mnist/)")
+    return load_mnist(root, download=False)

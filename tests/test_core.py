@@ -395,7 +395,7 @@ def test_holomorphic_eqprop_refuses_what_is_not_holomorphic():
     x, y = torch.rand(4, 5), torch.tensor([0, 1, 2, 0])
     hard = EPMLP(5, [6], 3)  # hard sigmoid
     with pytest.raises(ValueError, match=r"holomorphic activation, one of \('tanh', 'sigmoid', "
-                                         r"'identity'\); got 'hard_sigmoid'"):
+                                         r"'identity', 'steep_sigmoid'\); got 'hard_sigmoid'"):
         HolomorphicEqProp().backward(hard, x, y, hard.network(x))
     modern = __import__("toreq.nn", fromlist=["ModernEqProp"]).ModernEqProp(5, 6, 3)
     with pytest.raises(ValueError, match="needs dynamics with an energy"):

@@ -133,11 +133,14 @@ def test_wide_layers_and_large_batch(dtype, schedule):
                                           ("cross_entropy", False), ("gradient", False)])
 @pytest.mark.parametrize("damping", [0.0, 0.25])
 @pytest.mark.parametrize("schedule", ["sync", "async"])
-def test_nudged_phase_matches_cpu_and_reference(dtype, kind, loss, readout, damping, schedule):
+@pytest.mark.parametrize("nudge_position", ["inside", "outside"])
+def test_nudged_phase_matches_cpu_and_reference(dtype, kind, loss, readout, damping, schedule,
+                                                nudge_position):
     p = make_problem(kind, 5, dtype, readout=readout, loss=loss)
     for beta in (0.5, -0.5):
         got = check_relax_parity(p, dtype, activation="tanh", damping=damping, max_steps=15,
-                                 schedule=schedule, beta=beta, **nudge_kwargs(p))
+                                 schedule=schedule, beta=beta, nudge_position=nudge_position,
+                                 **nudge_kwargs(p))
         free = run_relax(to_device(p), activation="tanh", damping=damping, max_steps=15,
                          schedule=schedule)
         assert not torch.allclose(got.states[-1], free.states[-1]), "the nudge had no effect"

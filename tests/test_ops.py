@@ -79,16 +79,20 @@ def test_single_sample_matches_reference(dtype, weights):
 @pytest.mark.parametrize("loss,readout", [("mse", False), ("mse", True), ("cross_entropy", True),
                                           ("cross_entropy", False), ("gradient", False)])
 @pytest.mark.parametrize("beta", [0.5, -0.5])
-def test_nudged_phase_matches_reference(dtype, kind, loss, readout, beta):
+@pytest.mark.parametrize("nudge_position", ["inside", "outside"])
+def test_nudged_phase_matches_reference(dtype, kind, loss, readout, beta, nudge_position):
     p = make_problem(kind, 5, dtype, readout=readout, loss=loss)
     kw = dict(activation="tanh", damping=0.25, max_steps=15, schedule="async", beta=beta,
               loss=loss, target=p["target"], readout_weight=p.get("readout_weight"),
-              readout_bias=p.get("readout_bias"))
+              readout_bias=p.get("readout_bias"), nudge_position=nudge_position)
     got = relax(p["states"], p["couplings"], p["drives"], **kw)
     want = relax_reference(p["states"], p["couplings"], p["drives"], **kw)
     assert_same_result(got, want, dtype)
     free = relax(p["states"], p["couplings"], p["drives"], **{**kw, "beta": 0.0})
     assert not torch.allclose(got.states[-1], free.states[-1]), "the nudge had no effect"
+    if nudge_position == "outside":  # a different step from the inside nudge
+        inside = relax(p["states"], p["couplings"], p["drives"], **{**kw, "nudge_position": "inside"})
+        assert not torch.allclose(got.states[-1], inside.states[-1])
 
 
 def test_class_labels_are_one_hot_targets():
@@ -443,6 +447,8 @@ def _relax_args(problem, **overrides):
 def test_opcheck_relax(kind, readout, loss):
     p = make_problem(kind, 3, torch.float64, readout=readout, loss=loss)
     args, kwargs = _relax_args(p)
+    torch.library.opcheck(torch.ops.toreq.relax.default, args, kwargs)
+    args, kwargs = _relax_args(p, nudge_position="outside")
     torch.library.opcheck(torch.ops.toreq.relax.default, args, kwargs)
 
 

@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from toreq.data import load_classification
 from toreq.diagnostics import compare
 from toreq.estimators import BPTT, EqProp, HolomorphicEqProp
 from toreq.nn import EPMLP
@@ -101,7 +100,7 @@ def test_outside_nudge_with_a_smooth_activation_weights_the_error_by_one_over_rh
 
 @pytest.mark.parametrize("activation", ["steep_sigmoid", "hard_sigmoid"])
 def test_outside_nudge_gives_the_same_gradients_on_the_op_and_the_python_loop(activation):
-    """The op runs the free phase; the nudged phases, which it cannot express, run on the loop."""
+    """The op (nudge_position='outside' in its element update) and the Python loop agree."""
     model = _prototypical(activation).float()
     x, estimator = X.float(), EqProp(0.1, "positive", nudged_steps=15)
     model.max_steps, model.tol = 40, 0.0
@@ -184,12 +183,11 @@ def test_glorot_initialisation_and_the_preset_round_trip():
 
 
 @pytest.mark.parametrize("name", ["ernoult2019-p1h", "laborieux2021-mlp", "scellier2017-1h"])
-def test_a_quick_run_of_a_papers_preset_learns_mnist(name):
+def test_a_quick_run_of_a_papers_preset_learns_mnist(name, mnist):
     """One epoch on 2,000 MNIST images (the real data, `$TOREQ_DATA`) already beats chance by
     far; the full runs are `benchmarks/accuracy.py --papers`."""
-    data = load_classification("mnist")
-    data = dataclasses.replace(data, x_train=data.x_train[:2000], y_train=data.y_train[:2000],
-                               x_test=data.x_test[:1000], y_test=data.y_test[:1000])
+    data = dataclasses.replace(mnist, x_train=mnist.x_train[:2000], y_train=mnist.y_train[:2000],
+                               x_test=mnist.x_test[:1000], y_test=mnist.y_test[:1000])
     run = train_preset(dataclasses.replace(get_preset(name), epochs=1), data, "eqprop", seed=0)
     assert run["test_accuracy"] >= 70.0, run["test_accuracy"]
 

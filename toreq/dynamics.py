@@ -237,8 +237,7 @@ class CouplingDynamics(Dynamics):
     [`Network`][toreq.dynamics.Network]. The op relaxes them (`relax_with_op`);
     `step` is the same step in PyTorch ([`toreq.ops.relax_step`][toreq.ops.relax.relax_step]).
     `nudge_position` says where the output nudge enters
-    ([`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]; the op takes `"inside"` only, so a
-    phase nudged `"outside"` runs on the Python loop). `activation` is one name, or one per
+    ([`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]). `activation` is one name, or one per
     layer (the op takes one for every layer: per-layer activations run on the Python loop).
     """
 
@@ -263,10 +262,8 @@ class CouplingDynamics(Dynamics):
 
     def op_expresses(self, nudge: Nudge | None) -> bool:
         """Whether `torch.ops.toreq.relax` can run a phase with `nudge`: one activation for every
-        layer, and not a clamped output nor a nudge outside the activation."""
-        if not isinstance(self.activation, str):
-            return False
-        return nudge is None or (nudge.clamp is None and self.nudge_position == "inside")
+        layer, and not a clamped output."""
+        return isinstance(self.activation, str) and (nudge is None or nudge.clamp is None)
 
     def primitive(self, x: Tensor, states: list[Tensor], net: Network) -> Tensor:
         """`Phi(x, s)` summed over the batch, for networks with an energy (tied couplings, or
@@ -294,7 +291,7 @@ class CouplingDynamics(Dynamics):
             max_steps=settings.max_steps, tol=settings.tol, schedule=self.schedule,
             beta=0.0 if nudge is None else nudge.beta, loss=self.cost.name,
             target=None if nudge is None else nudge.rows, readout_weight=net.readout_weight,
-            readout_bias=net.readout_bias)
+            readout_bias=net.readout_bias, nudge_position=self.nudge_position)
 
     def contrast(self, x: Tensor, net: Network, free: RelaxResult, nudged: RelaxResult,
                  reference: RelaxResult, beta: float) -> Pairs:

@@ -103,9 +103,9 @@ class Static(Solver):
 class CompiledRelax(Solver):
     """`torch.ops.toreq.relax` (C++/CUDA), for dynamics that provide `relax_with_op`.
 
-    The op takes real states and an output nudge inside the activation; a phase it cannot
-    express (complex states, a clamped output, a nudge outside the activation: the dynamics'
-    `op_expresses`) runs on the Python loop with the same step instead.
+    The op takes real states and an output nudge; a phase it cannot express (complex states,
+    a clamped output, one activation per layer: the dynamics' `op_expresses`) runs on the
+    Python loop with the same step instead.
     """
 
     name = "op"

@@ -62,12 +62,15 @@ inline To bit_cast(From from) {
 }
 
 // e^x = 2^n e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by its Taylor polynomial
-// (truncation below 1e-8 relative in float, 1e-17 in double). NaN stays NaN.
+// (truncation below 1e-8 relative in float, 1e-17 in double). NaN stays NaN. Below kMin the
+// result is 0 (libm's would be subnormal, less than 2^-125 or 2^-1021 away): so that
+// sigmoid(-inf) is 0, as torch's, and not e^kMin.
 template <typename T>
 inline T exp(T x) {
   using C = ExpConstants<T>;
   using Bits = typename C::Bits;
-  x = x < C::kMin ? C::kMin : (x > C::kMax ? C::kMax : x);
+  const bool underflows = x < C::kMin;
+  x = underflows ? C::kMin : (x > C::kMax ? C::kMax : x);
   const T shifted = x * C::kLog2e + C::kRound;
   const T n = shifted - C::kRound;
   const T r = (x - n * C::kLn2Hi) - n * C::kLn2Lo;
@@ -77,7 +80,7 @@ inline T exp(T x) {
   // 2^n from n's integer, read from the low bits of `shifted` (no float-to-int conversion).
   const Bits integer = bit_cast<Bits>(shifted) - bit_cast<Bits>(C::kRound);
   const T scale = bit_cast<T>(static_cast<Bits>((integer + C::kBias) << C::kMantissa));
-  return sum * scale;
+  return underflows ? T(0) : sum * scale;
 }
 
 // tanh(|x|) = (1 - e) / (1 + e) with e = e^(-2|x|) in (0, 1], the sign restored.

@@ -27,7 +27,7 @@ TORCH_LIBRARY_FRAGMENT(toreq, m) {
       "relax(Tensor[] states, Tensor?[] drives, Tensor[] weights, int[] targets, int[] sources, "
       "bool[] transposed, str activation='hard_sigmoid', float damping=0., int max_steps=30, "
       "float tol=0., str schedule='sync', float beta=0., str loss='mse', Tensor? target=None, "
-      "Tensor? readout_weight=None, Tensor? readout_bias=None) "
+      "Tensor? readout_weight=None, Tensor? readout_bias=None, str nudge_position='inside') "
       "-> (Tensor[] states, Tensor steps, Tensor residual)");
 }
 
@@ -67,7 +67,8 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
                                 double tol, c10::string_view schedule, double beta,
                                 c10::string_view loss, const std::optional<at::Tensor>& target,
                                 const std::optional<at::Tensor>& readout_weight,
-                                const std::optional<at::Tensor>& readout_bias) {
+                                const std::optional<at::Tensor>& readout_bias,
+                                c10::string_view nudge_position) {
   RelaxProblem p;
   const size_t num_layers = states.size();
   TORCH_CHECK(num_layers > 0, kOp, ": states must hold at least one layer's state");
@@ -126,6 +127,10 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
   }
 
   p.activation = parse_activation(activation, kOp, "activation", /*allow_identity=*/false);
+  TORCH_CHECK(nudge_position == "inside" || nudge_position == "outside", kOp,
+              ": nudge_position must be 'inside' or 'outside' (the activation), got '",
+              std::string(nudge_position.data(), nudge_position.size()), "'");
+  const bool outside = nudge_position == "outside";
   TORCH_CHECK(std::isfinite(damping) && damping >= 0.0 && damping < 1.0, kOp,
               ": damping is the weight of the old state and must lie in [0, 1), got ", damping);
   TORCH_CHECK(max_steps >= 0, kOp, ": max_steps must be >= 0, got ", max_steps);
@@ -208,9 +213,9 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
   p.target = *target;
   p.target = p.target.contiguous();  // the element update reads it by rows
   if (p.loss == NudgeLoss::MSE && !p.readout_weight.defined()) {
-    p.element_nudge = ElementNudge::MSE;
+    p.element_nudge = outside ? ElementNudge::MSEOutside : ElementNudge::MSE;
   } else {
-    p.element_nudge = ElementNudge::Gradient;
+    p.element_nudge = outside ? ElementNudge::GradientOutside : ElementNudge::Gradient;
     p.needs_output_gradient = p.loss != NudgeLoss::Gradient;
   }
   return p;
@@ -301,7 +306,7 @@ using RelaxSignature = std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tenso
     at::TensorList, const c10::List<std::optional<at::Tensor>>&, at::TensorList, at::IntArrayRef,
     at::IntArrayRef, const c10::List<bool>&, c10::string_view, double, int64_t, double,
     c10::string_view, double, c10::string_view, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::string_view);
 
 const c10::TypedOperatorHandle<RelaxSignature>& relax_handle() {
   static const auto handle = c10::Dispatcher::singleton()
@@ -339,7 +344,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_autograd(
     const c10::List<bool>& transposed, c10::string_view activation, double damping,
     int64_t max_steps, double tol, c10::string_view schedule, double beta, c10::string_view loss,
     const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& readout_weight,
-    const std::optional<at::Tensor>& readout_bias) {
+    const std::optional<at::Tensor>& readout_bias, c10::string_view nudge_position) {
   if (at::GradMode::is_enabled()) {
     const std::string culprit =
         first_requiring_grad(states, drives, weights, target, readout_weight, readout_bias);
@@ -351,7 +356,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_autograd(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return relax_handle().call(states, drives, weights, targets, sources, transposed, activation,
                              damping, max_steps, tol, schedule, beta, loss, target,
-                             readout_weight, readout_bias);
+                             readout_weight, readout_bias, nudge_position);
 }
 
 // Under torch.autocast the relaxation runs in the autocast dtype (float16 or bfloat16): every
@@ -364,7 +369,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_autocast(
     const c10::List<bool>& transposed, c10::string_view activation, double damping,
     int64_t max_steps, double tol, c10::string_view schedule, double beta, c10::string_view loss,
     const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& readout_weight,
-    const std::optional<at::Tensor>& readout_bias) {
+    const std::optional<at::Tensor>& readout_bias, c10::string_view nudge_position) {
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(device));
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
@@ -378,7 +383,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_autocast(
       activation, damping, max_steps, tol, schedule, beta, loss,
       at::autocast::cached_cast(dtype, target, device),
       at::autocast::cached_cast(dtype, readout_weight, device),
-      at::autocast::cached_cast(dtype, readout_bias, device));
+      at::autocast::cached_cast(dtype, readout_bias, device), nudge_position);
 }
 
 }  // namespace

@@ -50,7 +50,8 @@ RelaxProblem make_relax_problem(at::TensorList states, const c10::List<std::opti
                                 double tol, c10::string_view schedule, double beta,
                                 c10::string_view loss, const std::optional<at::Tensor>& target,
                                 const std::optional<at::Tensor>& readout_weight,
-                                const std::optional<at::Tensor>& readout_bias);
+                                const std::optional<at::Tensor>& readout_bias,
+                                c10::string_view nudge_position);
 
 // The same problem restricted to the batch rows `rows` (int64, on the problem's device): the
 // per-sample drives and the target are gathered; weights and shared drives are kept.

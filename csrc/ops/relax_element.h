@@ -20,29 +20,37 @@ namespace toreq {
 // to a reduced-precision pre-activation buffer, a nudge beta * dloss/ds of 1e-3 would round
 // away next to a pre-activation of 1): MSE reads the target y and uses dloss/ds = s - y;
 // Gradient reads dloss/ds itself (the given gradient of loss='gradient', or the one
-// output_gradient computes through the readout or the softmax). None: no nudge.
-enum class ElementNudge { None, MSE, Gradient };
+// output_gradient computes through the readout or the softmax). None: no nudge. The Outside
+// variants subtract the nudge after the activation instead of inside its argument
+// (nudge_position='outside': Ernoult et al. 2019's prototypical model).
+enum class ElementNudge { None, MSE, Gradient, MSEOutside, GradientOutside };
+
+template <ElementNudge N>
+inline constexpr bool kNudgeOutside = N == ElementNudge::MSEOutside ||
+                                      N == ElementNudge::GradientOutside;
 
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;
 
-// The nudged pre-activation of one element of the last layer: pre - beta * dloss/ds, with
-// dloss/ds = s - y (MSE; `target` is y) or `target` itself (Gradient).
+// One element's nudge, beta * dloss/ds, with dloss/ds = s - y (MSE; `target` is y) or
+// `target` itself (Gradient); 0 without a nudge.
 template <ElementNudge N, typename acc>
-C10_HOST_DEVICE inline acc nudged_preactivation(acc pre, acc state, acc target, acc beta) {
-  if constexpr (N == ElementNudge::MSE) {
-    return pre - beta * (state - target);
-  } else if constexpr (N == ElementNudge::Gradient) {
-    return pre - beta * target;
+C10_HOST_DEVICE inline acc nudge_force(acc state, acc target, acc beta) {
+  if constexpr (N == ElementNudge::MSE || N == ElementNudge::MSEOutside) {
+    return beta * (state - target);
+  } else if constexpr (N == ElementNudge::Gradient || N == ElementNudge::GradientOutside) {
+    return beta * target;
   } else {
-    return pre;
+    return acc(0);
   }
 }
 
-// s <- damping * s + (1 - damping) * act(pre).
-template <Activation A, typename acc>
-C10_HOST_DEVICE inline acc damped_update(acc old, acc pre, acc damping) {
-  return damping * old + (acc(1) - damping) * activate<A>(pre);
+// s <- damping * s + (1 - damping) * act(pre - f) with the nudge f inside the activation, or
+// damping * s + (1 - damping) * (act(pre) - f) outside it.
+template <Activation A, ElementNudge N, typename acc>
+C10_HOST_DEVICE inline acc damped_update(acc old, acc pre, acc force, acc damping) {
+  const acc next = kNudgeOutside<N> ? activate<A>(pre) - force : activate<A>(pre - force);
+  return damping * old + (acc(1) - damping) * next;
 }
 
 // |v| without a libm call (it vectorises on the host); NaN stays NaN.
@@ -77,8 +85,9 @@ C10_HOST_DEVICE inline void update_element(scalar_t* s, const scalar_t* pre,
   const acc old = static_cast<acc>(*s);
   acc y = acc(0);
   if constexpr (N != ElementNudge::None) y = static_cast<acc>(*target);
-  const acc p = nudged_preactivation<N>(static_cast<acc>(*pre), old, y, beta);
-  const scalar_t stored = static_cast<scalar_t>(damped_update<A>(old, p, damping));
+  const acc force = nudge_force<N>(old, y, beta);
+  const scalar_t stored =
+      static_cast<scalar_t>(damped_update<A, N>(old, static_cast<acc>(*pre), force, damping));
   const acc next = static_cast<acc>(stored);
   change = max_keep(change, magnitude(next - old));
   poison += next * acc(0);
@@ -93,6 +102,10 @@ decltype(auto) dispatch_element_nudge(ElementNudge n, F&& f) {
       return f(std::integral_constant<ElementNudge, ElementNudge::MSE>{});
     case ElementNudge::Gradient:
       return f(std::integral_constant<ElementNudge, ElementNudge::Gradient>{});
+    case ElementNudge::MSEOutside:
+      return f(std::integral_constant<ElementNudge, ElementNudge::MSEOutside>{});
+    case ElementNudge::GradientOutside:
+      return f(std::integral_constant<ElementNudge, ElementNudge::GradientOutside>{});
     default:
       return f(std::integral_constant<ElementNudge, ElementNudge::None>{});
   }

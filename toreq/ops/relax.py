@@ -171,6 +171,7 @@ def relax(
     target: Tensor | None = None,
     readout_weight: Tensor | None = None,
     readout_bias: Tensor | None = None,
+    nudge_position: str = "inside",
 ) -> RelaxResult:
     r"""Relaxes a layered network to equilibrium (free phase, `beta=0`) or nudged equilibrium.
 
@@ -199,6 +200,9 @@ def relax(
         readout_weight: $R$ of an optional feedforward readout $o = s R^\top + c$ of the last
             layer that the loss is measured on.
         readout_bias: $c$ of that readout.
+        nudge_position: `"inside"` the activation's argument (the formula above) or
+            `"outside"`, $s_{L-1} \leftarrow \gamma s_{L-1} + (1 - \gamma)(\rho(a_{L-1}) - \beta\,
+            \partial\ell/\partial s_{L-1})$ (see [`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]).
 
     Returns:
         [`RelaxResult`][toreq.ops.iteration.RelaxResult] with the final states, per-sample step
@@ -221,12 +225,13 @@ def relax(
         return relax_reference(
             states, couplings, drive_list, activation=activation, damping=damping,
             max_steps=max_steps, tol=tol, schedule=schedule, beta=beta, loss=loss, target=target,
-            readout_weight=readout_weight, readout_bias=readout_bias)
+            readout_weight=readout_weight, readout_bias=readout_bias,
+            nudge_position=nudge_position)
     new_states, steps, residual = torch.ops.toreq.relax.default(
         states, drive_list, [_no_grad(c.weight) for c in couplings],
         [c.target for c in couplings], [c.source for c in couplings],
         [c.transposed for c in couplings], activation, damping, max_steps, tol, schedule, beta,
-        loss, target, readout_weight, readout_bias)
+        loss, target, readout_weight, readout_bias, nudge_position)
     return RelaxResult(list(new_states), steps, residual)
 
 
@@ -284,11 +289,13 @@ def relax_step(
 
     `clamp` (Python only, not an op argument): the last layer's state is held at these rows
     (the clamped phases of contrastive and coupled learning); every other layer sees it.
-    `nudge_position` (Python only): `"inside"` (the op's) or `"outside"` the activation (see
+    `nudge_position`: `"inside"` or `"outside"` the activation (see
     [`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]). `activation` may also be one name per
     layer (Python only; `"identity"` allowed: a linear output layer). States, weights and drives
     may be complex (holomorphic EqProp), all of one dtype.
     """
+    if nudge_position not in NUDGE_POSITIONS:
+        raise ValueError(f"nudge_position must be one of {NUDGE_POSITIONS}, got {nudge_position!r}")
     s = list(states)
     num_layers = len(s)
     if clamp is not None:
@@ -377,7 +384,7 @@ def relax_reference(
 @torch.library.register_fake("toreq::relax")
 def _relax_fake(states, drives, weights, targets, sources, transposed, activation="hard_sigmoid",
                 damping=0.0, max_steps=30, tol=0.0, schedule="sync", beta=0.0, loss="mse",
-                target=None, readout_weight=None, readout_bias=None):
+                target=None, readout_weight=None, readout_bias=None, nudge_position="inside"):
     torch._check(len(states) > 0, lambda: "toreq.relax: states must hold at least one layer")
     batch = states[0].shape[0]
     new_states = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in states]

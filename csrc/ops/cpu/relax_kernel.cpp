@@ -67,6 +67,12 @@ TOREQ_ALWAYS_INLINE acc_t<scalar_t> update_row_nudge(scalar_t* s, const scalar_t
     case ElementNudge::Gradient:
       return update_row_body<A, ElementNudge::Gradient>(s, pre, target, n, damping, beta,
                                                         nonfinite);
+    case ElementNudge::MSEOutside:
+      return update_row_body<A, ElementNudge::MSEOutside>(s, pre, target, n, damping, beta,
+                                                          nonfinite);
+    case ElementNudge::GradientOutside:
+      return update_row_body<A, ElementNudge::GradientOutside>(s, pre, target, n, damping, beta,
+                                                               nonfinite);
     default:
       return update_row_body<A, ElementNudge::None>(s, pre, target, n, damping, beta, nonfinite);
   }
@@ -245,10 +251,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
     const c10::List<bool>& transposed, c10::string_view activation, double damping,
     int64_t max_steps, double tol, c10::string_view schedule, double beta, c10::string_view loss,
     const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& readout_weight,
-    const std::optional<at::Tensor>& readout_bias) {
+    const std::optional<at::Tensor>& readout_bias, c10::string_view nudge_position) {
   const RelaxProblem p = make_relax_problem(states, drives, weights, targets, sources, transposed,
                                             activation, damping, max_steps, tol, schedule, beta,
-                                            loss, target, readout_weight, readout_bias);
+                                            loss, target, readout_weight, readout_bias,
+                                            nudge_position);
   const int64_t batch = p.batch;
   // out holds the full batch; s, pre and `work` hold the rows still relaxing. Once at most half
   // of them are, the converged rows are written back to out and dropped, so that the GEMMs of

@@ -191,12 +191,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cuda(
     const c10::List<bool>& transposed, c10::string_view activation, double damping,
     int64_t max_steps, double tol, c10::string_view schedule, double beta, c10::string_view loss,
     const std::optional<at::Tensor>& target, const std::optional<at::Tensor>& readout_weight,
-    const std::optional<at::Tensor>& readout_bias) {
+    const std::optional<at::Tensor>& readout_bias, c10::string_view nudge_position) {
   // Host-only checks first: they reject mixed devices with a clear message, after which every
   // tensor is on states[0]'s device, a CUDA one since the dispatcher chose this kernel.
   const RelaxProblem p = make_relax_problem(states, drives, weights, targets, sources, transposed,
                                             activation, damping, max_steps, tol, schedule, beta,
-                                            loss, target, readout_weight, readout_bias);
+                                            loss, target, readout_weight, readout_bias,
+                                            nudge_position);
   TORCH_INTERNAL_ASSERT(states[0].is_cuda());
   // The ATen calls (clones, GEMMs, softmax) and our launches all use the current device's
   // current stream: make the inputs' device current so that both are the right ones.
