@@ -367,12 +367,13 @@ def test_fit_augments_training_batches_only_and_reproducibly(tmp_path, monkeypat
         seen.append(crop_flip(x, generator))
         return seen[-1]
 
-    def run(augment):
+    def run(augment, epochs=2, **checkpointing):
         torch.manual_seed(0)
         model = EPMLP(d.input_dim, [8], 10, max_steps=5)
         trainer = EqPropTrainer(model, torch.optim.Adam(model.parameters(), lr=1e-3))
-        return model, fit(trainer, d.x_train, d.y_train, d.x_test, d.y_test, epochs=2,
-                          batch_size=16, seed=3, progress=False, augment=augment)
+        return model, fit(trainer, d.x_train, d.y_train, d.x_test, d.y_test, epochs=epochs,
+                          batch_size=16, seed=3, progress=False, augment=augment,
+                          **checkpointing)
 
     model, history = run(augment)
     assert [x.shape[0] for x in seen] == [16, 16, 8] * 2  # training batches, never the test set
@@ -382,6 +383,9 @@ def test_fit_augments_training_batches_only_and_reproducibly(tmp_path, monkeypat
     assert history[-1]["test_loss"] == evaluate(model, d.x_test, d.y_test)["loss"]
     again = run(crop_flip)[1]
     assert [r["train_loss"] for r in again] == [r["train_loss"] for r in history]
+    run(crop_flip, epochs=1, checkpoint=tmp_path / "run.pt")
+    resumed = run(crop_flip, checkpoint=tmp_path / "run.pt", resume=True)[1]
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in history]
     plain = run(None)[1]
     assert [r["train_loss"] for r in plain] != [r["train_loss"] for r in history]
 

@@ -114,7 +114,7 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                         "judged by the trained policy's closed-loop return (default: the "
                         "preset's, digits without a preset; with --resume, the checkpoint's). "
                         "A data set without a preset of its own (cifar10, cifar100) starts from "
-                        f"{FALLBACK_PRESET}, whose figure is MNIST's")
+                        f"{FALLBACK_PRESET} (measured on MNIST only)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the configuration to start from (default: the data set's preset)")
     p.add_argument("--data-dir", default=None,
