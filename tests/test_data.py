@@ -130,7 +130,7 @@ def test_load_classification_by_name(shared):
     d = data.load_classification("digits", seed=1)
     assert d.name == "digits" and torch.equal(d.x_test, data.load_digits(seed=1).x_test)
     with pytest.raises(ValueError, match="digits, mnist, fashion_mnist"):
-        data.load_classification("cifar10")
+        data.load_classification("imagenet")
     # "fashion-mnist" and "fashion_mnist" name the same loader (checked without parsing it)
     for name in ("fashion-mnist", "Fashion_MNIST"):
         with pytest.raises(DataError, match="fashion-mnist"):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cartpole", "acrobot")
 CONTROL_DATASETS = ("cartpole", "acrobot")  # judged by closed-loop return too (toreq.control)
+FALLBACK_PRESET = "mnist-looped"  # the start of a data set that has no measured preset (CIFAR)
 SEED_MAX = 2**32 - 1
 
 
@@ -90,6 +90,7 @@ THREADS_HELP = ("torch CPU threads (default: torch's). Float sums are split by t
 
 
 def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from toreq.data import classification_names
     from toreq.estimators import estimator_names
     from toreq.ops.relax import ACTIVATIONS
     from toreq.presets import MODELS, PRESETS
@@ -105,17 +106,20 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                     "checkpoint describes the run (preset, data set, seed), so --resume needs "
                     "only --checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="digits is embedded (scikit-learn); MNIST and Fashion-MNIST are read from "
-                        "--data-dir or $TOREQ_DATA, or downloaded; cartpole and acrobot are "
-                        "behaviour cloning of a scripted expert in Gymnasium (the control "
-                        "extra), generated and cached there, and also judged by the trained "
-                        "policy's closed-loop return (default: the preset's, digits without a "
-                        "preset; with --resume, the checkpoint's)")
+    p.add_argument("--dataset", choices=classification_names(), default=None,
+                   help="digits is embedded (scikit-learn); MNIST, Fashion-MNIST, CIFAR-10 and "
+                        "CIFAR-100 are read from --data-dir or $TOREQ_DATA, or downloaded; "
+                        "cartpole and acrobot are behaviour cloning of a scripted expert in "
+                        "Gymnasium (the control extra), generated and cached there, and also "
+                        "judged by the trained policy's closed-loop return (default: the "
+                        "preset's, digits without a preset; with --resume, the checkpoint's). "
+                        "A data set without a preset of its own (cifar10, cifar100) starts from "
+                        f"{FALLBACK_PRESET} (measured on MNIST only)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the configuration to start from (default: the data set's preset)")
     p.add_argument("--data-dir", default=None,
-                   help="folder holding mnist/ and fashion-mnist/ (and the control data cache)")
+                   help="folder holding mnist/, fashion-mnist/, cifar-10/, cifar-100/ (and "
+                        "the control data cache)")
     p.add_argument("--compare", choices=("none", "backprop", "bptt"), default="none",
                    help="also train a baseline on the same data: a feedforward MLP of the same "
                         "width by backprop, or the same model by backprop through time")
@@ -317,7 +321,8 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
         dataset = args.dataset or preset.dataset
     else:
         dataset = args.dataset or "digits"
-        preset = next(p for p in PRESETS.values() if p.dataset == dataset)
+        preset = next((p for p in PRESETS.values() if p.dataset == dataset),
+                      PRESETS[FALLBACK_PRESET])
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(preset)
                  if hasattr(args, f.name) and f.name in HYPERPARAMETERS}
     if "channels" in overrides:

@@ -1,4 +1,5 @@
-"""Data sets: scikit-learn digits (embedded), MNIST, Fashion-MNIST and Tiny Shakespeare.
+"""Data sets: scikit-learn digits (embedded), MNIST, Fashion-MNIST, CIFAR-10, CIFAR-100 and Tiny
+Shakespeare.
 
 The behaviour-cloning sets of [`toreq.control`][toreq.control] (CartPole, Acrobot) load
 through [`load_classification`][toreq.data.load_classification] too.
@@ -8,6 +9,8 @@ with the layout:
 
     <root>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
     <root>/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+    <root>/cifar-10/cifar-10-python.tar.gz
+    <root>/cifar-100/cifar-100-python.tar.gz
     <root>/tinyshakespeare/input.txt
 
 The root is, in order: the `root=` argument, the `TOREQ_DATA` environment variable, or
@@ -17,15 +20,26 @@ from its public source ([`MIRRORS`][toreq.data.MIRRORS]) when `download=True`, i
 beside it that is verified and then atomically renamed, so a partial or wrong download never sits
 under the final name. Every problem with the data raises [`DataError`][toreq.data.DataError], whose
 message says where toreq looked, what it expected and what to do.
+
+The CIFAR archives (the official "python version") are read without extracting them. Their
+batches are Python pickles, and unpickling runs whatever code a pickle names: they are
+unpickled by an unpickler that refuses every global except the three numpy needs to rebuild an
+array (`numpy.core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dtype`), so a file that
+passes its checksum but was crafted to run code still cannot. Training-time augmentation (random
+crops and flips) is [`RandomCropFlip`][toreq.data.RandomCropFlip], applied per batch by
+[`fit`][toreq.train.fit]`(augment=...)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import math
 import os
+import pickle
+import tarfile
 import tempfile
 import warnings
 import zlib
@@ -36,7 +50,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+from toreq.validation import check_choice, check_nonnegative_int
 
 __all__ = [
     "MIRRORS",
@@ -44,14 +61,18 @@ __all__ = [
     "CharCorpus",
     "ClassificationData",
     "DataError",
+    "RandomCropFlip",
+    "classification_names",
     "data_root",
+    "load_cifar10",
+    "load_cifar100",
     "load_classification",
     "load_digits",
-    "register_classification",
     "load_fashion_mnist",
     "load_mnist",
     "load_tiny_shakespeare",
     "read_idx",
+    "register_classification",
 ]
 
 _log = logging.getLogger(__name__)
@@ -80,12 +101,26 @@ SHA256: dict[str, dict[str, str]] = {
         "t10k-labels-idx1-ubyte.gz":
             "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
     },
+    "cifar-10": {
+        "cifar-10-python.tar.gz":
+            "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+    },
+    "cifar-100": {
+        "cifar-100-python.tar.gz":
+            "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+    },
     "tinyshakespeare": {
         "input.txt":
             "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
     },
 }
-"""SHA-256 of every data file (the official files), per data set folder and file name."""
+"""SHA-256 of every data file (the official files), per data set folder and file name.
+
+The CIFAR site publishes MD5s only (`c58f30108f718f92721af3b95e74349a` for CIFAR-10,
+`eb9058c3a382ffc7106e4002c42a8d85` for CIFAR-100); the SHA-256s here are the ones other loaders
+of the same archives pin (Keras's `cifar10`/`cifar100`, torchvision's), so that every file is
+checked with the same, collision-resistant hash. They were not measured on the real archives
+here (those were not on the machine this loader was written on)."""
 
 MIRRORS: dict[str, list[str]] = {
     "mnist": [
@@ -95,6 +130,8 @@ MIRRORS: dict[str, list[str]] = {
     "fashion-mnist": [
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     ],
+    "cifar-10": ["https://www.cs.toronto.edu/~kriz/"],
+    "cifar-100": ["https://www.cs.toronto.edu/~kriz/"],
     "tinyshakespeare": [
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/",
     ],
@@ -125,11 +162,12 @@ class ClassificationData:
     """An image classification data set as flattened tensors.
 
     Attributes:
-        name: the data set (`"digits"`, `"mnist"`, `"fashion_mnist"`, `"cartpole"`,
-            `"acrobot"`).
+        name: the data set (`"digits"`, `"mnist"`, `"fashion_mnist"`, `"cifar10"`,
+            `"cifar100"`, `"cartpole"`, `"acrobot"`).
         x_train: `float32` inputs of shape `(N, D)`, `D = C * H * W`, each image
-            flattened in `(C, H, W)` order, values in `[0, 1]` (the control sets: scaled
-            states, `image_shape` `(1, 1, D)`).
+            flattened in `(C, H, W)` order, values in `[0, 1]` (CIFAR with `normalize=True`:
+            standardised per channel; the control sets: scaled states, `image_shape`
+            `(1, 1, D)`).
         y_train: `int64` labels of shape `(N,)` in `0 .. num_classes - 1`.
         x_test: the test inputs, as `x_train`.
         y_test: the test labels, as `y_train`.
@@ -524,6 +562,190 @@ def _load_idx_set(name: str, folder: str, root: str | os.PathLike[str] | None,
     return ClassificationData(name, x_train, y_train, x_test, y_test, 10, (1, 28, 28))
 
 
+# ----------------------------------------------------------------------------- CIFAR
+
+_CIFAR_SHAPE = (3, 32, 32)
+_CIFAR_PIXELS = math.prod(_CIFAR_SHAPE)
+# The only globals a pickled numpy array names (numpy 1 writes numpy.core, numpy 2 numpy._core).
+# _reconstruct is taken from an array's own __reduce__, so no numpy-private module is imported.
+_ARRAY_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, numbers, bytes and numpy arrays; refuses every other global (a
+    pickle that names a function can make the unpickler call it)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ARRAY_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names the global {module}.{name}") from None
+
+
+def _unpickle_batch(path: Path, member: str, raw: bytes) -> Any:
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as error:  # damaged pickles fail in many ways (EOFError, KeyError, ...)
+        raise DataError(
+            f"{path}: {member} is not a CIFAR batch pickle ({type(error).__name__}: {error}); a "
+            "batch holds only a dict of bytes, lists, ints and numpy arrays, and no other global "
+            "is unpickled. The archive is not the official one: replace it.") from error
+
+
+def _read_cifar_archive(path: Path, members: tuple[str, ...]) -> dict[str, Any]:
+    """The unpickled `members` (names inside the archive) of a CIFAR tar.gz, read in one pass
+    without extracting anything to disk."""
+    batches: dict[str, Any] = {}
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for info in archive:
+                if info.name in members and info.isfile():
+                    raw = archive.extractfile(info).read()  # type: ignore[union-attr]
+                    batches[info.name] = _unpickle_batch(path, info.name, raw)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path} is not a readable tar.gz archive ({type(error).__name__}: "
+                        f"{error}): it is truncated or corrupt; delete it and download it "
+                        "again.") from error
+    missing = [m for m in members if m not in batches]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(missing)}: the official archive holds "
+                        f"{', '.join(members)}; replace it with the official file.")
+    return batches
+
+
+def _cifar_batch(path: Path, member: str, batch: Any, label_key: bytes,
+                 num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(images, labels)` of one unpickled batch: `uint8 (N, 3072)` and `int64 (N,)`, checked."""
+    where = f"{path}: {member}"
+    if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
+        keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{where} holds {keys}, expected a dict with the keys b'data' and "
+                        f"{label_key!r}")
+    images = batch[b"data"]
+    if (not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2
+            or images.shape[0] < 1 or images.shape[1] != _CIFAR_PIXELS):
+        got = (f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray)
+               else type(images).__name__)
+        raise DataError(f"{where}: b'data' is {got}, expected a uint8 array of shape "
+                        f"(N, {_CIFAR_PIXELS}) (N >= 1 images of 3x32x32, channel-major)")
+    try:
+        labels = np.asarray(batch[label_key])
+    except ValueError as error:  # ragged nested lists
+        raise DataError(f"{where}: {label_key!r} is not a list of ints ({error})") from error
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{where}: {label_key!r} holds {labels.dtype} {labels.shape}, expected "
+                        f"{images.shape[0]} integer labels, one per image")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise DataError(f"{where}: {label_key!r} has labels in {int(labels.min())}.."
+                        f"{int(labels.max())}, outside 0..{num_classes - 1}")
+    return images, labels.astype(np.int64)
+
+
+def _load_cifar(name: str, folder: str, splits: dict[str, tuple[str, ...]], label_key: bytes,
+                num_classes: int, root: str | os.PathLike[str] | None, download: bool,
+                normalize: bool) -> ClassificationData:
+    check_choice("normalize", normalize, (True, False))
+    path = _fetch(folder, f"{folder}-python.tar.gz", root, download)  # verified before parsing
+    batches = _read_cifar_archive(path, splits["train"] + splits["test"])
+    images, labels = {}, {}
+    for split, members in splits.items():
+        parts = [_cifar_batch(path, m, batches[m], label_key, num_classes) for m in members]
+        images[split] = np.concatenate([p[0] for p in parts])
+        labels[split] = np.concatenate([p[1] for p in parts])
+    x = {split: torch.from_numpy(a).to(torch.float32).div_(255.0) for split, a in images.items()}
+    if normalize:
+        mean, std = _channel_stats(images["train"], path)
+        for t in x.values():  # both splits by the training statistics
+            t.view(t.shape[0], 3, -1).sub_(mean[:, None]).div_(std[:, None])
+    return ClassificationData(name, x["train"], torch.from_numpy(labels["train"]), x["test"],
+                              torch.from_numpy(labels["test"]), num_classes, _CIFAR_SHAPE)
+
+
+def _channel_stats(images: np.ndarray, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) standard deviation of `uint8 (N, 3 * H * W)` images
+    in units of 1/255, exact: from each channel's histogram of the 256 byte values."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    channels = images.reshape(images.shape[0], 3, -1)
+    mean, std = np.empty(3), np.empty(3)
+    for c in range(3):
+        counts = np.bincount(channels[:, c].ravel(), minlength=256)
+        mean[c] = counts @ values / counts.sum()
+        std[c] = math.sqrt(counts @ (values - mean[c]) ** 2 / counts.sum())
+    if not std.all():
+        raise DataError(f"{path}: a channel of the training images is constant (std {std}), so "
+                        "it cannot be standardised (normalize=True)")
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+@dataclass(frozen=True)
+class RandomCropFlip:
+    """The standard CIFAR training augmentation, on a batch of flattened images.
+
+    Each image is padded with `padding` zeros on every side and cropped back to its `H x W` at
+    a uniformly random offset, then, with `flip=True`, mirrored left to right with probability
+    1/2. The zeros are those of the input: black for pixels in `[0, 1]`, the channel mean for
+    standardised images (`normalize=True`).
+
+    `augment(x, generator)` takes `x` of shape `(N, C * H * W)`, flattened in `(C, H, W)` order
+    as in [`ClassificationData`][toreq.data.ClassificationData], and returns a new tensor of the
+    same shape, dtype and device. The draws come from `generator` (the global generator when
+    `None`), on the CPU whatever the device: per image a row offset, then per image a column
+    offset (each in `0 .. 2 * padding`), then per image whether it is mirrored. Augment the
+    training batches only: pass it to [`fit`][toreq.train.fit]`(augment=...)`, which never
+    augments the evaluation.
+
+    Attributes:
+        image_shape: `(C, H, W)` of the images (the data's `image_shape`).
+        padding: zeros added on each side before cropping (4 for CIFAR's 32x32).
+        flip: also mirror half of the images at random.
+
+    Raises:
+        ValueError: on construction for a bad `image_shape` or `padding`; on a call for an `x`
+            that is not a `(N, C * H * W)` batch.
+    """
+
+    image_shape: tuple[int, int, int]
+    padding: int = 4
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.image_shape)
+        if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+            raise ValueError(f"image_shape must be (C, H, W) of positive ints, got "
+                             f"{self.image_shape!r}")
+        object.__setattr__(self, "image_shape", shape)
+        check_nonnegative_int("padding", self.padding)
+        check_choice("flip", self.flip, (True, False))
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        c, h, w = self.image_shape
+        if x.dim() != 2 or x.shape[1] != c * h * w:
+            raise ValueError(f"x must be a (N, {c * h * w}) batch of images {self.image_shape} "
+                             f"flattened, got shape {tuple(x.shape)}")
+        n, pad = x.shape[0], self.padding
+        top = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        left = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+        mirrored = (torch.rand(n, generator=generator) < 0.5 if self.flip
+                    else torch.zeros(n, dtype=torch.bool))
+        steps = torch.arange(w)
+        rows = top[:, None] + torch.arange(h)  # (n, h): rows of the padded image to keep
+        cols = left[:, None] + torch.where(mirrored[:, None], w - 1 - steps, steps)  # (n, w)
+        padded = F.pad(x.reshape(n, c, h, w), (pad, pad, pad, pad))
+        images = torch.arange(n, device=x.device)[:, None, None, None]
+        planes = torch.arange(c, device=x.device)[None, :, None, None]
+        out = padded[images, planes, rows.to(x.device)[:, None, :, None],
+                     cols.to(x.device)[:, None, None, :]]
+        return out.reshape(n, c * h * w)
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
@@ -576,7 +798,60 @@ def load_fashion_mnist(root: str | os.PathLike[str] | None = None,
     return _load_idx_set("fashion_mnist", "fashion-mnist", root, download)
 
 
-_CLASSIFICATION = ("digits", "mnist", "fashion_mnist")
+def load_cifar10(root: str | os.PathLike[str] | None = None, download: bool = True,
+                 normalize: bool = False) -> ClassificationData:
+    """CIFAR-10: 50,000 training and 10,000 test colour images, 32x32, 10 classes.
+
+    Read from `<root>/cifar-10/cifar-10-python.tar.gz` (the official "python version"; see
+    [`data_root`][toreq.data.data_root]), downloaded there first when absent and
+    `download=True`, and parsed without extracting it: its batches `data_batch_1` ..
+    `data_batch_5` are the training split, `test_batch` the test split. Each image is the
+    batch's 3,072 bytes in channel-major order (red, green, blue planes of 32x32), so `x`
+    holds them flattened in `(C, H, W)` order, divided by 255, and `image_shape` is
+    `(3, 32, 32)`. The batches are unpickled with every global refused but numpy's array
+    globals (see the module's introduction).
+
+    `normalize=True` standardises each channel, in both splits, by the mean and standard
+    deviation (population) of that channel over all the training pixels, computed exactly from
+    the training images when loading rather than hard-coded (on the official training set the
+    values usually quoted are mean `(0.4914, 0.4822, 0.4465)` and std `(0.2470, 0.2435,
+    0.2616)`; not checked here, the real archive was not on the machine this loader was written
+    on). For the standard training augmentation see
+    [`RandomCropFlip`][toreq.data.RandomCropFlip].
+
+    Raises:
+        DataError: the archive is missing (`download=False`), cannot be downloaded, fails its
+            sha256 check, or holds anything but the official batches (a damaged archive or
+            pickle, a pickle naming another global, wrong shapes, labels outside 0..9).
+    """
+    splits = {"train": tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+              "test": ("cifar-10-batches-py/test_batch",)}
+    return _load_cifar("cifar10", "cifar-10", splits, b"labels", 10, root, download, normalize)
+
+
+def load_cifar100(root: str | os.PathLike[str] | None = None, download: bool = True,
+                  label_type: str = "fine", normalize: bool = False) -> ClassificationData:
+    """CIFAR-100: 50,000 / 10,000 colour images, 32x32, 100 classes in 20 superclasses.
+
+    Read from `<root>/cifar-100/cifar-100-python.tar.gz` like
+    [`load_cifar10`][toreq.data.load_cifar10] (its batches `train` and `test`).
+    `label_type="fine"` labels the 100 classes (`fine_labels`), `"coarse"` the 20 superclasses
+    (`coarse_labels`). `normalize` as for CIFAR-10, with this set's own training statistics.
+
+    Raises:
+        ValueError: `label_type` is neither `"fine"` nor `"coarse"`.
+        DataError: as [`load_cifar10`][toreq.data.load_cifar10] (labels outside 0..99, resp.
+            0..19).
+    """
+    check_choice("label_type", label_type, ("fine", "coarse"))
+    splits = {"train": ("cifar-100-python/train",), "test": ("cifar-100-python/test",)}
+    label_key, num_classes = ((b"fine_labels", 100) if label_type == "fine"
+                              else (b"coarse_labels", 20))
+    return _load_cifar("cifar100", "cifar-100", splits, label_key, num_classes, root, download,
+                       normalize)
+
+
+_CLASSIFICATION = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100")
 # Data sets that other modules add by name (toreq.control registers its behaviour-cloning sets
 # when the package is imported): this module imports none of them.
 _REGISTERED: dict[str, Any] = {}
@@ -587,16 +862,23 @@ def register_classification(name: str, loader: Any) -> None:
     _REGISTERED[name] = loader
 
 
+def classification_names() -> tuple[str, ...]:
+    """The names [`load_classification`][toreq.data.load_classification] accepts: the data sets
+    of this module, then those registered (`toreq train --dataset` offers these)."""
+    return (*_CLASSIFICATION, *_REGISTERED)
+
+
 def load_classification(name: str, root: str | os.PathLike[str] | None = None,
                         download: bool = True, **kwargs: Any) -> ClassificationData:
-    """A classification data set by name: `"digits"`, `"mnist"`, `"fashion_mnist"`, or
-    the behaviour-cloning sets `"cartpole"` and `"acrobot"`
+    """A classification data set by name: `"digits"`, `"mnist"`, `"fashion_mnist"`,
+    `"cifar10"`, `"cifar100"`, or the behaviour-cloning sets `"cartpole"` and `"acrobot"`
     ([`load_control`][toreq.control.load_control]: generated in Gymnasium and cached under the
     data root; the `control` extra).
 
     `"fashion-mnist"` is accepted too. `root` and `download` do not apply to the
     embedded digits, `download` not to the control sets; `kwargs` go to the loader (e.g.
-    `seed=` for the digits and the control sets).
+    `seed=` for the digits and the control sets, `normalize=` for CIFAR, `label_type=` for
+    CIFAR-100).
 
     Raises:
         ValueError: for an unknown name (the message lists the valid ones).
@@ -609,10 +891,14 @@ def load_classification(name: str, root: str | os.PathLike[str] | None = None,
         return load_mnist(root, download, **kwargs)
     if key == "fashion_mnist":
         return load_fashion_mnist(root, download, **kwargs)
+    if key == "cifar10":
+        return load_cifar10(root, download, **kwargs)
+    if key == "cifar100":
+        return load_cifar100(root, download, **kwargs)
     if key in _REGISTERED:
         return _REGISTERED[key](key, root, **kwargs)
     raise ValueError(f"unknown data set {name!r}; choose one of "
-                     f"{', '.join((*_CLASSIFICATION, *_REGISTERED))}")
+                     f"{', '.join(classification_names())}")
 
 
 def load_tiny_shakespeare(root: str | os.PathLike[str] | None = None, download: bool = True,

@@ -113,6 +113,7 @@ class Preset:
     command: str = ""
 
     def as_dict(self) -> dict:
+        """The preset's fields by name (what a checkpoint's `about` records)."""
         return asdict(self)
 
     @classmethod

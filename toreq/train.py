@@ -360,7 +360,9 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         log_dir: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None,
         resume: bool = False, overwrite: bool = False, progress: bool | str = True,
         desc: str = "train", scheduler: Any = None, deterministic: bool = False,
-        about: dict[str, Any] | None = None, tensorboard: bool = False) -> list[dict[str, Any]]:
+        about: dict[str, Any] | None = None, tensorboard: bool = False,
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
+        ) -> list[dict[str, Any]]:
     """Trains for `epochs` epochs and returns one metrics dict per epoch.
 
     The batch order of epoch `e` depends only on `(seed, e)`, so a run resumed from the
@@ -371,6 +373,11 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
     and `metrics.csv` there (and, with `tensorboard=True`, to TensorBoard event files: the
     `tensorboard` extra). A [`TrainingDiverged`][toreq.errors.TrainingDiverged] error stops
     training with advice.
+
+    `augment(x, generator)` transforms every training batch before its step (e.g.
+    [`RandomCropFlip`][toreq.data.RandomCropFlip]`(data.image_shape)`), never the test set; its
+    draws come from the generator that drew the epoch's batch order, seeded by `(seed, epoch)`,
+    so a resumed run augments as the uninterrupted one did.
 
     `progress`: `True` shows a progress bar on a terminal and, where stderr is not a
     terminal (a log file, CI), no bar but a line every 10 s within an epoch; both print one line
@@ -422,17 +429,21 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         with _deterministic_algorithms(deterministic):
             n = x_train.shape[0]
             for epoch in range(start_epoch, epochs):
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(
-                    seed * 100003 + epoch))
+                draws = torch.Generator().manual_seed(seed * 100003 + epoch)
+                order = torch.randperm(n, generator=draws)
                 started = time.perf_counter()
                 sums: dict[str, float] = {}
                 batches = range(0, n, batch_size)
                 report.start_epoch(epoch, len(batches))
                 for count, start in enumerate(batches, 1):
                     idx = order[start:start + batch_size]
+                    x = x_train[idx]
+                    if augment is not None:  # the global batch: every rank draws the same
+                        x = augment(x, draws)
                     if group is not None:
-                        idx = shard(idx, group)
-                    metrics = trainer.step(x_train[idx], y_train[idx])
+                        mine = shard(torch.arange(idx.numel()), group)
+                        x, idx = x[mine], idx[mine]
+                    metrics = trainer.step(x, y_train[idx])
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
                     report.batch(count, sums["loss"] / count, sums["accuracy"] / count)
