@@ -246,7 +246,7 @@ def test_cli_reference_lists_every_subcommand_and_option_with_its_default():
         assert row.count("default") <= 1, f"a doubled default: {row}"
     train = sections["toreq train"]
     assert "| `--preset PRESET` | the data set's preset | the configuration to start from;" in train
-    assert "| `--lr LR` | the preset's | AdamW learning rate" in train
+    assert "| `--lr LR` | the preset's | learning rate (AdamW: annealed to 0" in train
     assert "| `--deterministic` | off |" in train
     assert "| `--seeds SEEDS` | 5; with --quick 2 | seeds per claim |" in sections["toreq validate"]
     assert "| `--checkpoint CHECKPOINT` | required |" in sections["toreq generate"]

@@ -81,6 +81,13 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.view(-1, *[1] * (like.dim() - 1))
 
 
+def _change(old: Tensor, new: Tensor, graph: bool, real: torch.dtype) -> Tensor:
+    """`(batch,)` max-abs change of one layer in the dtype `real`, outside any graph."""
+    delta = (new - old).detach() if graph else new - old
+    change = delta.flatten(1).abs().amax(dim=1)
+    return change if change.dtype == real else change.to(real)
+
+
 def _diverged(what: str, step: int, bad: int, batch: int) -> None:
     raise DivergenceError(
         f"{what}: the state became NaN or Inf at step {step} in {bad} of {batch} samples; lower "
@@ -116,7 +123,9 @@ def iterate(
             `torch.compile(fullgraph=True)` trace.
         what: the phase's name in error messages.
     """
-    with (nullcontext() if graph else torch.no_grad()):
+    # no_grad only where grad mode is on: entering it inside a traced program (export runs
+    # under no_grad already) costs torch.export a grad-mode region to track
+    with (torch.no_grad() if not graph and torch.is_grad_enabled() else nullcontext()):
         s = [t if graph else t.detach() for t in states]
         like = s[0]
         batch = like.shape[0]
@@ -153,16 +162,17 @@ def iterate(
                     # one pass of row sums (NaN and Inf propagate through them; accumulated in
                     # float32, so a large finite half-precision state does not overflow)
                     # instead of the change's three
-                    sums = sum(p.detach().flatten(1).sum(dim=1, dtype=real) for p in plain
-                               if p.shape[1:].numel() > 0)
+                    sums = sum((p.detach() if graph else p).flatten(1).sum(dim=1, dtype=real)
+                               for p in plain if p.shape[1:].numel() > 0)
                     if isinstance(sums, Tensor):
                         first_bad = torch.where((first_bad == 0) & ~torch.isfinite(sums),
                                                 torch.full_like(first_bad, k), first_bad)
                 s = plain
                 continue
-            # a layer of width 0 has nothing to compare
-            deltas = [(p - t).detach().flatten(1).abs().amax(dim=1).to(real)
-                      for t, p in zip(s, plain) if t.shape[1:].numel() > 0]
+            # a layer of width 0 has nothing to compare; no detach or cast where none is needed
+            # (each would be one more node per layer and step in a traced program)
+            deltas = [_change(t, p, graph, real) for t, p in zip(s, plain)
+                      if t.shape[1:].numel() > 0]
             change = (deltas[0] if len(deltas) == 1 else torch.stack(deltas).amax(dim=0)
                       if deltas else torch.zeros(batch, dtype=real, device=like.device))
             converging = change < tol
