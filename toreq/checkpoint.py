@@ -18,6 +18,7 @@ model, so every layer (the trainers, the language models, the command line) can 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 import zipfile
@@ -110,16 +111,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if damaged is not None:
             raise ValueError(f"record {damaged} fails its CRC-32 check")
     except Exception as error:  # zipfile raises several types for damaged files
-        raise RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated "
-                           f"({_first_line(error)}). Delete it, or resume from or load another "
-                           "checkpoint.") from error
+        raise _corrupt(path, error) from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle.UnpicklingError for objects weights_only refuses
+    except pickle.UnpicklingError as error:  # objects weights_only refuses
         raise RuntimeError(f"refusing to load {path}: it holds objects other than tensors and "
                            "plain data, which torch.load(weights_only=True) does not unpickle; "
                            "only load files you trust with torch.load directly "
                            f"({_unpickler_reason(error)})") from error
+    except Exception as error:  # a damaged header the CRC-32s do not cover (PyTorch's reader)
+        raise _corrupt(path, error) from error
     if not isinstance(state, dict) or "format" not in state:
         raise RuntimeError(f"{path} is not a toreq checkpoint (no format tag)")
     if state["format"] != FORMAT:
@@ -208,6 +209,12 @@ def _unpickler_reason(error: BaseException) -> str:
     """The line of torch's long weights_only message that names what was refused."""
     lines = [line.strip() for line in str(error).splitlines()]
     return next((line for line in lines if "Unsupported" in line), _first_line(error))
+
+
+def _corrupt(path: Path, error: BaseException) -> RuntimeError:
+    return RuntimeError(f"cannot read checkpoint {path}: the file is corrupt or truncated "
+                        f"({_first_line(error)}). Delete it, or resume from or load another "
+                        "checkpoint.")
 
 
 def _first_line(error: BaseException) -> str:
