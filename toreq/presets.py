@@ -245,7 +245,9 @@ PRESETS: dict[str, Preset] = {
             layer_lrs=(0.04, 0.08), layer_order="output_first",
             model_options=(("schedule", "sync"), ("nudge_position", "outside"), ("tol", 0.0)),
             baseline="",
-            result="not measured yet",
+            result="EqProp 1.97 ± 0.05% test error at the last epoch (best epoch 1.78 ± 0.08%), "
+                   "train error 0.14% (3 seeds, 9.1 s per epoch on one CPU thread of a shared "
+                   "machine)",
             command="python benchmarks/accuracy.py --papers ernoult2019-p1h-centered --threads 1",
             paper="Ernoult et al. 2019's P-1h with one change of ours: centered nudging (+beta "
                   "against -beta) instead of the paper's one-sided +beta, to test whether the "
