@@ -210,9 +210,9 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
       `pool_temperature`; it lies between the average and the maximum of the window (the
       average as tau -> infinity, the maximum as tau -> 0) and its gradient is the window's
       softmax, so $J_P^\top s$ puts `softmax(z_w / tau)_u s_w` at each pixel `u` of window `w`.
-      Smooth, so EqProp is exact for every configuration (no argmax to flip). (A
-      definition of our own, chosen for having a primitive with this gradient; not checked
-      against the energy-based-learning library's soft pooling.)
+      Smooth: no argmax to flip between phases (with a smooth rho, EqProp is exact for every
+      input). (A definition of our own, chosen for having a primitive with this gradient; not
+      checked against the energy-based-learning library's soft pooling.)
 
     Rows and columns past the last whole window are dropped, as `max_pool2d` drops them. The
     feedback terms are written out (the functions above), not taken by autograd of Phi in each
@@ -233,8 +233,9 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
     `loss="cross_entropy"` (default) a feedforward readout `o = R s_N + r` reads the last layer
     (Laborieux et al.). The `"async"` schedule (default) updates even layers, then odd ones from
     them (a skip between layers of the same parity couples two layers updated together; the
-    fixed points are the same). [`ConvEP.laborieux2021_cifar10`][toreq.nn.stepped.ConvEP.laborieux2021_cifar10]
-    builds the paper's CIFAR-10 network.
+    fixed points are the same).
+    [`ConvEP.laborieux2021_cifar10`][toreq.nn.stepped.ConvEP.laborieux2021_cifar10] builds the
+    paper's CIFAR-10 network.
 
     Gradient (`gradient_regime == "exact"`, up to O(beta^2) with symmetric nudging): for every
     parameter theta (and the input, when it requires grad)
@@ -351,7 +352,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
 
         Their activation `my_hard_sig` is `clamp(u / 2, 0, 1)`, the hard sigmoid
         (`"hard_sigmoid"`, `clamp(u, 0, 1)`, used here) of Phi halved: the same networks with
-        weights and biases scaled by 1/2. Their nudged phases (`T2` = 30 steps, symmetric
+        weights, biases and beta scaled by 1/2 (max pooling commutes with the scaling). Their nudged phases (`T2` = 30 steps, symmetric
         nudging at beta = 0.5) and SGD schedule are the trainer's settings, not the model's.
 
         Args:
