@@ -220,7 +220,8 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
     written-out form is cheaper; the tests check the step against `rho(dPhi/ds)` by autograd.
 
     Skips (Hopfield-ResNet, Vinayak & Srinivasan 2025): `skips=((i, j), ...)` adds an identity
-    interaction (no weights) between convolutional layers `i < j` (0-based, `0` is `s_1`).
+    interaction (no weights) between convolutional layers `i < j` (indices of the states as
+    `state_shapes` and `last_states` list them, 0-based; in the formulas `s_i` is state `i`).
     `S_{ij}` average-pools `s_i` by `k = H_i / H_j` (which must be a whole number, equal to
     `W_i / W_j`) and appends `C_j - C_i` zero channels (`C_i <= C_j`): `s_i`'s channels face
     the first `C_i` channels of `s_j`. The term is bilinear in the two states, so its
