@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,9 @@ from toreq import utils
 from toreq.dynamics import FieldDynamics, Nudge, PrimitiveDynamics
 from toreq.nn.equilibrium import EquilibriumModel
 from toreq.ops import activate
+from toreq.validation import check_choice, check_positive_float
 
-__all__ = ["ConvEP", "ModernEqProp"]
+__all__ = ["POOLINGS", "ConvEP", "ModernEqProp"]
 
 
 # ------------------------------------------------------------------------------- ModernEqProp
@@ -131,6 +133,35 @@ class ModernEqProp(FieldDynamics, EquilibriumModel):
 
 
 # ------------------------------------------------------------------------------- ConvEP
+POOLINGS = ("max", "avg", "soft")
+"""The poolings of [`ConvEP`][toreq.nn.stepped.ConvEP]'s convolutional layers."""
+
+
+def _windows(z: Tensor, size: int) -> Tensor:
+    """`z` of shape `(B, C, H, W)` as its pooling windows, `(B, C, H // p, W // p, p * p)`; the
+    rows and columns past the last whole window are dropped, as `max_pool2d` drops them."""
+    b, c, h, w = z.shape
+    rows, cols = h // size, w // size
+    z = z[..., :rows * size, :cols * size].reshape(b, c, rows, size, cols, size)
+    return z.transpose(3, 4).reshape(b, c, rows, cols, size * size)
+
+
+def _unwindows(windows: Tensor, size: int, shape: Sequence[int]) -> Tensor:
+    """The transpose of `_windows`: windows `(B, C, H', W', p * p)` back to `(B, C, *shape)`,
+    zero where no window reaches."""
+    b, c, rows, cols, _ = windows.shape
+    z = windows.reshape(b, c, rows, cols, size, size).transpose(3, 4)
+    z = z.reshape(b, c, rows * size, cols * size)
+    return F.pad(z, (0, shape[1] - cols * size, 0, shape[0] - rows * size))
+
+
+def _avg_pool_transpose(above: Tensor, size: int, shape: Sequence[int]) -> Tensor:
+    """`A^T u` for `A = avg_pool2d(., size)` on maps of spatial shape `shape`: each pooled value
+    spread over its window, divided by `size^2`."""
+    spread = above.unsqueeze(-1).expand(*above.shape, size * size) / (size * size)
+    return _unwindows(spread, size, shape)
+
+
 @dataclass
 class ConvNetwork:
     """ConvEP's effective tensors for one batch (see `ConvEP.network`)."""
@@ -143,32 +174,69 @@ class ConvNetwork:
 
 
 class ConvEP(PrimitiveDynamics, EquilibriumModel):
-    r"""The convolutional energy-based EqProp network of Laborieux et al. (2021).
+    r"""Convolutional Hopfield networks: the convolutional EqProp network of Laborieux et al.
+    (2021) and its variants (average and soft pooling, identity skip interactions).
 
-    Convolutional layers `s_1 .. s_K` (each a convolution, stride 1, then `p x p`
-    max-pooling `P`), then fully connected layers `s_{K+1} .. s_N`, all with tied (symmetric)
-    connections; the image clamps `s_0 = x`. The primitive function is
+    Convolutional layers `s_1 .. s_K` (each a convolution, stride 1, then `p x p` pooling
+    `P_l` of stride `p`), then fully connected layers `s_{K+1} .. s_N`, all with tied
+    (symmetric) connections; the image clamps `s_0 = x`. The primitive function is
 
     $$
-    \Phi(x, s) = \sum_{l \le K} \langle s_l,\, P(W_l * s_{l-1} + b_l) \rangle
-                + \sum_{l > K} \langle s_l,\, W_l\, s_{l-1} + b_l \rangle,
+    \Phi(x, s) = \sum_{l \le K} \langle s_l,\, P_l(W_l * s_{l-1} + b_l) \rangle
+                + \sum_{l > K} \langle s_l,\, W_l\, s_{l-1} + b_l \rangle
+                + \sum_{(i, j) \in \mathrm{skips}} \langle s_j,\, S_{ij}\, s_i \rangle,
     $$
 
     and each layer's update is `s_l <- gamma s_l + (1 - gamma) rho(dPhi/ds_l)`, with
 
     $$
-    \partial\Phi / \partial s_l = P(W_l * s_{l-1} + b_l)
-        + W_{l+1}^\top \star \mathrm{unpool}(s_{l+1};\, \mathrm{argmax}\,
-          P(W_{l+1} * s_l + b_{l+1}))
+    \frac{\partial\Phi}{\partial s_l} = P_l(z_l)
+        + W_{l+1}^\top \star \big(J_{P_{l+1}}(z_{l+1})^\top s_{l+1}\big)
+        + \sum_{(i, l)} S_{il}\, s_i + \sum_{(l, j)} S_{lj}^\top s_j,
+    \qquad z_l = W_l * s_{l-1} + b_l,
     $$
 
-    for a convolutional layer below a convolutional one (`*` is `conv2d`, $W^T \star$ is
-    `conv_transpose2d`, unpool is `max_unpool2d` at the pooling's argmax), and the flattened
-    `W_{K+1}^T s_{K+1}` below the first dense layer. The output layer's update gets
-    `- beta * d ell / d s_N` inside rho. With `loss="mse"` the last dense layer has
-    `output_dim` units and is nudged toward the one-hot target; with `loss="cross_entropy"`
-    (default) a feedforward readout `o = R s_N + r` reads the last layer (Laborieux et al.).
-    The `"async"` schedule (default) updates even layers, then odd ones from them.
+    for a convolutional layer below a convolutional one (`*` is `conv2d`, $W^\top \star$ is
+    `conv_transpose2d`, $J_P(z)^\top$ the pooling's transposed Jacobian), and the flattened
+    `W_{K+1}^T s_{K+1}` below the first dense layer. The poolings (`pooling`, one for all
+    convolutional layers or one per layer), over each `p x p` window `w` of `z`:
+
+    * `"max"`: $P(z)_w = \max_{u \in w} z_u$; $J_P^\top$ puts `s_{l+1}` at the window's argmax
+      (`max_unpool2d`). Piecewise linear: exact where no argmax changes between phases.
+    * `"avg"`: $P(z)_w = \frac{1}{p^2} \sum_{u \in w} z_u$ (`avg_pool2d`); $J_P^\top$ spreads
+      each value over its window divided by `p^2` (`avg_pool2d` transposed). Linear.
+    * `"soft"`: the smooth maximum
+      $P(z)_w = \tau \log \frac{1}{p^2} \sum_{u \in w} e^{z_u / \tau}$, `tau` the
+      `pool_temperature`; it lies between the average and the maximum of the window (the
+      average as tau -> infinity, the maximum as tau -> 0) and its gradient is the window's
+      softmax, so $J_P^\top s$ puts `softmax(z_w / tau)_u s_w` at each pixel `u` of window `w`.
+      Smooth: no argmax to flip between phases (with a smooth rho, EqProp is exact for every
+      input). (A definition of our own, chosen for having a primitive with this gradient; not
+      checked against the energy-based-learning library's soft pooling.)
+
+    Rows and columns past the last whole window are dropped, as `max_pool2d` drops them. The
+    feedback terms are written out (the functions above), not taken by autograd of Phi in each
+    step: the solvers and exported programs run the step without an autograd graph, and the
+    written-out form is cheaper; the tests check the step against `rho(dPhi/ds)` by autograd.
+
+    Skips (Hopfield-ResNet, Vinayak & Srinivasan 2025): `skips=((i, j), ...)` adds an identity
+    interaction (no weights) between convolutional layers `i < j` (indices of the states as
+    `state_shapes` and `last_states` list them, 0-based; in the formulas `s_i` is state `i`).
+    `S_{ij}` average-pools `s_i` by `k = H_i / H_j` (which must be a whole number, equal to
+    `W_i / W_j`) and appends `C_j - C_i` zero channels (`C_i <= C_j`): `s_i`'s channels face
+    the first `C_i` channels of `s_j`. The term is bilinear in the two states, so its
+    gradient gives `s_j` the input `S_{ij} s_i` and `s_i` the input `S_{ij}^T s_j` (`s_j`'s
+    first `C_i` channels, each pixel spread over `k x k` pixels divided by `k^2`): the
+    dynamics stays a gradient system and EqProp stays exact.
+
+    The output layer's update gets `- beta * d ell / d s_N` inside rho. With `loss="mse"` the
+    last dense layer has `output_dim` units and is nudged toward the one-hot target; with
+    `loss="cross_entropy"` (default) a feedforward readout `o = R s_N + r` reads the last layer
+    (Laborieux et al.). The `"async"` schedule (default) updates even layers, then odd ones from
+    them (a skip between layers of the same parity couples two layers updated together; the
+    fixed points are the same).
+    [`ConvEP.laborieux2021_cifar10`][toreq.nn.stepped.ConvEP.laborieux2021_cifar10] builds the
+    paper's CIFAR-10 network.
 
     Gradient (`gradient_regime == "exact"`, up to O(beta^2) with symmetric nudging): for every
     parameter theta (and the input, when it requires grad)
@@ -181,8 +249,8 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
 
     `s^ref` the free or `-beta` equilibrium, taken by autograd of Phi at the two fixed states
     (one graph over Phi, none over the relaxation); the readout gets the loss's gradient at the
-    free equilibrium. Exactness holds where no pooling argmax and no saturated unit of the hard
-    sigmoid changes between the contrasted phases, i.e. for beta small enough.
+    free equilibrium. Exactness holds where no max-pooling argmax and no saturated unit of the
+    hard sigmoid changes between the contrasted phases, i.e. for beta small enough.
 
     Args:
         input_shape: `(C, H, W)` of the image; inputs may be `(B, C, H, W)` or flattened
@@ -191,10 +259,15 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         output_dim: classes.
         hidden_dims: widths of dense hidden layers after the convolutions (default none).
         kernel_size: every convolutional layer's kernel size.
-        padding: every convolutional layer's zero padding (default `kernel_size // 2`).
-        pool_size: every convolutional layer's max-pooling window (= stride; 1: no pooling).
-        activation: rho, `"hard_sigmoid"` (default) or `"sigmoid"`; `"tanh"` only with
-            `pool_size=1` (negative states make max-pooling's argmax alternate).
+        padding: zero padding, one for every convolutional layer or one per layer (default
+            `kernel_size // 2`).
+        pool_size: every convolutional layer's pooling window (= stride; 1: no pooling).
+        pooling: `"max"` (default), `"avg"` or `"soft"` (see above), one for every
+            convolutional layer or one per layer.
+        pool_temperature: `tau` of soft pooling, > 0.
+        skips: identity interactions `(i, j)` between convolutional layers `i < j` (see above).
+        activation: rho, `"hard_sigmoid"` (default) or `"sigmoid"`; `"tanh"` only where no
+            layer max-pools (negative states make max-pooling's argmax alternate).
         loss: `"cross_entropy"` (readout) or `"mse"` (output layer).
         max_steps: the free relaxation's step cap.
         tol: the free relaxation's tolerance.
@@ -206,8 +279,10 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
     gradient_regime = "exact"
 
     def __init__(self, input_shape: Sequence[int], channels: Sequence[int], output_dim: int, *,
-                 hidden_dims: Sequence[int] = (), kernel_size: int = 3, padding: int | None = None,
-                 pool_size: int = 2, activation: str = "hard_sigmoid",
+                 hidden_dims: Sequence[int] = (), kernel_size: int = 3,
+                 padding: int | Sequence[int] | None = None, pool_size: int = 2,
+                 pooling: str | Sequence[str] = "max", pool_temperature: float = 1.0,
+                 skips: Sequence[tuple[int, int]] = (), activation: str = "hard_sigmoid",
                  loss: str = "cross_entropy", max_steps: int = 60, tol: float = 1e-4,
                  damping: float = 0.0, schedule: str = "async", solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
@@ -225,37 +300,110 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         if kernel_size < 1 or pool_size < 1:
             raise ValueError(f"kernel_size and pool_size must be >= 1, got {kernel_size} and "
                              f"{pool_size}")
-        if activation == "tanh" and pool_size > 1:
+        self.poolings = self._per_layer("pooling", pooling, len(channels))
+        for kind in self.poolings:
+            check_choice("pooling", kind, POOLINGS)
+        self.pool_temperature = check_positive_float("pool_temperature", pool_temperature)
+        if activation == "tanh" and pool_size > 1 and "max" in self.poolings:
             # with negative states the feedback a pooling window's argmax receives can push it
             # below its neighbours, the argmax then alternates and the relaxation cycles
             raise ValueError("activation 'tanh' takes negative values, with which max-pooling's "
                              "feedback can make the relaxation cycle; use 'hard_sigmoid' or "
-                             "'sigmoid', or pool_size=1")
-        padding = kernel_size // 2 if padding is None else padding
-        if padding < 0:
+                             "'sigmoid', pooling 'avg' or 'soft', or pool_size=1")
+        self.paddings = self._per_layer("padding", kernel_size // 2 if padding is None else padding,
+                                        len(channels))
+        if not all(isinstance(p, int) and p >= 0 for p in self.paddings):
             raise ValueError(f"padding must be >= 0, got {padding}")
-        self.input_shape, self.padding, self.pool_size = input_shape, padding, pool_size
+        self.input_shape, self.pool_size = input_shape, pool_size
         shapes: list[tuple[int, ...]] = []
         _, h, w = input_shape
-        for layer, out in enumerate(channels):
-            h = (h + 2 * padding - kernel_size + 1) // pool_size
-            w = (w + 2 * padding - kernel_size + 1) // pool_size
+        for layer, (out, pad) in enumerate(zip(channels, self.paddings)):
+            h = (h + 2 * pad - kernel_size + 1) // pool_size
+            w = (w + 2 * pad - kernel_size + 1) // pool_size
             if h < 1 or w < 1:
                 raise ValueError(
                     f"convolutional layer {layer} would leave no pixels: input_shape {input_shape}"
                     f" is too small for {len(channels)} layers of kernel {kernel_size}, padding "
                     f"{padding} and pooling {pool_size}")
             shapes.append((out, h, w))
+        self.skips = self._checked_skips(skips, shapes)
         dense = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
         shapes += [(n,) for n in dense]
         self.state_shapes = shapes
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, kernel_size, padding=padding)
-                                   for a, b in zip([input_shape[0], *channels], channels))
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, kernel_size, padding=pad)
+                                   for a, b, pad in zip([input_shape[0], *channels], channels,
+                                                        self.paddings))
         self.dense = nn.ModuleList(nn.Linear(a, b)
                                    for a, b in zip([math.prod(shapes[len(channels) - 1]), *dense],
                                                    dense))
         self.readout = (nn.Linear(math.prod(shapes[-1]), output_dim)
                         if loss == "cross_entropy" else None)
+
+    @classmethod
+    def laborieux2021_cifar10(cls, **options: Any) -> ConvEP:
+        """The CIFAR-10 network of Laborieux et al. (2021), as their code's command line builds it
+        (`--channels 128 256 512 512 --kernels 3 3 3 3 --pools mmmm --strides 1 1 1 1
+        --paddings 1 1 1 0 --fc 10`, cross-entropy through a linear readout):
+
+        `(3, 32, 32)` -> four convolutional layers of 128, 256, 512 and 512 channels, kernel 3,
+        padding 1, 1, 1, 0, each followed by 2 x 2 max pooling (states 128 x 16 x 16,
+        256 x 8 x 8, 512 x 4 x 4, 512 x 1 x 1) -> a linear readout to 10 classes with
+        cross-entropy; all layers updated together (`schedule="sync"`, as their code updates
+        every layer from one gradient of Phi), 250 free steps (their `T1`).
+
+        Their activation `my_hard_sig` is `clamp(u / 2, 0, 1)`, the hard sigmoid
+        (`"hard_sigmoid"`, `clamp(u, 0, 1)`, used here) of Phi halved: the same networks with
+        weights, biases and beta scaled by 1/2 (max pooling commutes with the scaling). Their nudged phases (`T2` = 30 steps, symmetric
+        nudging at beta = 0.5) and SGD schedule are the trainer's settings, not the model's.
+
+        Args:
+            options: any keyword argument of [`ConvEP`][toreq.nn.stepped.ConvEP], overriding
+                these settings (e.g. `max_steps`, `activation`).
+        """
+        settings: dict[str, Any] = {
+            "kernel_size": 3, "padding": (1, 1, 1, 0), "pool_size": 2, "pooling": "max",
+            "activation": "hard_sigmoid", "loss": "cross_entropy", "schedule": "sync",
+            "max_steps": 250}
+        settings.update(options)
+        return cls((3, 32, 32), (128, 256, 512, 512), 10, **settings)
+
+    @staticmethod
+    def _per_layer(name: str, value: Any, layers: int) -> tuple[Any, ...]:
+        """`value` for each of `layers` convolutional layers: one given for all, or one each."""
+        if isinstance(value, (str, int)):
+            return (value,) * layers
+        values = tuple(value)
+        if len(values) != layers:
+            raise ValueError(f"{name} must be one value or one per convolutional layer "
+                             f"({layers}), got {list(values)}")
+        return values
+
+    @staticmethod
+    def _checked_skips(skips: Sequence[tuple[int, int]],
+                       shapes: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
+        """The skips as `(i, j)` pairs, each between convolutional layers whose shapes an
+        identity can match (see the class docstring)."""
+        checked: list[tuple[int, int]] = []
+        for skip in skips:
+            pair = tuple(skip) if isinstance(skip, (tuple, list)) else (skip,)
+            if len(pair) != 2 or not all(isinstance(n, int) for n in pair):
+                raise ValueError(f"skips must be pairs (i, j) of layer indices, got {skip!r}")
+            i, j = pair
+            if i == j:
+                raise ValueError(f"skips: a skip couples two different layers, got ({i}, {j}) "
+                                 "(a layer to itself)")
+            if not 0 <= i < j < len(shapes):
+                raise ValueError(f"skips must be pairs (i, j) with 0 <= i < j < "
+                                 f"{len(shapes)} (the convolutional layers), got ({i}, {j})")
+            if (i, j) in checked:
+                raise ValueError(f"skips: ({i}, {j}) is given twice")
+            (c_i, h_i, w_i), (c_j, h_j, w_j) = shapes[i], shapes[j]
+            if h_i % h_j or w_i % w_j or h_i // h_j != w_i // w_j or c_i > c_j:
+                raise ValueError(
+                    f"skips: layer {i} {shapes[i]} cannot be coupled to layer {j} {shapes[j]} by "
+                    "an identity: needs H_i / H_j = W_i / W_j a whole number and C_i <= C_j")
+            checked.append((i, j))
+        return tuple(checked)
 
     def network(self, x: Tensor) -> ConvNetwork:
         flat = math.prod(self.input_shape)
@@ -274,26 +422,66 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
     def init_states(self, x: Tensor, net: ConvNetwork) -> list[Tensor]:
         return [net.image.new_zeros(net.image.shape[0], *shape) for shape in self.state_shapes]
 
+    def _pool(self, layer: int, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`P_l(z)`, and what its transposed Jacobian needs (max: the argmax; soft: the
+        windows' softmax)."""
+        size = self.pool_size
+        if size == 1:
+            return z, None
+        kind = self.poolings[layer]
+        if kind == "max":
+            return F.max_pool2d(z, size, return_indices=True)
+        if kind == "avg":
+            return F.avg_pool2d(z, size), None
+        scaled = _windows(z, size) / self.pool_temperature
+        value = self.pool_temperature * (torch.logsumexp(scaled, dim=-1) - math.log(size * size))
+        return value, torch.softmax(scaled, dim=-1)
+
+    def _pool_transpose(self, layer: int, above: Tensor, cache: Tensor | None,
+                        shape: Sequence[int]) -> Tensor:
+        """`J_{P_l}(z)^T above`, `z` of spatial shape `shape` and `cache` from `_pool`."""
+        size = self.pool_size
+        if size == 1:
+            return above
+        kind = self.poolings[layer]
+        if kind == "max":
+            return F.max_unpool2d(above, cache, size, output_size=shape)
+        if kind == "avg":
+            return _avg_pool_transpose(above, size, shape)
+        return _unwindows(cache * above.unsqueeze(-1), size, shape)
+
+    def _skip_factor(self, i: int, j: int) -> int:
+        return self.state_shapes[i][1] // self.state_shapes[j][1]
+
+    def _skip_forward(self, i: int, j: int, state: Tensor) -> Tensor:
+        """`S_{ij} s_i`: `s_i` average-pooled to `s_j`'s pixels, with zero channels appended."""
+        pooled = F.avg_pool2d(state, self._skip_factor(i, j))
+        return F.pad(pooled, (0, 0, 0, 0, 0, self.state_shapes[j][0] - state.shape[1]))
+
+    def _skip_transpose(self, i: int, j: int, state: Tensor) -> Tensor:
+        """`S_{ij}^T s_j`: the first `C_i` channels of `s_j`, average pooling transposed."""
+        channels, *shape = self.state_shapes[i]
+        return _avg_pool_transpose(state[:, :channels], self._skip_factor(i, j), shape)
+
     def _bottom_up(self, layer: int, below: Tensor,
                    net: ConvNetwork) -> tuple[Tensor, Tensor | None]:
-        """Layer `layer`'s input from below, and (convolutional) the pooling's argmax."""
+        """Layer `layer`'s input from below, and (convolutional) what the pooling's transposed
+        Jacobian needs."""
         if layer >= len(self.convs):
             return F.linear(below.flatten(1), net.weights[layer], net.biases[layer]), None
-        z = F.conv2d(below, net.weights[layer], net.biases[layer], padding=self.padding)
-        if self.pool_size == 1:
-            return z, None
-        return F.max_pool2d(z, self.pool_size, return_indices=True)
+        z = F.conv2d(below, net.weights[layer], net.biases[layer], padding=self.paddings[layer])
+        return self._pool(layer, z)
 
-    def _top_down(self, layer: int, states: list[Tensor], argmax: Tensor | None,
+    def _top_down(self, layer: int, states: list[Tensor], cache: Tensor | None,
                   net: ConvNetwork) -> Tensor:
         """`d <s_{l+1}, P(W_{l+1} * s_l + b)> / d s_l` for `l = layer` (the tied feedback)."""
         above, weight = states[layer + 1], net.weights[layer + 1]
         if layer + 1 >= len(self.convs):
             return (above @ weight).view_as(states[layer])
-        if argmax is not None:
-            size = [n + 2 * self.padding - weight.shape[-1] + 1 for n in states[layer].shape[-2:]]
-            above = F.max_unpool2d(above, argmax, self.pool_size, output_size=size)
-        return F.conv_transpose2d(above, weight, padding=self.padding)
+        padding = self.paddings[layer + 1]
+        shape = [n + 2 * padding - weight.shape[-1] + 1 for n in states[layer].shape[-2:]]
+        above = self._pool_transpose(layer + 1, above, cache, shape)
+        return F.conv_transpose2d(above, weight, padding=padding)
 
     def step(self, x: Tensor, states: list[Tensor], net: ConvNetwork,
              nudge: Nudge | None = None) -> list[Tensor]:
@@ -307,8 +495,8 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         if clamp is not None:
             groups = [[layer for layer in group if layer != n - 1] for group in groups]
         for group in groups:
-            # bottom-up inputs (and argmaxes) from the group's starting states, each computed
-            # once: layer l needs its own and, for the feedback it receives, layer l+1's argmax
+            # bottom-up inputs (and pooling caches) from the group's starting states, each
+            # computed once: layer l needs its own and, for its feedback, layer l+1's cache
             bottom_up: dict[int, tuple[Tensor, Tensor | None]] = {}
 
             def from_below(m: int) -> tuple[Tensor, Tensor | None]:
@@ -320,8 +508,13 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
             for layer in group:
                 pre = from_below(layer)[0]
                 if layer + 1 < n:
-                    argmax = from_below(layer + 1)[1] if layer + 1 < len(self.convs) else None
-                    pre = pre + self._top_down(layer, s, argmax, net)
+                    cache = from_below(layer + 1)[1] if layer + 1 < len(self.convs) else None
+                    pre = pre + self._top_down(layer, s, cache, net)
+                for i, j in self.skips:
+                    if layer == j:
+                        pre = pre + self._skip_forward(i, j, s[i])
+                    elif layer == i:
+                        pre = pre + self._skip_transpose(i, j, s[j])
                 if layer == n - 1 and nudge is not None and clamp is None:
                     pre = pre - nudge.beta * self.output_error(s[layer], nudge, net)
                 pres[layer] = pre
@@ -336,4 +529,6 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         for layer, state in enumerate(states):
             below = net.image if layer == 0 else states[layer - 1]
             phi = phi + (state * self._bottom_up(layer, below, net)[0]).sum()
+        for i, j in self.skips:
+            phi = phi + (states[j] * self._skip_forward(i, j, states[i])).sum()
         return phi
