@@ -49,7 +49,14 @@ C10_HOST_DEVICE inline acc nudge_force(acc state, acc target, acc beta) {
 // damping * s + (1 - damping) * (act(pre) - f) outside it.
 template <Activation A, ElementNudge N, typename acc>
 C10_HOST_DEVICE inline acc damped_update(acc old, acc pre, acc force, acc damping) {
-  const acc next = kNudgeOutside<N> ? activate<A>(pre) - force : activate<A>(pre - force);
+  acc next;
+  if constexpr (N == ElementNudge::None) {
+    next = activate<A>(pre);
+  } else if constexpr (kNudgeOutside<N>) {
+    next = activate<A>(pre) - force;
+  } else {
+    next = activate<A>(pre - force);
+  }
   return damping * old + (acc(1) - damping) * next;
 }
 
