@@ -270,3 +270,31 @@ def test_deterministic_runs_are_identical(digits):
     assert not torch.are_deterministic_algorithms_enabled()  # restored after fit
     assert losses_a == losses_b
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+def test_persistent_states_cut_the_free_steps_and_resume_exactly(tmp_path, digits, one_thread):
+    """Each sample's free phase starts from its own last equilibrium (Scellier & Bengio's
+    persistent particles): on the digits, after the first epoch, far fewer steps reach the
+    tolerance; a resumed run restores the stored states and reproduces the uninterrupted run."""
+    def trainer():
+        torch.manual_seed(0)
+        model = EPMLP(digits.input_dim, [64], digits.num_classes, max_steps=100,
+                      schedule="sync", damping=0.5)
+        return EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.02), beta=0.5)
+
+    x, y = digits.x_train[:512], digits.y_train[:512]
+    plain = fit(trainer(), x, y, epochs=4, batch_size=32, seed=1, progress=False)
+    persistent = fit(trainer(), x, y, epochs=4, batch_size=32, seed=1, progress=False,
+                     persistent=True)
+    assert persistent[0]["train_free_steps_mean"] == plain[0]["train_free_steps_mean"]
+    assert persistent[-1]["train_free_steps_mean"] < 0.8 * plain[-1]["train_free_steps_mean"]
+    ckpt = tmp_path / "run.pt"
+    fit(trainer(), x, y, epochs=2, batch_size=32, seed=1, progress=False, checkpoint=ckpt,
+        persistent=True)
+    resumed = fit(trainer(), x, y, epochs=4, batch_size=32, seed=1, progress=False,
+                  checkpoint=ckpt, resume=True, persistent=True)
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in persistent]
+    with pytest.raises(ValueError, match="persistent=True needs an EqPropTrainer"):
+        model = FeedforwardMLP(digits.input_dim, [8], digits.num_classes)
+        fit(BackpropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1)), x, y,
+            epochs=1, progress=False, persistent=True)

@@ -40,8 +40,8 @@ from toreq.validation import (check_batch, check_optimizer_covers, check_positiv
                               check_positive_int)
 
 __all__ = [
-    "BPTTTrainer", "BackpropTrainer", "EqPropTrainer", "TrainingDiverged", "evaluate", "fit",
-    "load_checkpoint", "read_checkpoint", "save_checkpoint",
+    "BPTTTrainer", "BackpropTrainer", "EqPropTrainer", "PersistentStates", "TrainingDiverged",
+    "evaluate", "fit", "load_checkpoint", "read_checkpoint", "save_checkpoint",
 ]
 
 
@@ -57,6 +57,49 @@ def _diverged(what: str, trainer: Any) -> TrainingDiverged:
 
 def _accuracy(output: Tensor, y: Tensor) -> float:
     return float((output.argmax(dim=1) == y).float().mean())
+
+
+class PersistentStates:
+    """Each training sample's last free equilibrium, the start of its next free phase (the
+    persistent particles of Scellier & Bengio 2017): after the first epoch a free phase starts
+    next to its fixed point and reaches the tolerance in fewer steps. Where the dynamics has one
+    fixed point the result is the same to within the tolerance; where it has several, a sample
+    stays in the basin it reached.
+
+    `start(index, init)` gives the batch's initial states (the stored ones for samples seen
+    before, `init` for the others); `store(index, states)` keeps the free equilibrium. The
+    store is allocated at the first `store`, one tensor per layer of shape
+    `(num_samples, *state_shape)`.
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = check_positive_int("num_samples", num_samples)
+        self.states: list[Tensor] | None = None
+        self.seen: Tensor | None = None
+
+    def start(self, index: Tensor, init: list[Tensor]) -> list[Tensor]:
+        if self.states is None:
+            return init
+        seen = self.seen[index]
+        return [torch.where(seen.view(-1, *[1] * (i.dim() - 1)), s[index].to(i), i)
+                for s, i in zip(self.states, init)]
+
+    def store(self, index: Tensor, states: list[Tensor]) -> None:
+        if self.states is None:
+            self.states = [s.new_zeros(self.num_samples, *s.shape[1:]) for s in states]
+            self.seen = torch.zeros(self.num_samples, dtype=torch.bool, device=states[0].device)
+        for stored, s in zip(self.states, states):
+            stored[index] = s.detach().to(stored)
+        self.seen[index] = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "states": self.states, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"the checkpoint's persistent states are for {state['num_samples']} "
+                             f"samples, this training set has {self.num_samples}")
+        self.states, self.seen = state["states"], state["seen"]
 
 
 class EqPropTrainer:
@@ -141,9 +184,10 @@ class EqPropTrainer:
                 model.loss_name = loss
         self.steps_done = 0
         self._first_loss: float | None = None
+        self.persistent: PersistentStates | None = None
 
-    def _phases(self, x: Tensor, y: Tensor,
-                beta: float | None) -> tuple[Tensor, Tensor, dict, dict]:
+    def _phases(self, x: Tensor, y: Tensor, beta: float | None,
+                index: Tensor | None) -> tuple[Tensor, Tensor, dict, dict]:
         """The estimator's phases and gradients: `(loss, output, phases, tolerances)`."""
         model = self.model
         if not isinstance(model, EquilibriumModel):  # blocks: their backward is the estimator
@@ -160,12 +204,22 @@ class EqPropTrainer:
         if x.shape[0] == 0:
             return None, None, {}, {}
         settings = PhaseSettings(self.free_steps, model.tol)
-        estimate = self.estimator.backward(model, x, y, net, beta=beta, free_settings=settings)
+        free = None
+        if index is not None and self.persistent is not None:
+            start = self.persistent.start(index, model.init_states(x, net))
+            free = model.solve(x, net, start, None, settings, phase="free")
+            self.persistent.store(index, free.states)
+        estimate = self.estimator.backward(model, x, y, net, free=free, beta=beta,
+                                           free_settings=settings)
         model.remember(estimate.phases["free"])
         return estimate.loss, estimate.output, estimate.phases, estimate.tolerances
 
-    def step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def step(self, x: Tensor, y: Tensor, index: Tensor | None = None) -> dict[str, float]:
         """One training step on the batch `(x, y)`; with a process group, on this rank's shard.
+
+        `index` (int64, the samples' positions in the training set) starts the free phase from
+        `persistent`'s stored states (a [`PersistentStates`][toreq.train.PersistentStates], set
+        by `fit(persistent=True)`) and stores the new equilibrium there.
 
         Returns:
             The batch's loss, accuracy and relaxation statistics per phase (with a process
@@ -193,7 +247,7 @@ class EqPropTrainer:
         sums = torch.zeros(6, dtype=torch.float64, device=x.device)
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            loss, output, phases, tols = self._phases(x, y, scheduled)
+            loss, output, phases, tols = self._phases(x, y, scheduled, index)
             if loss is not None:
                 with torch.no_grad():
                     free = phases["free"]
@@ -361,8 +415,8 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
         resume: bool = False, overwrite: bool = False, progress: bool | str = True,
         desc: str = "train", scheduler: Any = None, deterministic: bool = False,
         about: dict[str, Any] | None = None, tensorboard: bool = False,
-        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
-        ) -> list[dict[str, Any]]:
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        persistent: bool = False) -> list[dict[str, Any]]:
     """Trains for `epochs` epochs and returns one metrics dict per epoch.
 
     The batch order of epoch `e` depends only on `(seed, e)`, so a run resumed from the
@@ -373,6 +427,10 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
     and `metrics.csv` there (and, with `tensorboard=True`, to TensorBoard event files: the
     `tensorboard` extra). A [`TrainingDiverged`][toreq.errors.TrainingDiverged] error stops
     training with advice.
+
+    `persistent=True` starts every sample's free phase from its own last equilibrium
+    ([`PersistentStates`][toreq.train.PersistentStates], saved in the checkpoint; an
+    [`EqPropTrainer`][toreq.train.EqPropTrainer] of an equilibrium model, one process).
 
     `augment(x, generator)` transforms every training batch before its step (e.g.
     [`RandomCropFlip`][toreq.data.RandomCropFlip]`(data.image_shape)`), never the test set; its
@@ -408,6 +466,15 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
                          f"{x_train.shape[0]} and {y_train.shape[0]}")
     group = getattr(trainer, "process_group", None)
     main = is_main_process(group)
+    if persistent:
+        if not (isinstance(trainer, EqPropTrainer) and isinstance(trainer.model, EquilibriumModel)):
+            raise ValueError("persistent=True needs an EqPropTrainer of an equilibrium model "
+                             f"(toreq.nn.EquilibriumModel), got {type(trainer).__name__} of "
+                             f"{type(getattr(trainer, 'model', None)).__name__}")
+        if group is not None:
+            raise ValueError("persistent=True keeps each sample's states in this process; with "
+                             "a process group the ranks would hold different shards of them")
+        trainer.persistent = PersistentStates(x_train.shape[0])
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if checkpoint is not None and Path(checkpoint).exists():
@@ -416,6 +483,8 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
             history, start_epoch = state["history"], state["epoch"]
             if scheduler is not None and "scheduler" in state["extra"]:
                 scheduler.load_state_dict(state["extra"]["scheduler"])
+            if persistent and "persistent" in state["extra"]:
+                trainer.persistent.load_state_dict(state["extra"]["persistent"])
         elif not overwrite:
             raise FileExistsError(f"checkpoint {checkpoint} exists; resume from it "
                                   "(resume=True, --resume) or replace it (overwrite=True, "
@@ -443,7 +512,8 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
                     if group is not None:
                         mine = shard(torch.arange(idx.numel()), group)
                         x, idx = x[mine], idx[mine]
-                    metrics = trainer.step(x, y_train[idx])
+                    metrics = (trainer.step(x, y_train[idx], index=idx) if persistent
+                               else trainer.step(x, y_train[idx]))
                     for key, value in metrics.items():
                         sums[key] = sums.get(key, 0.0) + float(value)
                     report.batch(count, sums["loss"] / count, sums["accuracy"] / count)
@@ -466,7 +536,9 @@ def fit(trainer: Any, x_train: Tensor, y_train: Tensor, x_test: Tensor | None = 
                             writer.add_scalar(key, value, epoch + 1)
                     writer.flush()
                 if checkpoint is not None and main:
-                    extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else None
+                    extra = {"scheduler": scheduler.state_dict()} if scheduler is not None else {}
+                    if persistent:
+                        extra["persistent"] = trainer.persistent.state_dict()
                     save_checkpoint(checkpoint, trainer, epoch + 1, history, extra, about)
     finally:
         report.close()
