@@ -37,22 +37,39 @@ def test_digits_preset_reaches_its_accuracy_next_to_backprop(digits):
     assert accuracy["backprop"] - accuracy["eqprop"] <= 0.015, accuracy
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-@pytest.mark.parametrize("method", ["eqprop", "bptt", "backprop"])
+def _preset_methods():
+    """Every preset with the methods it is trained by: ours by EqProp, BPTT and backprop; a
+    paper's by EqProp and its own baseline."""
+    for name, preset in sorted(PRESETS.items()):
+        methods = (("eqprop", "bptt", "backprop") if not preset.paper
+                   else ("eqprop", *([preset.baseline] if preset.baseline else [])))
+        yield from ((name, method) for method in methods)
+
+
+@pytest.mark.parametrize("name,method", list(_preset_methods()))
 def test_every_preset_builds_and_takes_a_step(name, method):
     preset = dataclasses.replace(get_preset(name), hidden=16)
-    dims = {"digits": 64, "cartpole": 4, "acrobot": 6}.get(preset.dataset, 784)
-    model, trainer, scheduler = build_trainer(preset, dims, 10, method=method, seed=1)
+    image_shape = {"cifar10": (3, 32, 32)}.get(preset.dataset)
+    if preset.model == "conv_ep":  # the paper's widths and steps, shrunk for a test
+        preset = dataclasses.replace(preset, channels=(2,) * len(preset.channels), free_steps=4,
+                                     nudged_steps=3)
+    dims = {"digits": 64, "cartpole": 4, "acrobot": 6, "cifar10": 3072}.get(preset.dataset, 784)
+    model, trainer, scheduler = build_trainer(preset, dims, 10, method=method, seed=1,
+                                              image_shape=image_shape)
     before = [p.detach().clone() for p in model.parameters()]
     metrics = trainer.step(torch.rand(8, dims), torch.randint(0, 10, (8,)))
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    if preset.optimizer == "adamw":
+    if preset.optimizer == "adamw" or preset.lr_schedule == "cosine":
         assert scheduler.T_max == preset.epochs
-    else:  # the papers' SGD at constant per-layer rates, input side first
-        assert scheduler is None and isinstance(trainer.optimizer, torch.optim.SGD)
+    else:
+        assert scheduler is None
+    if preset.optimizer == "sgd":  # the papers' SGD at per-layer rates, input side first
+        assert isinstance(trainer.optimizer, torch.optim.SGD)
         rates = [group["lr"] for group in trainer.optimizer.param_groups]
-        assert rates == list(preset.learning_rates()) and len(rates) == preset.layers + 1
+        assert rates == list(preset.learning_rates())
+        assert len(rates) == len(model.layer_parameters())
+        assert trainer.optimizer.defaults["momentum"] == preset.momentum
 
 
 def test_unknown_names_are_rejected():

@@ -80,8 +80,10 @@ class Preset:
     EqProp (`"backprop"`, `"bptt"` or `""` for none); `bptt_truncation`, the last steps the BPTT
     baseline backpropagates through (the papers' K + 1; the whole trajectory keeps
     `free_steps` steps); `init`, `"default"` (PyTorch's) or `"glorot_uniform"` (weights
-    uniform in `±sqrt(6 / (fan_in + fan_out))`, biases 0); `paper`, the paper's figure in words,
-    and `paper_command`, its code's command line.
+    uniform in `±sqrt(6 / (fan_in + fan_out))`, biases 0); SGD's `momentum` and
+    `weight_decay`; `lr_schedule`, `"cosine"` (annealed to 0 over the epochs) or `"constant"`
+    (None: cosine for AdamW, constant for SGD); `paper`, the paper's figure in words, and
+    `paper_command`, its code's command line.
     """
 
     name: str
@@ -107,6 +109,9 @@ class Preset:
     baseline: str = "backprop"
     bptt_truncation: int | None = None
     init: str = "default"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    lr_schedule: str | None = None
     paper: str = ""
     paper_command: str = ""
     result: str = ""
@@ -287,6 +292,31 @@ PRESETS: dict[str, Preset] = {
                           "--act 'mysig' --optim 'sgd' --lrs 0.08 0.04 --mbs 20 --T1 40 --T2 15 "
                           "--betas 0.0 0.2 --thirdphase --loss 'mse' --alg 'EP' --epochs 30",
         ),
+        Preset(
+            name="laborieux2021-cifar10", dataset="cifar10", model="conv_ep", hidden=10,
+            channels=(128, 256, 512, 512), epochs=120, batch_size=128, lr=0.25, beta=0.25,
+            free_steps=250, nudged_steps=30, activation="hard_sigmoid", symmetric_nudging=True,
+            optimizer="sgd", layer_lrs=(0.25, 0.15, 0.1, 0.08, 0.05), momentum=0.9,
+            weight_decay=3e-4, lr_schedule="cosine",
+            # their my_hard_sig is clamp(u / 2, 0, 1): the hard sigmoid with beta halved
+            model_options=(("padding", (1, 1, 1, 0)), ("pool_size", 2), ("pooling", "max"),
+                           ("schedule", "sync"), ("loss", "mse"), ("tol", 0.0)),
+            baseline="",
+            result="not measured yet: 250 + 2 x 30 steps of a 128-256-512-512 convolutional "
+                   "network per batch of 128 for 120 epochs is GPU work, not this 2-core CPU's",
+            command="python benchmarks/accuracy.py --papers laborieux2021-cifar10 --threads 1",
+            paper="Laborieux et al. 2021 (Frontiers in Neuroscience): 11.7% test error on "
+                  "CIFAR-10 (88.3% accuracy; its abstract, for its best configuration), with "
+                  "symmetric nudging; its augmentation (random crop, flip: "
+                  "toreq.data.RandomCropFlip) is not applied by train_preset yet",
+            paper_command="python main.py --model 'CNN' --task 'CIFAR10' --data-aug --channels "
+                          "128 256 512 512 --kernels 3 3 3 3 --pools 'mmmm' --strides 1 1 1 1 "
+                          "--paddings 1 1 1 0 --fc 10 --optim 'sgd' --lrs 0.25 0.15 0.1 0.08 0.05 "
+                          "--wds 3e-4 3e-4 3e-4 3e-4 3e-4 --mmt 0.9 --lr-decay --epochs 120 --act "
+                          "'my_hard_sig' --todo 'train' --T1 250 --T2 30 --mbs 128 --alg 'EP' "
+                          "--betas 0.0 0.5 --loss 'mse' (their README's one-sided command; "
+                          "symmetric nudging adds --thirdphase)",
+        ),
     )
 }
 """The measured configurations by name (`toreq train --preset NAME`)."""
@@ -322,9 +352,11 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
     groups = parameter_groups(model, preset)
     if preset.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=preset.lr)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
     else:
-        optimizer, scheduler = torch.optim.SGD(groups, lr=preset.lr), None
+        optimizer = torch.optim.SGD(groups, lr=preset.lr, momentum=preset.momentum,
+                                    weight_decay=preset.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
+                 if lr_schedule(preset) == "cosine" else None)
     if method == "eqprop":
         trainer = EqPropTrainer(model, optimizer, free_steps=preset.free_steps,
                                 nudged_steps=preset.nudged_steps, estimator=preset.estimator())
@@ -334,6 +366,14 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
     else:
         trainer = BackpropTrainer(model, optimizer)
     return model, trainer, scheduler
+
+
+def lr_schedule(preset: Preset) -> str:
+    """The preset's learning-rate schedule: its `lr_schedule`, else the optimizer's default
+    (cosine for AdamW, constant for SGD)."""
+    if preset.lr_schedule is None:
+        return "cosine" if preset.optimizer == "adamw" else "constant"
+    return check_choice("lr_schedule", preset.lr_schedule, ("cosine", "constant"))
 
 
 def initialise(model: torch.nn.Module, init: str) -> None:
@@ -388,7 +428,8 @@ def run_description(preset: Preset, dataset: str, model: torch.nn.Module, seed: 
                       "symmetric_nudging": preset.symmetric_nudging,
                       "optimizer": {"adamw": "AdamW", "sgd": "SGD"}[preset.optimizer],
                       "lr": preset.lr, "layer_lrs": preset.learning_rates(),
-                      "schedule": "cosine" if preset.optimizer == "adamw" else "constant",
+                      "momentum": preset.momentum, "weight_decay": preset.weight_decay,
+                      "schedule": lr_schedule(preset),
                       "epochs": preset.epochs, "batch_size": preset.batch_size},
     }
 

@@ -353,8 +353,10 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
 
         Their activation `my_hard_sig` is `clamp(u / 2, 0, 1)`, the hard sigmoid
         (`"hard_sigmoid"`, `clamp(u, 0, 1)`, used here) of Phi halved: the same networks with
-        weights, biases and beta scaled by 1/2 (max pooling commutes with the scaling). Their nudged phases (`T2` = 30 steps, symmetric
-        nudging at beta = 0.5) and SGD schedule are the trainer's settings, not the model's.
+        weights, biases and beta scaled by 1/2 (max pooling commutes with the scaling). Their
+        nudged phases (`T2` = 30 steps, symmetric nudging at beta = 0.5) and SGD schedule are
+        the trainer's settings, not the model's (the preset `laborieux2021-cifar10` holds
+        them).
 
         Args:
             options: any keyword argument of [`ConvEP`][toreq.nn.stepped.ConvEP], overriding
@@ -421,6 +423,12 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
 
     def init_states(self, x: Tensor, net: ConvNetwork) -> list[Tensor]:
         return [net.image.new_zeros(net.image.shape[0], *shape) for shape in self.state_shapes]
+
+    def layer_parameters(self) -> list[list[nn.Parameter]]:
+        """The parameters of each weight layer, input side first (the convolutions, the dense
+        layers, the readout): what per-layer learning rates apply to."""
+        layers = [*self.convs, *self.dense] + ([self.readout] if self.readout is not None else [])
+        return [list(layer.parameters()) for layer in layers]
 
     def _pool(self, layer: int, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """`P_l(z)`, and what its transposed Jacobian needs (max: the argmax; soft: the
