@@ -47,7 +47,7 @@ import torch
 from machine import machine_info, write_results
 from toreq.control import evaluate_policy, expert_policy, model_policy
 from toreq.data import load_classification
-from toreq.presets import PRESETS, train_preset
+from toreq.presets import PRESETS, dataset_preset, train_preset
 
 TARGETS = {  # data set: (EqProp's least mean test accuracy, largest gap to backprop), in %
     "digits": (97.0, 1.0),
@@ -64,7 +64,7 @@ METHODS = ("eqprop", "backprop")
 
 
 def preset_for(dataset: str):
-    return next(p for p in PRESETS.values() if p.dataset == dataset)
+    return dataset_preset(dataset)
 
 
 def summarise(runs: list[dict]) -> dict:

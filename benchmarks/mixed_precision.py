@@ -42,14 +42,14 @@ import torch
 
 from machine import machine_info, write_results
 from toreq.data import load_classification
-from toreq.presets import PRESETS, train_preset
+from toreq.presets import dataset_preset, train_preset
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGET_POINTS = 0.3  # the largest |reduced - float32| test accuracy, in points
 
 
 def preset_for(dataset: str):
-    return next(p for p in PRESETS.values() if p.dataset == dataset)
+    return dataset_preset(dataset)
 
 
 def precision_context(precision: str):

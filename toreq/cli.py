@@ -308,7 +308,7 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
     """The run's preset and data set: `--preset` (default: the data set's), or the one a
     resumed checkpoint was trained with, with every hyper-parameter option given applied (on
     resume, an option that differs from the checkpoint's value is refused)."""
-    from toreq.presets import PRESETS, Preset, get_preset
+    from toreq.presets import PRESETS, Preset, dataset_preset, get_preset
 
     if saved is not None:
         preset = Preset.from_dict(saved["preset"])
@@ -321,8 +321,7 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
         dataset = args.dataset or preset.dataset
     else:
         dataset = args.dataset or "digits"
-        preset = next((p for p in PRESETS.values() if p.dataset == dataset),
-                      PRESETS[FALLBACK_PRESET])
+        preset = dataset_preset(dataset) or PRESETS[FALLBACK_PRESET]
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(preset)
                  if hasattr(args, f.name) and f.name in HYPERPARAMETERS}
     if "channels" in overrides:

@@ -19,8 +19,8 @@ import torch
 
 from toreq.validation import check_choice, check_positive_float
 
-__all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "get_preset",
-           "parameter_groups", "run_description", "train_preset"]
+__all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "dataset_preset",
+           "get_preset", "parameter_groups", "run_description", "train_preset"]
 
 MODELS = ("looped_mlp", "toroidal_mlp", "ep_mlp", "modern_eqprop", "conv_ep")
 """The model names [`build_model`][toreq.presets.build_model] builds (`toreq train --model`)."""
@@ -471,6 +471,12 @@ def train_preset(preset: Preset, data, method: str, seed: int, *, progress: bool
         "history": history,
         **(judge(model) if judge is not None else {}),
     }
+
+
+def dataset_preset(dataset: str) -> Preset | None:
+    """The data set's own preset (`toreq train --dataset NAME` without `--preset`): the first of
+    ours for it, never a paper's (those are chosen by name); None if it has none."""
+    return next((p for p in PRESETS.values() if p.dataset == dataset and not p.paper), None)
 
 
 def get_preset(name: str) -> Preset:

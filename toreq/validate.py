@@ -137,14 +137,14 @@ def claim_accuracy(seeds: Sequence[int], quick: bool = False, *, dataset: str = 
     [`estimator_names`][toreq.estimators.estimator_names]) with `algorithm_settings` trains the
     preset's model by that estimator instead of the preset's own; the bars stay the same."""
     from toreq.data import load_classification
-    from toreq.presets import PRESETS, train_preset
+    from toreq.presets import dataset_preset, train_preset
 
     if dataset not in ACCURACY_BARS:
         raise ValueError(f"dataset must be one of {', '.join(ACCURACY_BARS)}, got {dataset!r}")
     least, gap_bar = ACCURACY_BARS[dataset]
     least = least if min_accuracy is None else min_accuracy
     gap_bar = gap_bar if max_gap is None else max_gap
-    preset = next(p for p in PRESETS.values() if p.dataset == dataset)
+    preset = dataset_preset(dataset)
     if algorithm is not None:
         preset = dataclasses.replace(preset, algorithm=algorithm,
                                      algorithm_settings=tuple(algorithm_settings))
