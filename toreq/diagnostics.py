@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from toreq.dynamics import default_loss
-from toreq.estimators import BPTT, EqProp, Estimator, ImplicitDifferentiation
+from toreq.estimators import (BPTT, EqProp, Estimator, ImplicitDifferentiation,
+                              run_free_phase)
 from toreq.nn.block import EquilibriumBlock
 from toreq.nn.equilibrium import EquilibriumModel
 from toreq.ops import RelaxResult
@@ -137,9 +138,7 @@ class _Layered:
                 setattr(self.model, name, value)
 
     def _free(self, x: Tensor, net) -> RelaxResult:
-        model = self.model
-        return model.solve(x, net, model.init_states(x, net), None, model.free_settings,
-                           phase="free")
+        return run_free_phase(self.model, x, net, self.model.free_settings)
 
     def loss(self, x: Tensor, y: Tensor) -> float:
         model = self.model

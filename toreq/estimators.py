@@ -78,9 +78,11 @@ def nudged_tolerance(tol: float, beta: float, dtype: torch.dtype) -> float:
     return max(tol * abs(beta), 4 * torch.finfo(dtype).eps)
 
 
-def run_free_phase(model: Any, x: Tensor, net: Any, settings: PhaseSettings) -> RelaxResult:
-    """The free phase from the model's initial states."""
-    return model.solve(x, net, model.init_states(x, net), None, settings, phase="free")
+def run_free_phase(model: Any, x: Tensor, net: Any, settings: PhaseSettings,
+                   start: list[Tensor] | None = None) -> RelaxResult:
+    """The free phase from `start` (default: the model's initial states)."""
+    start = model.init_states(x, net) if start is None else start
+    return model.solve(x, net, start, None, settings, phase="free")
 
 
 def free_phase(model: Any, x: Tensor, net: Any, free: RelaxResult | None,

@@ -32,7 +32,7 @@ from toreq.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from toreq.distributed import average_over_ranks, is_main_process, shard
 from toreq.dynamics import default_loss
 from toreq.errors import DivergenceError, TrainingDiverged
-from toreq.estimators import BPTT, EqProp, Estimator, get_estimator
+from toreq.estimators import BPTT, EqProp, Estimator, get_estimator, run_free_phase
 from toreq.nn import EquilibriumBlock, EquilibriumModel
 from toreq.ops import RelaxResult
 from toreq.solvers import PhaseSettings
@@ -206,8 +206,8 @@ class EqPropTrainer:
         settings = PhaseSettings(self.free_steps, model.tol)
         free = None
         if index is not None and self.persistent is not None:
-            start = self.persistent.start(index, model.init_states(x, net))
-            free = model.solve(x, net, start, None, settings, phase="free")
+            free = run_free_phase(model, x, net, settings,
+                                  start=self.persistent.start(index, model.init_states(x, net)))
             self.persistent.store(index, free.states)
         estimate = self.estimator.backward(model, x, y, net, free=free, beta=beta,
                                            free_settings=settings)
