@@ -1,7 +1,8 @@
 """The field's learning rules on one network: gradient quality and learning.
 
     python benchmarks/estimators.py [--quick] [--parts gradients learning] [--seeds 3]
-                                    [--epochs 5] [--threads N] [--out results/estimators]
+                                    [--epochs 5] [--threads N] [--jobs N]
+                                    [--out results/estimators]
 
 1. **Gradient quality**: on one fixed tied network in float64 (a deep Hopfield network
    20-16-12-5, sigmoid, squared error, synchronous schedule, 8 samples), every estimator's
@@ -12,7 +13,9 @@
 2. **Learning**: MNIST and Fashion-MNIST test accuracy of a deep Hopfield network with one
    hidden layer of 1024 units (the comparative study's shape, Scellier et al. 2023) and one with
    two hidden layers of 512, trained by each algorithm with the same budget (epochs, batches,
-   AdamW, step caps), over seeds: mean ± std and seconds per epoch.
+   AdamW, step caps), over seeds: mean ± std and seconds per epoch; ``--jobs N`` runs N of the
+   independent runs at a time, one process each (with ``--threads 1`` on N cores, each run's
+   time per epoch is then one core's, sharing the memory bus).
 
 ``--quick``: the gradient part at fewer settings, and the learning part on 2,000 training and
 1,000 test images, one epoch, one seed, the one-hidden-layer network: it checks that
@@ -23,7 +26,10 @@ everything runs; its accuracies are not the figures of the full run. Writes
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -86,59 +92,99 @@ def gradient_quality(quick: bool) -> list[dict]:
     return rows
 
 
-ALGORITHMS = {  # name: estimator factory (the same budget for all; see learning())
+ALGORITHMS = {  # name: estimator factory (the same budget for all; see train_one())
     "EqProp positive": lambda: EqProp(0.5, "positive"),
     "EqProp negative": lambda: EqProp(0.5, "negative"),
     "EqProp centered": lambda: EqProp(0.5, "centered"),
     "CL": ContrastiveLearning,
     "CpL positive": lambda: CoupledLearning(0.5, "positive"),
+    "CpL negative": lambda: CoupledLearning(0.5, "negative"),
     "CpL centered": lambda: CoupledLearning(0.5, "centered"),
     "holomorphic N=4": lambda: HolomorphicEqProp(0.5, 4),
     "implicit (RBP)": ImplicitDifferentiation,
     "truncated BPTT (K=10)": lambda: BPTT(truncation=10),
 }
 NETWORKS = {"DHN 784-1024-10": [1024], "DHN 784-512-512-10": [512, 512]}
+DATASETS = ("mnist", "fashion_mnist")
 
 
-def learning(quick: bool, seeds: int, epochs: int, data_dir: str | None) -> list[dict]:
+@functools.lru_cache(maxsize=2)
+def _data(dataset: str, data_dir: str | None, quick: bool):
+    data = load_classification(dataset, root=data_dir)
+    split = (data.x_train, data.y_train, data.x_test, data.y_test)
+    if quick:
+        split = (data.x_train[:2000], data.y_train[:2000], data.x_test[:1000], data.y_test[:1000])
+    return data.input_dim, data.num_classes, split
+
+
+def train_one(dataset: str, network: str, algorithm: str, seed: int, epochs: int,
+              data_dir: str | None, quick: bool, threads: int | None) -> dict:
+    """One (data set, network, algorithm, seed) run: test accuracy and seconds per epoch. A
+    top-level function so that ``--jobs`` can run it in a worker process."""
+    if threads:
+        torch.set_num_threads(threads)
+    input_dim, classes, (x_train, y_train, x_test, y_test) = _data(dataset, data_dir, quick)
+    torch.manual_seed(seed)
+    model = EPMLP(input_dim, NETWORKS[network], classes, activation="sigmoid",
+                  loss="mse", schedule="async", max_steps=30, tol=1e-4)
+    model.nudged_steps = 10
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = EqPropTrainer(model, optimizer, free_steps=30, estimator=ALGORITHMS[algorithm]())
+    order = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        perm = torch.randperm(x_train.shape[0], generator=order)
+        for i in range(0, x_train.shape[0], 128):
+            idx = perm[i:i + 128]
+            trainer.step(x_train[idx], y_train[idx])
+    seconds = (time.perf_counter() - started) / epochs
+    accuracy = evaluate(model, x_test, y_test)["accuracy"]
+    print(f"{dataset} {network} {algorithm} seed {seed}: {100 * accuracy:.2f}% "
+          f"({seconds:.1f} s/epoch)", file=sys.stderr, flush=True)
+    return {"seed": seed, "test_accuracy": accuracy, "seconds_per_epoch": seconds}
+
+
+def learning(quick: bool, seeds: int, epochs: int, data_dir: str | None, jobs: int,
+             threads: int | None) -> list[dict]:
+    networks = list(NETWORKS)[:1] if quick else list(NETWORKS)
+    runs = [(dataset, network, algorithm, seed) for dataset in DATASETS for network in networks
+            for algorithm in ALGORITHMS for seed in range(seeds)]
+    settings = (epochs, data_dir, quick, threads)
+    if jobs > 1:  # independent runs, one process each ("spawn": no torch state forked)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            results = list(pool.map(train_one, *zip(*[(*run, *settings) for run in runs])))
+    else:
+        results = [train_one(*run, *settings) for run in runs]
+    grouped: dict[tuple[str, str, str], list[dict]] = {}
+    for (dataset, network, algorithm, _), result in zip(runs, results):
+        grouped.setdefault((dataset, network, algorithm), []).append(result)
     rows = []
-    networks = dict(list(NETWORKS.items())[:1]) if quick else NETWORKS
-    for dataset in ("mnist", "fashion_mnist"):
-        data = load_classification(dataset, root=data_dir)
-        x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
-        if quick:
-            x_train, y_train, x_test, y_test = x_train[:2000], y_train[:2000], x_test[:1000], y_test[:1000]
-        for network, hidden in networks.items():
-            for name, make in ALGORITHMS.items():
-                runs = []
-                for seed in range(seeds):
-                    torch.manual_seed(seed)
-                    model = EPMLP(data.input_dim, hidden, data.num_classes, activation="sigmoid",
-                                  loss="mse", schedule="async", max_steps=30, tol=1e-4)
-                    model.nudged_steps = 10
-                    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-                    trainer = EqPropTrainer(model, optimizer, free_steps=30, estimator=make())
-                    order = torch.Generator().manual_seed(seed)
-                    started = time.perf_counter()
-                    for _ in range(epochs):
-                        perm = torch.randperm(x_train.shape[0], generator=order)
-                        for i in range(0, x_train.shape[0], 128):
-                            idx = perm[i:i + 128]
-                            trainer.step(x_train[idx], y_train[idx])
-                    seconds = (time.perf_counter() - started) / epochs
-                    accuracy = evaluate(model, x_test, y_test)["accuracy"]
-                    runs.append({"seed": seed, "test_accuracy": accuracy,
-                                 "seconds_per_epoch": seconds})
-                    print(f"{dataset} {network} {name} seed {seed}: {100 * accuracy:.2f}% "
-                          f"({seconds:.1f} s/epoch)", file=sys.stderr, flush=True)
-                accs = [r["test_accuracy"] for r in runs]
-                rows.append({"dataset": dataset, "network": network, "algorithm": name,
-                             "mean": statistics.fmean(accs),
-                             "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                             "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"]
-                                                                   for r in runs),
-                             "runs": runs})
+    for (dataset, network, algorithm), group in grouped.items():
+        accs = [r["test_accuracy"] for r in group]
+        rows.append({"dataset": dataset, "network": network, "algorithm": algorithm,
+                     "mean": statistics.fmean(accs),
+                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in group),
+                     "runs": group})
     return rows
+
+
+def comparison(rows: list[dict]) -> list[str]:
+    """Per data set and network, the comparative study's two findings (Scellier et al. 2023:
+    centered EqProp the best of the rules, negative nudging better than positive) checked
+    against our means."""
+    lines = []
+    for dataset, network in dict.fromkeys((r["dataset"], r["network"]) for r in rows):
+        mean = {r["algorithm"]: r["mean"] for r in rows
+                if r["dataset"] == dataset and r["network"] == network}
+        best = max(mean, key=mean.get)
+        centered = "yes" if best == "EqProp centered" else f"no (best: {best})"
+        negative = mean["EqProp negative"] - mean["EqProp positive"]
+        lines.append(f"- {dataset}, {network}: centered EqProp best: {centered}; negative "
+                     f"nudging better than positive: {'yes' if negative > 0 else 'no'} "
+                     f"({100 * negative:+.2f} points).")
+    return lines
 
 
 def markdown(record: dict) -> str:
@@ -157,21 +203,27 @@ def markdown(record: dict) -> str:
                        f"{r['relative_error']:.2e} |")
         out.append("")
     if record.get("learning"):
+        jobs = record.get("jobs", 1)
         out += ["#### Learning (test accuracy)", "",
                 f"{record['epochs']} epoch(s), batch 128, AdamW lr 1e-3, sigmoid, squared error, "
-                "async schedule, free/nudged caps 30/10, tol 1e-4; beta 0.5, eta 0.5; "
-                f"{record['seeds']} seed(s){' on 2,000/1,000 images' if record['mode'] == 'quick' else ''}.",
+                "async schedule, free/nudged caps 30/10, tol 1e-4; beta 0.5 (EqProp, "
+                "holomorphic: |beta|, N = 4), eta 0.5 (CpL), K = 10 (truncated BPTT); "
+                f"{record['seeds']} seed(s)"
+                f"{' on 2,000/1,000 images' if record['mode'] == 'quick' else ''}; test accuracy "
+                f"after the last epoch; {jobs} run(s) at a time"
+                f"{', one process each' if jobs > 1 else ''}.",
                 "", "| data | network | algorithm | test accuracy | s / epoch |",
                 "|---|---|---|---:|---:|"]
         for r in record["learning"]:
             out.append(f"| {r['dataset']} | {r['network']} | {r['algorithm']} | "
                        f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}% | "
                        f"{r['seconds_per_epoch']:.1f} |")
-        out.append("")
+        out += ["", "Against the comparative study (Scellier et al. 2023):", "",
+                *comparison(record["learning"]), ""]
     return "\n".join(out)
 
 
-def plot(record: dict, path: str) -> None:
+def plot(record: dict, out: str) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -179,9 +231,13 @@ def plot(record: dict, path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot", file=sys.stderr)
         return
-    rows = record.get("gradients") or []
-    if not rows:
-        return
+    if record.get("gradients"):
+        plot_gradients(plt, record["gradients"], f"{out}/estimators.png")
+    if record.get("learning"):
+        plot_learning(plt, record["learning"], f"{out}/estimators_learning.png")
+
+
+def plot_gradients(plt, rows: list[dict], path: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for rule in dict.fromkeys(r["rule"] for r in rows):
         points = [r for r in rows if r["rule"] == rule and r["setting"] in ("beta", "eta")]
@@ -200,6 +256,22 @@ def plot(record: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_learning(plt, rows: list[dict], path: str) -> None:
+    """One panel per data set and network: each algorithm's mean test accuracy, std as bars."""
+    panels = list(dict.fromkeys((r["dataset"], r["network"]) for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
+    for axis, (dataset, network) in zip(axes[0], panels):
+        mine = [r for r in rows if r["dataset"] == dataset and r["network"] == network]
+        axis.barh([r["algorithm"] for r in mine], [100 * r["mean"] for r in mine],
+                  xerr=[100 * r["std"] for r in mine])
+        low = min(100 * r["mean"] for r in mine)
+        axis.set(title=f"{dataset}, {network}", xlabel="test accuracy (%)",
+                 xlim=(max(0.0, low - 5), 100))
+        axis.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run that checks everything")
@@ -207,10 +279,15 @@ def main(argv: list[str] | None = None) -> int:
                         default=["gradients", "learning"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each run (default: torch's)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="learning runs at a time, one process each (default 1)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="results/estimators")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     default_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     if "gradients" in args.parts:
         record["gradients"] = gradient_quality(args.quick)
     if "learning" in args.parts:
-        record["learning"] = learning(args.quick, seeds, epochs, args.data_dir)
+        record["jobs"] = args.jobs
+        record["learning"] = learning(args.quick, seeds, epochs, args.data_dir, args.jobs,
+                                      args.threads)
     record["seconds"] = time.perf_counter() - started
     write_results(args.out, "estimators", record, markdown(record))
-    plot(record, f"{args.out}/estimators.png")
+    plot(record, args.out)
     return 0
 
 
