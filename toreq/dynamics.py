@@ -210,6 +210,11 @@ class Network:
     They stay attached to the parameters' autograd graph only through parametrizations
     (spectral normalisation, symmetry) and input projections, never through relaxation, so
     EqProp's gradients reach the parameters with one cheap `torch.autograd.backward`.
+
+    `memories`: `(layer, interaction)` pairs, each an energy term of one layer beyond the
+    bilinear couplings, with `field(s)` (its gradient in the state) and `energy(s)` (summed
+    over the batch), e.g. [`toreq.nn.hopfield.ModernHopfield`][toreq.nn.hopfield.ModernHopfield].
+    A network with memories runs on the Python loop (the op has no such term).
     """
 
     couplings: list[Coupling]
@@ -217,6 +222,17 @@ class Network:
     readout_weight: Tensor | None = None
     readout_bias: Tensor | None = None
     widths: list[int] = field(default_factory=list)
+    memories: list[tuple[int, Any]] = field(default_factory=list)
+
+    def fields(self) -> list[Any] | None:
+        """Each layer's memory field (None for a layer without one), or None without memories:
+        `relax_step`'s `fields`."""
+        if not self.memories:
+            return None
+        fields: list[Any] = [None] * len(self.widths)
+        for layer, memory in self.memories:
+            fields[layer] = memory.field
+        return fields
 
     def to(self, dtype: torch.dtype) -> Network:
         """The same network with every tensor cast to `dtype` (e.g. complex, for the complex
@@ -226,7 +242,7 @@ class Network:
 
         return Network([c._replace(weight=cast(c.weight)) for c in self.couplings],
                        [cast(d) for d in self.drives], cast(self.readout_weight),
-                       cast(self.readout_bias), list(self.widths))
+                       cast(self.readout_bias), list(self.widths), list(self.memories))
 
 
 class CouplingDynamics(Dynamics):
@@ -258,12 +274,14 @@ class CouplingDynamics(Dynamics):
             schedule=self.schedule, beta=0.0 if nudge is None else nudge.beta,
             loss=self.cost.name, target=None if nudge is None else nudge.rows,
             readout_weight=net.readout_weight, readout_bias=net.readout_bias,
-            clamp=None if nudge is None else nudge.clamp, nudge_position=self.nudge_position)
+            clamp=None if nudge is None else nudge.clamp, nudge_position=self.nudge_position,
+            fields=net.fields())
 
-    def op_expresses(self, nudge: Nudge | None) -> bool:
-        """Whether `torch.ops.toreq.relax` can run a phase with `nudge`: one activation for every
-        layer, and not a clamped output."""
-        return isinstance(self.activation, str) and (nudge is None or nudge.clamp is None)
+    def op_expresses(self, nudge: Nudge | None, net: Network | None = None) -> bool:
+        """Whether `torch.ops.toreq.relax` can run a phase with `nudge` on `net`: one activation
+        for every layer, not a clamped output, no memories."""
+        return (isinstance(self.activation, str) and (nudge is None or nudge.clamp is None)
+                and (net is None or not net.memories))
 
     def primitive(self, x: Tensor, states: list[Tensor], net: Network) -> Tensor:
         """`Phi(x, s)` summed over the batch, for networks with an energy (tied couplings, or
@@ -281,6 +299,8 @@ class CouplingDynamics(Dynamics):
         for layer, drive in enumerate(net.drives):
             if drive is not None:
                 phi = phi + (states[layer] * drive.to(dtype)).sum()
+        for layer, memory in net.memories:
+            phi = phi + memory.energy(states[layer])
         return phi
 
     def relax_with_op(self, x: Tensor, net: Network, states: list[Tensor], nudge: Nudge | None,
@@ -317,6 +337,12 @@ class CouplingDynamics(Dynamics):
             if drive is not None and drive.requires_grad:
                 v = (reference.states[layer] - nudged.states[layer]) / (beta * batch)
                 pairs.append((drive, v if drive.dim() == 2 else v.sum(dim=0)))
+        for layer, memory in net.memories:
+            # an energy term: the contrast of its parameter gradients (section 2), by autograd
+            # of the term alone at the two detached states
+            difference = (memory.energy(nudged.states[layer].detach())
+                          - memory.energy(reference.states[layer].detach()))
+            pairs.append((difference, torch.full_like(difference, -1.0 / (beta * batch))))
         return pairs
 
 

@@ -399,6 +399,11 @@ def parameter_groups(model: torch.nn.Module, preset: Preset) -> list[dict]:
         raise ValueError(f"layer_lrs needs a model with per-layer parameters (ep_mlp, or the "
                          f"feedforward baseline); {type(model).__name__} has none")
     layers = layers()
+    covered = {id(p) for params in layers for p in params}
+    uncovered = [name for name, p in model.named_parameters() if id(p) not in covered]
+    if uncovered:  # they would get no learning rate and silently stay untrained
+        raise ValueError(f"layer_lrs gives rates to weight layers only; {type(model).__name__} "
+                         f"also has {uncovered} (e.g. memories): drop layer_lrs")
     if len(layers) != len(preset.layer_lrs):
         raise ValueError(f"layer_lrs must hold one rate per weight layer of "
                          f"{type(model).__name__} ({len(layers)}), got {len(preset.layer_lrs)}")

@@ -104,8 +104,8 @@ class CompiledRelax(Solver):
     """`torch.ops.toreq.relax` (C++/CUDA), for dynamics that provide `relax_with_op`.
 
     The op takes real states and an output nudge; a phase it cannot express (complex states,
-    a clamped output, one activation per layer: the dynamics' `op_expresses`) runs on the
-    Python loop with the same step instead.
+    a clamped output, one activation per layer, memories: the dynamics' `op_expresses`) runs
+    on the Python loop with the same step instead.
     """
 
     name = "op"
@@ -117,7 +117,7 @@ class CompiledRelax(Solver):
         if not hasattr(dynamics, "relax_with_op"):
             raise TypeError(f"solver 'op' relaxes coupling-list dynamics; "
                             f"{type(dynamics).__name__} has no relax_with_op")
-        if states[0].is_complex() or not dynamics.op_expresses(nudge):
+        if states[0].is_complex() or not dynamics.op_expresses(nudge, net):
             return Iteration().solve(dynamics, x, net, states, nudge, settings, what=what)
         return dynamics.relax_with_op(x, net, states, nudge, settings)
 

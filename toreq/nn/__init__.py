@@ -11,6 +11,7 @@ patches. Everything listed here is importable from `toreq.nn` except the fixed-p
 
 from toreq.nn.block import ConvergenceWarning, EquilibriumBlock
 from toreq.nn.equilibrium import EquilibriumModel, Network
+from toreq.nn.hopfield import ModernHopfield
 from toreq.nn.lm import CharLM, CharTransformerLM, LoopedMLPLM, build_lm, count_parameters
 from toreq.nn.models import EPMLP, FeedforwardMLP, LoopedMLP, ToroidalMLP
 from toreq.nn.stepped import ConvEP, ModernEqProp
@@ -21,8 +22,8 @@ from toreq.nn.vision import PatchTransformer
 __all__ = [
     "CharLM", "CharTransformerLM", "ConvEP", "ConvergenceWarning", "EPMLP", "EqPropAttention",
     "EqPropFeedForward", "EquilibriumBlock", "EquilibriumModel", "FeedforwardMLP", "LoopedMLP",
-    "LoopedMLPLM", "ModernEqProp", "Network", "PatchTransformer", "SelfAttention",
-    "ToroidalMLP", "TransformerBlock", "build_lm", "count_parameters",
+    "LoopedMLPLM", "ModernEqProp", "ModernHopfield", "Network", "PatchTransformer",
+    "SelfAttention", "ToroidalMLP", "TransformerBlock", "build_lm", "count_parameters",
 ]
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
 from toreq import utils
 from toreq.dynamics import CouplingDynamics, Network
 from toreq.nn.equilibrium import EquilibriumModel
+from toreq.nn.hopfield import memory_modules
 from toreq.ops import Coupling, activate
 from toreq.ops.relax import ACTIVATIONS, NUDGE_POSITIONS
 from toreq.validation import check_choice, check_layer_sizes
@@ -143,12 +144,19 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
     EqProp update is the gradient of the loss with the output error divided by
     $\rho'(a_{out})$ ([`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]): exact for the hard
     sigmoid away from its clamps, `"approximate"` for the smooth activations.
+
+    `memories={layer: M, ...}` gives layer `layer` (0-based over the layers above the input, the
+    output layer included) a modern Hopfield interaction with `M` learned patterns
+    ([`ModernHopfield`][toreq.nn.hopfield.ModernHopfield], temperature `memory_temperature`):
+    its attention read-out joins the layer's input and its energy joins `Phi`, so EqProp stays
+    exact. A network with memories runs on the Python loop.
     """
 
     def __init__(self, input_dim: int, hidden_dims: Sequence[int], output_dim: int, *,
                  activation: str | Sequence[str] = "hard_sigmoid", loss: str = "mse",
                  max_steps: int = 40, tol: float = 1e-4, damping: float = 0.0,
                  schedule: str = "async", nudge_position: str = "inside",
+                 memories: Mapping[int, int] | None = None, memory_temperature: float = 1.0,
                  solver: str = "auto") -> None:
         per_layer = not isinstance(activation, str)
         super().__init__(activation="hard_sigmoid" if per_layer else activation, loss=loss,
@@ -170,6 +178,7 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.readout = nn.Linear(widths[-1], output_dim) if loss == "cross_entropy" else None
         self.widths = widths
+        self.memories = memory_modules(memories, [(n,) for n in widths], memory_temperature)
 
     @property
     def gradient_regime(self) -> str:
@@ -191,7 +200,8 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
                           Coupling(layer.weight, i, i + 1, transposed=True)]
         drives = [self.input(x)] + [layer.bias for layer in self.layers]
         readout = (None, None) if self.readout is None else (self.readout.weight, self.readout.bias)
-        return Network(couplings, drives, *readout, list(self.widths))
+        return Network(couplings, drives, *readout, list(self.widths),
+                       [(int(layer), memory) for layer, memory in self.memories.items()])
 
 
 class SteepSigmoid(nn.Module):

@@ -13,7 +13,7 @@ or the contrast of the primitive function's parameter gradients at two fixed sta
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from toreq import utils
 from toreq.dynamics import FieldDynamics, Nudge, PrimitiveDynamics
 from toreq.nn.equilibrium import EquilibriumModel
+from toreq.nn.hopfield import memory_modules
 from toreq.ops import activate
 from toreq.validation import check_choice, check_positive_float
 
@@ -266,6 +267,11 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
             convolutional layer or one per layer.
         pool_temperature: `tau` of soft pooling, > 0.
         skips: identity interactions `(i, j)` between convolutional layers `i < j` (see above).
+        memories: `{layer: M}`: a modern Hopfield interaction with `M` learned patterns on
+            state `layer` (any layer, convolutional or dense;
+            [`ModernHopfield`][toreq.nn.hopfield.ModernHopfield]): `Xi^T softmax(Xi s / tau)`
+            joins the layer's input and its log-sum-exp energy joins Phi (EqProp stays exact).
+        memory_temperature: `tau` of the memories, > 0.
         activation: rho, `"hard_sigmoid"` (default) or `"sigmoid"`; `"tanh"` only where no
             layer max-pools (negative states make max-pooling's argmax alternate).
         loss: `"cross_entropy"` (readout) or `"mse"` (output layer).
@@ -283,6 +289,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                  padding: int | Sequence[int] | None = None, pool_size: int = 2,
                  pooling: str | Sequence[str] = "max", pool_temperature: float = 1.0,
                  skips: Sequence[tuple[int, int]] = (), activation: str = "hard_sigmoid",
+                 memories: Mapping[int, int] | None = None, memory_temperature: float = 1.0,
                  loss: str = "cross_entropy", max_steps: int = 60, tol: float = 1e-4,
                  damping: float = 0.0, schedule: str = "async", solver: str = "auto") -> None:
         super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
@@ -338,6 +345,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                                                    dense))
         self.readout = (nn.Linear(math.prod(shapes[-1]), output_dim)
                         if loss == "cross_entropy" else None)
+        self.memories = memory_modules(memories, shapes, memory_temperature)
 
     @classmethod
     def laborieux2021_cifar10(cls, **options: Any) -> ConvEP:
@@ -523,6 +531,8 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                         pre = pre + self._skip_forward(i, j, s[i])
                     elif layer == i:
                         pre = pre + self._skip_transpose(i, j, s[j])
+                if str(layer) in self.memories:
+                    pre = pre + self.memories[str(layer)].field(s[layer])
                 if layer == n - 1 and nudge is not None and clamp is None:
                     pre = pre - nudge.beta * self.output_error(s[layer], nudge, net)
                 pres[layer] = pre
@@ -539,4 +549,6 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
             phi = phi + (state * self._bottom_up(layer, below, net)[0]).sum()
         for i, j in self.skips:
             phi = phi + (states[j] * self._skip_forward(i, j, states[i])).sum()
+        for layer, memory in self.memories.items():
+            phi = phi + memory.energy(states[int(layer)])
         return phi

@@ -278,6 +278,7 @@ def relax_step(
     readout_bias: Tensor | None = None,
     clamp: Tensor | None = None,
     nudge_position: str = "inside",
+    fields: Sequence[Callable[[Tensor], Tensor] | None] | None = None,
 ) -> list[Tensor]:
     r"""One step of the dynamics of [`relax`][toreq.ops.relax.relax] for every sample,
     differentiable.
@@ -293,6 +294,11 @@ def relax_step(
     [`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]). `activation` may also be one name per
     layer (Python only; `"identity"` allowed: a linear output layer). States, weights and drives
     may be complex (holomorphic EqProp), all of one dtype.
+
+    `fields` (Python only): one callable or None per layer, `f(s_l)` added to layer `l`'s
+    pre-activation from the same states as its couplings' inputs (a state-dependent input
+    beyond the bilinear couplings, e.g. a modern Hopfield interaction's retrieval,
+    [`toreq.nn.hopfield`][toreq.nn.hopfield]).
     """
     if nudge_position not in NUDGE_POSITIONS:
         raise ValueError(f"nudge_position must be one of {NUDGE_POSITIONS}, got {nudge_position!r}")
@@ -311,6 +317,8 @@ def relax_step(
         for c in couplings:
             if c.target == layer:
                 pre = pre + s[c.source] @ (c.weight if c.transposed else c.weight.T)
+        if fields is not None and fields[layer] is not None:
+            pre = pre + fields[layer](s[layer])
         return pre
 
     def output_error() -> Tensor:
