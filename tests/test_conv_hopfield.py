@@ -152,6 +152,12 @@ EXACT_CASES = {
     "skips across three layers, async": dict(channels=[2, 2, 3], pool_size=1,
                                              skips=((0, 2), (1, 2))),
     "tanh, avg": dict(pooling="avg", activation="tanh"),
+    "linear output layer, mse": dict(pooling="avg", loss="mse", hidden_dims=[4],
+                                     activation=("sigmoid", "sigmoid", "sigmoid", "identity")),
+    "strided, learned skips from the image and between layers": dict(
+        channels=[2, 2, 3], pool_size=1, stride=(1, 2, 1), conv_skips=((-1, 1), (0, 2))),
+    "strided and pooled, a learned and an identity skip": dict(
+        channels=[2, 3], pooling="avg", stride=(1, 2), conv_skips=((-1, 0),), skips=((0, 1),)),
 }
 
 
@@ -202,11 +208,67 @@ def test_states_have_the_pooled_shapes_of_each_layer():
     ({"input_shape": (1, 10, 10), "skips": ((0, 1),)},
      r"skips: layer 0 \(2, 5, 5\) cannot be coupled to layer 1 \(3, 2, 2\).*whole number"),
     ({"activation": "tanh", "pooling": ("avg", "max")}, "'tanh' takes negative values"),
+    ({"activation": ("sigmoid", "tanh")}, "'tanh' takes negative values"),
+    ({"stride": 0}, "stride must be >= 1"),
+    ({"conv_skips": ((1, 0),)}, r"conv_skips must be pairs \(i, j\) with -1 <= i < j < 2"),
+    ({"conv_skips": ((-1, 0), (-1, 0))}, r"conv_skips: \(-1, 0\) is given twice"),
+    ({"input_shape": (1, 10, 10), "conv_skips": ((0, 1),)},
+     r"conv_skips: layer 0 \(2, 5, 5\) cannot reach layer 1 \(3, 2, 2\)"),
+    ({"activation": ("sigmoid",)}, r"one per state layer \(2: "),
+    ({"activation": ("sigmoid", "relu")}, "activation"),
 ])
 def test_bad_arguments_are_named(options, match):
     options = {"input_shape": (1, 8, 8), "channels": [2, 3], **options}
     with pytest.raises(ValueError, match=match):
         ConvEP(options.pop("input_shape"), options.pop("channels"), 4, **options)
+
+
+@pytest.mark.parametrize("image", [(2, 8, 8), (1, 9, 7)], ids=["even", "odd: output padding"])
+def test_strided_layers_and_learned_skips_step_along_the_primitives_gradient(image):
+    """rho(dPhi/ds) by autograd of Phi against the written-out step (the transposed strided
+    convolutions, the learned skips' both directions), and the shapes each stride gives."""
+    torch.manual_seed(7)
+    model = ConvEP(image, [3, 3, 4], 3, activation="sigmoid", pool_size=1, stride=(1, 2, 2),
+                   conv_skips=((-1, 1), (0, 2)) if image[1] == 8 else (),
+                   schedule="sync").double()
+    h, w = image[1:]
+    half = ((h - 1) // 2 + 1, (w - 1) // 2 + 1)
+    assert model.state_shapes[:3] == [(3, h, w), (3, *half),
+                                      (4, (half[0] - 1) // 2 + 1, (half[1] - 1) // 2 + 1)]
+    x = torch.rand(2, *image, dtype=torch.float64)
+    net = model.network(x)
+    states = [torch.rand_like(t) for t in model.init_states(x, net)]
+    leaves = [t.clone().requires_grad_() for t in states]
+    grads = torch.autograd.grad(model.primitive(x, leaves, net), leaves)
+    for got, grad in zip(model.step(x, states, net), grads):
+        torch.testing.assert_close(got, torch.sigmoid(grad), rtol=1e-12, atol=1e-12)
+
+
+def test_hopfield_resnet13_builds_the_papers_network():
+    model = ConvEP.hopfield_resnet13()
+    assert model.state_shapes == [(128, 32, 32), (128, 16, 16), (256, 16, 16), (256, 8, 8),
+                                  (512, 8, 8), (512, 4, 4), (512, 4, 4), (512, 2, 2), (10,)]
+    assert [tuple(c.weight.shape) for c in model.skip_convs] == [
+        (128, 3, 1, 1), (256, 128, 1, 1), (512, 256, 1, 1), (512, 512, 1, 1)]
+    assert all(c.stride == (2, 2) and c.bias is None for c in model.skip_convs)
+    assert len(model.layer_parameters()) == 13  # the paper's thirteen weights
+
+
+def test_per_layer_activations_apply_to_their_layers():
+    """A linear output layer (identity) after sigmoid layers: the step's output state is the
+    pre-activation itself, the hidden ones its sigmoid (rho(dPhi/ds) layer by layer)."""
+    torch.manual_seed(5)
+    model = ConvEP((1, 6, 6), [2], 3, pooling="avg", loss="mse", schedule="sync",
+                   activation=("sigmoid", "identity")).double()
+    assert model.activation == ("sigmoid", "identity")
+    x = torch.rand(2, 36, dtype=torch.float64)
+    net = model.network(x)
+    states = [torch.rand_like(s) for s in model.init_states(x, net)]
+    leaves = [s.clone().requires_grad_() for s in states]
+    grads = torch.autograd.grad(model.primitive(x, leaves, net), leaves)
+    hidden, output = model.step(x, states, net)
+    torch.testing.assert_close(hidden, torch.sigmoid(grads[0]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(output, grads[1], rtol=1e-12, atol=1e-12)
 
 
 def test_tanh_is_accepted_without_max_pooling():

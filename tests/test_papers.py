@@ -229,3 +229,21 @@ def test_per_layer_activations_are_checked():
     assert EPMLP(5, [6], 3, activation=("tanh", "tanh")).activation == "tanh"
     with pytest.raises(ValueError, match="holomorphic activation"):
         HolomorphicEqProp().check(EPMLP(5, [6], 3, activation=("hard_sigmoid", "identity")))
+
+
+def test_the_fast_cifar10_preset_builds_the_libraries_network_and_initialisation():
+    """scellier2023-cifar10-fast: four max-pooled convolutional layers and a linear output layer,
+    weights within +-gain / sqrt(fan_in) (and reaching near it), biases within +-0.5 / sqrt(fan_in),
+    the cosine schedule down to 2e-6."""
+    preset = get_preset("scellier2023-cifar10-fast")
+    model, trainer, scheduler = build_trainer(preset, 3072, 10, image_shape=(3, 32, 32))
+    assert model.state_shapes == [(128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 2, 2), (10,)]
+    assert model.activation == ("hard_sigmoid",) * 4 + ("identity",)
+    assert model.schedule == "async" and scheduler.eta_min == 2e-6
+    for (weight, bias), gain in zip(model.layer_parameters(), preset.init_gains):
+        fan_in = weight[0].numel()
+        assert 0.95 * gain / fan_in ** 0.5 < weight.abs().max() <= gain / fan_in ** 0.5
+        assert 0.5 * 0.5 / fan_in ** 0.5 < bias.abs().max() <= 0.5 / fan_in ** 0.5
+    with pytest.raises(ValueError, match=r"init_gains, one per weight layer of ConvEP \(5\), got 2"):
+        build_trainer(dataclasses.replace(preset, init_gains=(0.1, 0.2)), 3072, 10,
+                      image_shape=(3, 32, 32))

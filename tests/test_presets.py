@@ -64,12 +64,16 @@ def test_every_preset_builds_and_takes_a_step(name, method):
         assert scheduler.T_max == preset.epochs
     else:
         assert scheduler is None
-    if preset.optimizer == "sgd":  # the papers' SGD at per-layer rates, input side first
+    if preset.optimizer == "sgd":  # the papers' SGD, at per-layer rates input side first
         assert isinstance(trainer.optimizer, torch.optim.SGD)
         rates = [group["lr"] for group in trainer.optimizer.param_groups]
-        assert rates == list(preset.learning_rates())
-        assert len(rates) == len(model.layer_parameters())
+        if preset.layer_lrs:
+            assert rates == list(preset.learning_rates())
+            assert len(rates) == len(model.layer_parameters())
+        else:
+            assert rates == [preset.lr]
         assert trainer.optimizer.defaults["momentum"] == preset.momentum
+        assert trainer.optimizer.defaults["nesterov"] == preset.nesterov
 
 
 def test_unknown_names_are_rejected():

@@ -79,11 +79,13 @@ class Preset:
     schedule, tolerance, nudge position); `baseline`, the method the benchmark trains next to
     EqProp (`"backprop"`, `"bptt"` or `""` for none); `bptt_truncation`, the last steps the BPTT
     baseline backpropagates through (the papers' K + 1; the whole trajectory keeps
-    `free_steps` steps); `init`, `"default"` (PyTorch's) or `"glorot_uniform"` (weights
-    uniform in `±sqrt(6 / (fan_in + fan_out))`, biases 0); SGD's `momentum` and
-    `weight_decay`; `lr_schedule`, `"cosine"` (annealed to 0 over the epochs) or `"constant"`
-    (None: cosine for AdamW, constant for SGD); `paper`, the paper's figure in words, and
-    `paper_command`, its code's command line.
+    `free_steps` steps); `init`, `"default"` (PyTorch's), `"glorot_uniform"` (weights
+    uniform in `±sqrt(6 / (fan_in + fan_out))`, biases 0) or `"fan_in_uniform"` (the
+    energy-based-learning library's: layer `l`'s weights uniform in
+    `±init_gains[l] / sqrt(fan_in)`, its biases in `±0.5 / sqrt(fan_in)`); SGD's `momentum`
+    (Nesterov's with `nesterov`) and `weight_decay`; `lr_schedule`, `"cosine"` (annealed to `lr_min` over the epochs) or
+    `"constant"` (None: cosine for AdamW, constant for SGD); `paper`, the paper's figure in
+    words, and `paper_command`, its code's command line.
     """
 
     name: str
@@ -109,9 +111,12 @@ class Preset:
     baseline: str = "backprop"
     bptt_truncation: int | None = None
     init: str = "default"
+    init_gains: tuple[float, ...] = ()
     momentum: float = 0.0
+    nesterov: bool = False
     weight_decay: float = 0.0
     lr_schedule: str | None = None
+    lr_min: float = 0.0
     paper: str = ""
     paper_command: str = ""
     result: str = ""
@@ -126,7 +131,7 @@ class Preset:
         """The preset of [`as_dict`][toreq.presets.Preset.as_dict] after a round trip through a
         checkpoint (lists back to tuples; fields a newer release added keep their defaults)."""
         fields = dict(about)
-        for name in ("channels", "layer_lrs"):
+        for name in ("channels", "layer_lrs", "init_gains"):
             if name in fields:
                 fields[name] = tuple(fields[name])
         for name in ("algorithm_settings", "model_options"):
@@ -317,6 +322,56 @@ PRESETS: dict[str, Preset] = {
                           "--betas 0.0 0.5 --loss 'mse' (their README's one-sided command; "
                           "symmetric nudging adds --thirdphase)",
         ),
+        Preset(
+            name="scellier2023-cifar10-fast", dataset="cifar10", model="conv_ep", hidden=10,
+            channels=(128, 256, 512, 512), epochs=100, batch_size=128, lr=0.03, beta=0.1,
+            free_steps=60, nudged_steps=20, activation=None, symmetric_nudging=True,
+            optimizer="sgd", momentum=0.9, weight_decay=2.5e-4, lr_schedule="cosine",
+            lr_min=2e-6, init="fan_in_uniform", init_gains=(0.4, 0.7, 0.6, 0.3, 0.4),
+            # their ConvHopfieldEnergy32: four 3x3 convolutions (padding 1) each max-pooled
+            # 2x2, hard-sigmoid layers, a dense linear output layer; squared error on it
+            model_options=(("padding", 1), ("pool_size", 2), ("pooling", "max"),
+                           ("schedule", "async"), ("loss", "mse"),
+                           ("activation", ("hard_sigmoid",) * 4 + ("identity",)), ("tol", 0.0)),
+            baseline="",
+            result="not measured yet: one training step at batch 16 took 15 s on one CPU thread "
+                   "of a shared machine here; 100 epochs of 50,000 images is GPU work",
+            command="python benchmarks/accuracy.py --papers scellier2023-cifar10-fast --threads 1",
+            paper="Scellier et al. 2023 (NeurIPS), Appendix C (Table 3): the fast simulation of a "
+                  "deep convolutional Hopfield network on CIFAR-10 (asynchronous updates, 60 "
+                  "free and 20 nudged iterations, 16-bit precision), 13.5 times faster than "
+                  "Laborieux et al. 2021's (its abstract); its test accuracy not read here (the "
+                  "stored copies of arXiv 2312.15103 end before its tables). Differences: "
+                  "toreq runs float32, not 16-bit",
+            paper_command="python papers/ebl-algorithms/speedup.py --16bit (rain-neuromorphics/"
+                          "energy-based-learning)",
+        ),
+        Preset(
+            name="hopfield-resnet13-cifar10", dataset="cifar10", model="conv_ep", hidden=10,
+            channels=(128, 128, 256, 256, 512, 512, 512, 512), epochs=300, batch_size=128,
+            lr=0.03, beta=0.1, free_steps=120, nudged_steps=50, activation=None,
+            symmetric_nudging=True, optimizer="sgd", momentum=0.9, nesterov=True,
+            weight_decay=2.5e-4, lr_schedule="cosine", lr_min=2e-6, init="fan_in_uniform",
+            # the convolutions, the dense output layer, then the four learned skips
+            init_gains=(0.6,) * 8 + (0.8,) + (0.7,) * 4,
+            model_options=(("padding", 1), ("pool_size", 1), ("stride", (1, 2) * 4),
+                           ("conv_skips", ((-1, 1), (1, 3), (3, 5), (5, 7))),
+                           ("schedule", "async"), ("loss", "mse"),
+                           ("activation", ("hard_sigmoid",) * 8 + ("identity",)), ("tol", 0.0)),
+            baseline="",
+            result="not measured yet: 120 + 2 x 50 steps of a thirteen-weight convolutional "
+                   "network per batch of 128 for 300 epochs is GPU work, not this 2-core CPU's",
+            command="python benchmarks/accuracy.py --papers hopfield-resnet13-cifar10 --threads 1",
+            paper="Vinayak & Srinivasan 2025 (arXiv 2509.26003), Hopfield-ResNet13: 93.92% test "
+                  "accuracy on CIFAR-10 (its abstract). Differences from its code: the hard "
+                  "sigmoid for its clipped ReLU (a ceiling per layer), no gradient-norm "
+                  "clipping (its 1.0), no RandAugment, the output bias's initial range "
+                  "0.5 / sqrt(2048) for its 0.5 / sqrt(512 x 9)",
+            paper_command="python EquiProp/dhcnresnet.py (BrainSeek-Lab/Scaling-Equilibrium-"
+                          "Propagation-to-Deeper-Neural-Network-Architectures; centered EP, beta "
+                          "0.1, 120 / 50 iterations, Nesterov SGD 0.03, momentum 0.9, weight "
+                          "decay 2.5e-4, cosine to 2e-6, batch 128, 300 epochs)",
+        ),
     )
 }
 """The measured configurations by name (`toreq train --preset NAME`)."""
@@ -342,20 +397,23 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
         model = FeedforwardMLP(input_dim, [preset.hidden] * preset.layers, num_classes,
                                activation=preset.activation or "tanh")
     elif method in ("eqprop", "bptt"):
+        options = dict(preset.model_options)  # a per-layer activation list comes here
         model = build_model(preset.model, input_dim, num_classes, preset.hidden,
-                            layers=preset.layers, activation=preset.activation,
+                            layers=preset.layers,
+                            activation=options.pop("activation", preset.activation),
                             max_steps=preset.free_steps, image_shape=image_shape,
-                            channels=preset.channels, **dict(preset.model_options))
+                            channels=preset.channels, **options)
     else:
         raise ValueError(f"method must be 'eqprop', 'bptt' or 'backprop', got {method!r}")
-    initialise(model, check_choice("init", preset.init, ("default", "glorot_uniform")))
+    initialise(model, check_choice("init", preset.init, INITS), preset.init_gains)
     groups = parameter_groups(model, preset)
     if preset.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=preset.lr)
     else:
         optimizer = torch.optim.SGD(groups, lr=preset.lr, momentum=preset.momentum,
-                                    weight_decay=preset.weight_decay)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs)
+                                    nesterov=preset.nesterov, weight_decay=preset.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=preset.epochs,
+                                                            eta_min=preset.lr_min)
                  if lr_schedule(preset) == "cosine" else None)
     if method == "eqprop":
         trainer = EqPropTrainer(model, optimizer, free_steps=preset.free_steps,
@@ -376,17 +434,37 @@ def lr_schedule(preset: Preset) -> str:
     return check_choice("lr_schedule", preset.lr_schedule, ("cosine", "constant"))
 
 
-def initialise(model: torch.nn.Module, init: str) -> None:
+INITS = ("default", "glorot_uniform", "fan_in_uniform")
+"""The initialisations a preset's `init` names (see [`Preset`][toreq.presets.Preset])."""
+
+
+def initialise(model: torch.nn.Module, init: str, gains: Sequence[float] = ()) -> None:
     """`"glorot_uniform"`: every weight layer's weight Glorot-uniform and its bias zero (Scellier
-    & Bengio 2017); `"default"` keeps PyTorch's initialisation."""
+    & Bengio 2017); `"fan_in_uniform"`: layer `l`'s weight uniform in
+    `±gains[l] / sqrt(fan_in)` and its bias in `±0.5 / sqrt(fan_in)` (the energy-based-learning
+    library's `DenseWeight`, `ConvWeight` and bias gains; `fan_in` the inputs of one output
+    unit, `in_channels * kH * kW` for a convolution); `"default"` keeps PyTorch's
+    initialisation. `gains`: one per weight layer (`model.layer_parameters()`, input side
+    first), for `"fan_in_uniform"` only."""
     if init == "default":
         return
+    layers = model.layer_parameters()
+    if init == "fan_in_uniform" and len(gains) != len(layers):
+        raise ValueError(f"init 'fan_in_uniform' needs init_gains, one per weight layer of "
+                         f"{type(model).__name__} ({len(layers)}), got {len(gains)}")
     with torch.no_grad():
-        for params in model.layer_parameters():
+        for layer, params in enumerate(layers):
             weight, *bias = params
-            torch.nn.init.xavier_uniform_(weight)
+            if init == "glorot_uniform":
+                torch.nn.init.xavier_uniform_(weight)
+                for b in bias:
+                    b.zero_()
+                continue
+            fan_in = math.prod(weight.shape[1:])
+            gain = check_positive_float("init_gains", gains[layer])
+            weight.uniform_(-gain / math.sqrt(fan_in), gain / math.sqrt(fan_in))
             for b in bias:
-                b.zero_()
+                b.uniform_(-0.5 / math.sqrt(fan_in), 0.5 / math.sqrt(fan_in))
 
 
 def parameter_groups(model: torch.nn.Module, preset: Preset) -> list[dict]:

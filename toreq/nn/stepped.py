@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from toreq.dynamics import FieldDynamics, Nudge, PrimitiveDynamics
 from toreq.nn.equilibrium import EquilibriumModel
 from toreq.nn.hopfield import memory_modules
 from toreq.ops import activate
+from toreq.ops.relax import ACTIVATIONS
 from toreq.validation import check_choice, check_positive_float
 
 __all__ = ["POOLINGS", "ConvEP", "ModernEqProp"]
@@ -156,6 +157,16 @@ def _unwindows(windows: Tensor, size: int, shape: Sequence[int]) -> Tensor:
     return F.pad(z, (0, shape[1] - cols * size, 0, shape[0] - rows * size))
 
 
+def _conv_transpose(above: Tensor, weight: Tensor, stride: int, padding: int,
+                    shape: Sequence[int]) -> Tensor:
+    """`conv2d(., weight, stride, padding)` transposed, onto the spatial `shape` of its input:
+    the rows and columns a strided convolution never read get zeros (`output_padding`)."""
+    extra = [n - ((m - 1) * stride - 2 * padding + weight.shape[-1])
+             for n, m in zip(shape, above.shape[-2:])]
+    return F.conv_transpose2d(above, weight, stride=stride, padding=padding,
+                              output_padding=tuple(extra))
+
+
 def _avg_pool_transpose(above: Tensor, size: int, shape: Sequence[int]) -> Tensor:
     """`A^T u` for `A = avg_pool2d(., size)` on maps of spatial shape `shape`: each pooled value
     spread over its window, divided by `size^2`."""
@@ -172,20 +183,22 @@ class ConvNetwork:
     biases: list[Tensor]
     readout_weight: Tensor | None
     readout_bias: Tensor | None
+    skip_weights: list[Tensor] = field(default_factory=list)
 
 
 class ConvEP(PrimitiveDynamics, EquilibriumModel):
     r"""Convolutional Hopfield networks: the convolutional EqProp network of Laborieux et al.
     (2021) and its variants (average and soft pooling, identity skip interactions).
 
-    Convolutional layers `s_1 .. s_K` (each a convolution, stride 1, then `p x p` pooling
-    `P_l` of stride `p`), then fully connected layers `s_{K+1} .. s_N`, all with tied
+    Convolutional layers `s_1 .. s_K` (each a convolution of stride `stride_l`, then `p x p`
+    pooling `P_l` of stride `p`), then fully connected layers `s_{K+1} .. s_N`, all with tied
     (symmetric) connections; the image clamps `s_0 = x`. The primitive function is
 
     $$
     \Phi(x, s) = \sum_{l \le K} \langle s_l,\, P_l(W_l * s_{l-1} + b_l) \rangle
                 + \sum_{l > K} \langle s_l,\, W_l\, s_{l-1} + b_l \rangle
-                + \sum_{(i, j) \in \mathrm{skips}} \langle s_j,\, S_{ij}\, s_i \rangle,
+                + \sum_{(i, j) \in \mathrm{skips}} \langle s_j,\, S_{ij}\, s_i \rangle
+                + \sum_{(i, j) \in \mathrm{conv\_skips}} \langle s_j,\, K_{ij} * s_i \rangle,
     $$
 
     and each layer's update is `s_l <- gamma s_l + (1 - gamma) rho(dPhi/ds_l)`, with
@@ -230,6 +243,12 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
     first `C_i` channels, each pixel spread over `k x k` pixels divided by `k^2`): the
     dynamics stays a gradient system and EqProp stays exact.
 
+    Learned skips (Hopfield-ResNet13's shortcut convolutions): `conv_skips=((i, j), ...)` adds
+    `<s_j, K_ij * s_i>`, `K_ij` a learned 1 x 1 convolution without bias of stride
+    `k = H_i / H_j` (a whole number, equal to `W_i / W_j`) from `C_i` to `C_j` channels, between
+    convolutional layers `i < j`, `i = -1` naming the image (then the term only drives `s_j`).
+    `s_j` receives `K_ij * s_i` and `s_i` the transposed convolution of `s_j`: tied, exact.
+
     The output layer's update gets `- beta * d ell / d s_N` inside rho. With `loss="mse"` the
     last dense layer has `output_dim` units and is nudged toward the one-hot target; with
     `loss="cross_entropy"` (default) a feedforward readout `o = R s_N + r` reads the last layer
@@ -263,17 +282,23 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         padding: zero padding, one for every convolutional layer or one per layer (default
             `kernel_size // 2`).
         pool_size: every convolutional layer's pooling window (= stride; 1: no pooling).
+        stride: the convolutions' stride, one for every convolutional layer or one per layer
+            (default 1; Hopfield-ResNet13 downsamples by stride 2, without pooling).
         pooling: `"max"` (default), `"avg"` or `"soft"` (see above), one for every
             convolutional layer or one per layer.
         pool_temperature: `tau` of soft pooling, > 0.
         skips: identity interactions `(i, j)` between convolutional layers `i < j` (see above).
+        conv_skips: learned 1 x 1 convolutional interactions `(i, j)`, `i = -1` the image (see
+            above).
         memories: `{layer: M}`: a modern Hopfield interaction with `M` learned patterns on
             state `layer` (any layer, convolutional or dense;
             [`ModernHopfield`][toreq.nn.hopfield.ModernHopfield]): `Xi^T softmax(Xi s / tau)`
             joins the layer's input and its log-sum-exp energy joins Phi (EqProp stays exact).
         memory_temperature: `tau` of the memories, > 0.
         activation: rho, `"hard_sigmoid"` (default) or `"sigmoid"`; `"tanh"` only where no
-            layer max-pools (negative states make max-pooling's argmax alternate).
+            layer max-pools (negative states make max-pooling's argmax alternate). One name
+            for every layer, or one per state layer (`"identity"` allowed: a linear output
+            layer, as in Scellier et al. 2023's networks with `loss="mse"`).
         loss: `"cross_entropy"` (readout) or `"mse"` (output layer).
         max_steps: the free relaxation's step cap.
         tol: the free relaxation's tolerance.
@@ -287,13 +312,18 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
     def __init__(self, input_shape: Sequence[int], channels: Sequence[int], output_dim: int, *,
                  hidden_dims: Sequence[int] = (), kernel_size: int = 3,
                  padding: int | Sequence[int] | None = None, pool_size: int = 2,
+                 stride: int | Sequence[int] = 1,
                  pooling: str | Sequence[str] = "max", pool_temperature: float = 1.0,
-                 skips: Sequence[tuple[int, int]] = (), activation: str = "hard_sigmoid",
+                 skips: Sequence[tuple[int, int]] = (),
+                 conv_skips: Sequence[tuple[int, int]] = (),
+                 activation: str | Sequence[str] = "hard_sigmoid",
                  memories: Mapping[int, int] | None = None, memory_temperature: float = 1.0,
                  loss: str = "cross_entropy", max_steps: int = 60, tol: float = 1e-4,
                  damping: float = 0.0, schedule: str = "async", solver: str = "auto") -> None:
-        super().__init__(activation=activation, loss=loss, max_steps=max_steps, tol=tol,
-                         damping=damping, schedule=schedule, solver=solver)
+        per_layer = not isinstance(activation, str)
+        super().__init__(activation="hard_sigmoid" if per_layer else activation, loss=loss,
+                         max_steps=max_steps, tol=tol, damping=damping, schedule=schedule,
+                         solver=solver)
         input_shape = tuple(int(n) for n in input_shape)
         if len(input_shape) != 3 or min(input_shape) < 1:
             raise ValueError(f"input_shape must be (C, H, W) of positive ints, got {input_shape}")
@@ -311,7 +341,10 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         for kind in self.poolings:
             check_choice("pooling", kind, POOLINGS)
         self.pool_temperature = check_positive_float("pool_temperature", pool_temperature)
-        if activation == "tanh" and pool_size > 1 and "max" in self.poolings:
+        names = ((activation,) if not per_layer else
+                 tuple(check_choice("activation", a, (*ACTIVATIONS, "identity"))
+                       for a in activation))
+        if "tanh" in names and pool_size > 1 and "max" in self.poolings:
             # with negative states the feedback a pooling window's argmax receives can push it
             # below its neighbours, the argmax then alternates and the relaxation cycles
             raise ValueError("activation 'tanh' takes negative values, with which max-pooling's "
@@ -321,12 +354,15 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                                         len(channels))
         if not all(isinstance(p, int) and p >= 0 for p in self.paddings):
             raise ValueError(f"padding must be >= 0, got {padding}")
+        self.strides = self._per_layer("stride", stride, len(channels))
+        if not all(isinstance(n, int) and n >= 1 for n in self.strides):
+            raise ValueError(f"stride must be >= 1, got {stride}")
         self.input_shape, self.pool_size = input_shape, pool_size
         shapes: list[tuple[int, ...]] = []
         _, h, w = input_shape
-        for layer, (out, pad) in enumerate(zip(channels, self.paddings)):
-            h = (h + 2 * pad - kernel_size + 1) // pool_size
-            w = (w + 2 * pad - kernel_size + 1) // pool_size
+        for layer, (out, pad, step) in enumerate(zip(channels, self.paddings, self.strides)):
+            h = ((h + 2 * pad - kernel_size) // step + 1) // pool_size
+            w = ((w + 2 * pad - kernel_size) // step + 1) // pool_size
             if h < 1 or w < 1:
                 raise ValueError(
                     f"convolutional layer {layer} would leave no pixels: input_shape {input_shape}"
@@ -334,12 +370,24 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                     f"{padding} and pooling {pool_size}")
             shapes.append((out, h, w))
         self.skips = self._checked_skips(skips, shapes)
+        self.conv_skips = self._checked_conv_skips(conv_skips, [input_shape, *shapes])
         dense = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
         shapes += [(n,) for n in dense]
         self.state_shapes = shapes
-        self.convs = nn.ModuleList(nn.Conv2d(a, b, kernel_size, padding=pad)
-                                   for a, b, pad in zip([input_shape[0], *channels], channels,
-                                                        self.paddings))
+        if per_layer:
+            if len(names) != len(shapes):
+                raise ValueError(f"activation must be one name or one per state layer "
+                                 f"({len(shapes)}: the convolutional layers, the dense ones and, "
+                                 f"with loss='mse', the output layer), got {len(names)}")
+            self.activation = names[0] if len(set(names)) == 1 else names
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, kernel_size, stride=step, padding=pad)
+                                   for a, b, pad, step in zip([input_shape[0], *channels],
+                                                              channels, self.paddings,
+                                                              self.strides))
+        self.skip_convs = nn.ModuleList(
+            nn.Conv2d(input_shape[0] if i < 0 else shapes[i][0], shapes[j][0], 1,
+                      stride=self._skip_stride(i, j), bias=False)
+            for i, j in self.conv_skips)
         self.dense = nn.ModuleList(nn.Linear(a, b)
                                    for a, b in zip([math.prod(shapes[len(channels) - 1]), *dense],
                                                    dense))
@@ -376,6 +424,35 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
             "max_steps": 250}
         settings.update(options)
         return cls((3, 32, 32), (128, 256, 512, 512), 10, **settings)
+
+    @classmethod
+    def hopfield_resnet13(cls, **options: Any) -> ConvEP:
+        """Hopfield-ResNet13 (Vinayak & Srinivasan 2025), as its code builds it
+        (`ConvHopfieldResEnergy32` of BrainSeek-Lab/Scaling-Equilibrium-Propagation-to-Deeper-
+        Neural-Network-Architectures):
+
+        `(3, 32, 32)` -> four blocks of two 3 x 3 convolutional layers (padding 1; the first of
+        stride 1, the second of stride 2; no pooling) of 128, 128, 256, 256, 512, 512, 512 and
+        512 channels (states 32, 16, 16, 8, 8, 4, 4 and 2 pixels wide), each block's input
+        coupled to its output by a learned 1 x 1 convolution of stride 2 (`conv_skips`
+        `(-1, 1), (1, 3), (3, 5), (5, 7)`, the first from the image) -> a dense linear output
+        layer of 10 units with squared error; hard-sigmoid hidden layers, asynchronous updates,
+        120 free steps. Nine biases (one per state layer), thirteen weights.
+
+        The paper's activation, a clipped ReLU (`clamp(x, 0, c)` with a ceiling per layer), is
+        not offered: the hard sigmoid is its `c = 1` case.
+
+        Args:
+            options: any keyword argument of [`ConvEP`][toreq.nn.stepped.ConvEP], overriding
+                these settings.
+        """
+        settings: dict[str, Any] = {
+            "kernel_size": 3, "padding": 1, "pool_size": 1, "stride": (1, 2) * 4,
+            "conv_skips": ((-1, 1), (1, 3), (3, 5), (5, 7)),
+            "activation": ("hard_sigmoid",) * 8 + ("identity",), "loss": "mse",
+            "schedule": "async", "max_steps": 120}
+        settings.update(options)
+        return cls((3, 32, 32), (128, 128, 256, 256, 512, 512, 512, 512), 10, **settings)
 
     @staticmethod
     def _per_layer(name: str, value: Any, layers: int) -> tuple[Any, ...]:
@@ -415,6 +492,37 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
             checked.append((i, j))
         return tuple(checked)
 
+    @staticmethod
+    def _checked_conv_skips(skips: Sequence[tuple[int, int]],
+                            shapes: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
+        """The learned skips as `(i, j)` pairs; `shapes` lists the image's shape, then the
+        convolutional layers' (so that state `i` is `shapes[i + 1]`)."""
+        checked: list[tuple[int, int]] = []
+        convolutional = [shape for shape in shapes if len(shape) == 3]
+        for skip in skips:
+            pair = tuple(skip) if isinstance(skip, (tuple, list)) else (skip,)
+            if len(pair) != 2 or not all(isinstance(n, int) for n in pair):
+                raise ValueError(f"conv_skips must be pairs (i, j) of layer indices, got {skip!r}")
+            i, j = pair
+            if not -1 <= i < j < len(convolutional) - 1:
+                raise ValueError(f"conv_skips must be pairs (i, j) with -1 <= i < j < "
+                                 f"{len(convolutional) - 1} (-1: the image; then the "
+                                 f"convolutional layers), got ({i}, {j})")
+            if (i, j) in checked:
+                raise ValueError(f"conv_skips: ({i}, {j}) is given twice")
+            (_, h_i, w_i), (_, h_j, w_j) = convolutional[i + 1], convolutional[j + 1]
+            if h_i % h_j or w_i % w_j or h_i // h_j != w_i // w_j:
+                raise ValueError(f"conv_skips: layer {i} {convolutional[i + 1]} cannot reach "
+                                 f"layer {j} {convolutional[j + 1]} by a strided 1 x 1 "
+                                 "convolution: needs H_i / H_j = W_i / W_j a whole number")
+            checked.append((i, j))
+        return tuple(checked)
+
+    def _skip_stride(self, i: int, j: int) -> int:
+        """The stride of the learned skip `(i, j)` (`i = -1`: the image)."""
+        height = self.input_shape[1] if i < 0 else self.state_shapes[i][1]
+        return height // self.state_shapes[j][1]
+
     def network(self, x: Tensor) -> ConvNetwork:
         flat = math.prod(self.input_shape)
         if x.dim() == 2 and x.shape[1] == flat:
@@ -427,16 +535,18 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                              f"{tuple(x.shape)}")
         layers = [*self.convs, *self.dense]
         readout = (None, None) if self.readout is None else (self.readout.weight, self.readout.bias)
-        return ConvNetwork(image, [m.weight for m in layers], [m.bias for m in layers], *readout)
+        return ConvNetwork(image, [m.weight for m in layers], [m.bias for m in layers], *readout,
+                           [m.weight for m in self.skip_convs])
 
     def init_states(self, x: Tensor, net: ConvNetwork) -> list[Tensor]:
         return [net.image.new_zeros(net.image.shape[0], *shape) for shape in self.state_shapes]
 
     def layer_parameters(self) -> list[list[nn.Parameter]]:
         """The parameters of each weight layer, input side first (the convolutions, the dense
-        layers, the readout): what per-layer learning rates apply to."""
+        layers, the readout), then the learned skips' weights in `conv_skips`' order: what
+        per-layer learning rates and initialisation gains apply to."""
         layers = [*self.convs, *self.dense] + ([self.readout] if self.readout is not None else [])
-        return [list(layer.parameters()) for layer in layers]
+        return [list(layer.parameters()) for layer in [*layers, *self.skip_convs]]
 
     def _pool(self, layer: int, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """`P_l(z)`, and what its transposed Jacobian needs (max: the argmax; soft: the
@@ -485,7 +595,8 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         Jacobian needs."""
         if layer >= len(self.convs):
             return F.linear(below.flatten(1), net.weights[layer], net.biases[layer]), None
-        z = F.conv2d(below, net.weights[layer], net.biases[layer], padding=self.paddings[layer])
+        z = F.conv2d(below, net.weights[layer], net.biases[layer], stride=self.strides[layer],
+                     padding=self.paddings[layer])
         return self._pool(layer, z)
 
     def _top_down(self, layer: int, states: list[Tensor], cache: Tensor | None,
@@ -494,10 +605,26 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         above, weight = states[layer + 1], net.weights[layer + 1]
         if layer + 1 >= len(self.convs):
             return (above @ weight).view_as(states[layer])
-        padding = self.paddings[layer + 1]
-        shape = [n + 2 * padding - weight.shape[-1] + 1 for n in states[layer].shape[-2:]]
+        padding, stride = self.paddings[layer + 1], self.strides[layer + 1]
+        shape = [(n + 2 * padding - weight.shape[-1]) // stride + 1
+                 for n in states[layer].shape[-2:]]
         above = self._pool_transpose(layer + 1, above, cache, shape)
-        return F.conv_transpose2d(above, weight, padding=padding)
+        return _conv_transpose(above, weight, stride, padding, states[layer].shape[-2:])
+
+    def _learned_skips(self, layer: int, states: list[Tensor], net: ConvNetwork) -> Tensor | None:
+        """Layer `layer`'s input from the learned skips that reach it or leave it."""
+        total = None
+        for (i, j), weight in zip(self.conv_skips, net.skip_weights):
+            if layer == j:
+                below = net.image if i < 0 else states[i]
+                term = F.conv2d(below, weight, stride=self._skip_stride(i, j))
+            elif layer == i:
+                term = _conv_transpose(states[j], weight, self._skip_stride(i, j), 0,
+                                       states[i].shape[-2:])
+            else:
+                continue
+            total = term if total is None else total + term
+        return total
 
     def step(self, x: Tensor, states: list[Tensor], net: ConvNetwork,
              nudge: Nudge | None = None) -> list[Tensor]:
@@ -531,14 +658,18 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                         pre = pre + self._skip_forward(i, j, s[i])
                     elif layer == i:
                         pre = pre + self._skip_transpose(i, j, s[j])
+                learned = self._learned_skips(layer, s, net)
+                if learned is not None:
+                    pre = pre + learned
                 if str(layer) in self.memories:
                     pre = pre + self.memories[str(layer)].field(s[layer])
                 if layer == n - 1 and nudge is not None and clamp is None:
                     pre = pre - nudge.beta * self.output_error(s[layer], nudge, net)
                 pres[layer] = pre
             for layer in group:
-                s[layer] = torch.lerp(activate(self.activation, pres[layer]), s[layer],
-                                      self.damping)
+                rho = (self.activation if isinstance(self.activation, str)
+                       else self.activation[layer])
+                s[layer] = torch.lerp(activate(rho, pres[layer]), s[layer], self.damping)
         return s
 
     def primitive(self, x: Tensor, states: list[Tensor], net: ConvNetwork) -> Tensor:
@@ -549,6 +680,9 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
             phi = phi + (state * self._bottom_up(layer, below, net)[0]).sum()
         for i, j in self.skips:
             phi = phi + (states[j] * self._skip_forward(i, j, states[i])).sum()
+        for (i, j), weight in zip(self.conv_skips, net.skip_weights):
+            below = net.image if i < 0 else states[i]
+            phi = phi + (states[j] * F.conv2d(below, weight, stride=self._skip_stride(i, j))).sum()
         for layer, memory in self.memories.items():
             phi = phi + memory.energy(states[int(layer)])
         return phi
