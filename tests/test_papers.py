@@ -14,7 +14,7 @@ from toreq.nn import EPMLP
 from toreq.ops import activate
 from toreq.presets import Preset, build_trainer, get_preset, train_preset
 from toreq.solvers import Iteration
-from toreq.train import BPTTTrainer
+from toreq.train import BPTTTrainer, EqPropTrainer
 
 
 def _gradients(model, x, y, estimator) -> dict[str, torch.Tensor]:
@@ -247,3 +247,17 @@ def test_the_fast_cifar10_preset_builds_the_libraries_network_and_initialisation
     with pytest.raises(ValueError, match=r"init_gains, one per weight layer of ConvEP \(5\), got 2"):
         build_trainer(dataclasses.replace(preset, init_gains=(0.1, 0.2)), 3072, 10,
                       image_shape=(3, 32, 32))
+
+
+@pytest.mark.filterwarnings("ignore::toreq.nn.ConvergenceWarning")
+def test_deep_hopfield_networks_flatten_inputs_of_any_shape():
+    """Images (B, 1, 8, 8) relax and train as their flattened rows do; a wrong size is named."""
+    torch.manual_seed(8)
+    model = EPMLP(64, [12], 10, activation=("sigmoid", "identity"))
+    images = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(model(images), model(images.flatten(1)), rtol=0, atol=0)
+    trainer = EqPropTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert torch.isfinite(torch.tensor(trainer.step(images, torch.arange(5))["loss"]))
+    with pytest.raises(ValueError, match=r"EPMLP expects x with 64 features per sample \(of any "
+                                         r"shape, flattened\), got shape \(5, 1, 8, 7\)"):
+        model(torch.rand(5, 1, 8, 7))

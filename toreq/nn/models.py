@@ -145,6 +145,9 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
     $\rho'(a_{out})$ ([`NUDGE_POSITIONS`][toreq.ops.relax.NUDGE_POSITIONS]): exact for the hard
     sigmoid away from its clamps, `"approximate"` for the smooth activations.
 
+    Inputs of any per-sample shape (`(B, C, H, W)` images, say) are flattened to
+    `input_dim` features.
+
     `memories={layer: M, ...}` gives layer `layer` (0-based over the layers above the input, the
     output layer included) a modern Hopfield interaction with `M` learned patterns
     ([`ModernHopfield`][toreq.nn.hopfield.ModernHopfield], temperature `memory_temperature`):
@@ -194,6 +197,12 @@ class EPMLP(CouplingDynamics, EquilibriumModel):
         return [list(layer.parameters()) for layer in layers]
 
     def network(self, x: Tensor) -> Network:
+        # images or any per-sample shape: the input layer sees them flattened
+        rows = x.flatten(1) if x.dim() > 2 else x
+        if rows.shape[-1] != self.input.in_features:
+            raise ValueError(f"EPMLP expects x with {self.input.in_features} features per sample "
+                             f"(of any shape, flattened), got shape {tuple(x.shape)}")
+        x = rows
         couplings = []
         for i, layer in enumerate(self.layers):
             couplings += [Coupling(layer.weight, i + 1, i),
