@@ -129,3 +129,25 @@ def test_the_papers_options_on_the_command_line(capsys):
                  "--layer-lrs", "0.1"]) == 1
     assert "layer_lrs must hold one rate per weight layer of EPMLP (2), got 1" in \
         capsys.readouterr().err
+
+
+def test_memories_on_the_command_line(capsys):
+    """--memories gives the model a modern Hopfield interaction per named layer (its patterns
+    counted in the parameters); a model without them, or a malformed value, is one line."""
+    import json
+
+    from toreq.cli import main
+
+    assert main(["train", "--dataset", "digits", "--model", "ep_mlp", "--hidden", "16",
+                 "--memories", "0:8", "--epochs", "1", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert dict(report["preset"]["model_options"])["memories"] == [[0, 8]]
+    assert report["results"][0]["parameters"] == 64 * 16 + 16 + 16 * 10 + 10 + 8 * 16
+    assert report["results"][0]["test_accuracy"] > 0.2
+    assert main(["train", "--dataset", "digits", "--model", "looped_mlp", "--memories", "0:8",
+                 "--epochs", "1"]) == 1
+    assert "--memories applies to --model ep_mlp or conv_ep, not looped_mlp" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--memories", "0-8"])
+    assert "expected LAYER:PATTERNS, e.g. 0:256; got '0-8'" in capsys.readouterr().err

@@ -79,6 +79,14 @@ def _channels(text: str) -> list[int]:
     return channels
 
 
+def _memory(text: str) -> tuple[int, int]:
+    """`LAYER:M` of `--memories`: a layer index and its number of stored patterns."""
+    layer, sep, count = text.partition(":")
+    if not (sep and layer.isdigit() and count.isdigit() and int(count) >= 1):
+        raise argparse.ArgumentTypeError(f"expected LAYER:PATTERNS, e.g. 0:256; got {text!r}")
+    return int(layer), int(count)
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
@@ -154,6 +162,9 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="conv_ep: output channels of each convolutional layer, comma-separated")
     h.add_argument("--activation", choices=ACTIVATIONS, default=keep,
                    help="hidden activation (steep_sigmoid: sigmoid(4(x - 1/2)), the papers')")
+    h.add_argument("--memories", type=_memory, nargs="+", default=keep, metavar="LAYER:M",
+                   help="ep_mlp, conv_ep: a modern Hopfield interaction with M learned patterns "
+                        "on each named layer (0: the first above the input)")
     h.add_argument("--epochs", type=POSITIVE_INT, default=keep)
     h.add_argument("--batch-size", type=POSITIVE_INT, default=keep)
     h.add_argument("--lr", type=LEARNING_RATE, default=keep,
@@ -329,6 +340,13 @@ def _preset(args: argparse.Namespace, saved: dict | None = None):
     for name in ("algorithm_settings", "layer_lrs"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
+    if hasattr(args, "memories"):
+        if (overrides.get("model") or preset.model) not in ("ep_mlp", "conv_ep"):
+            raise ValueError(f"--memories applies to --model ep_mlp or conv_ep, not "
+                             f"{overrides.get('model') or preset.model}")
+        options = dict(preset.model_options)
+        options["memories"] = tuple(dict(args.memories).items())
+        overrides["model_options"] = tuple(options.items())
     if saved is not None:
         for name, value in overrides.items():
             if value != getattr(preset, name):

@@ -87,15 +87,19 @@ class ModernHopfield(nn.Module):
 
 def memory_modules(memories: Mapping[int, int] | None, shapes: Sequence[Sequence[int]],
                    temperature: float) -> nn.ModuleDict:
-    """A model's modern Hopfield interactions from its `memories={layer: M}` option: one
+    """A model's modern Hopfield interactions from its `memories={layer: M}` option (or
+    `(layer, M)` pairs): one
     [`ModernHopfield`][toreq.nn.hopfield.ModernHopfield] per named layer (`shapes` lists the
     model's state shapes per sample), keyed by the layer's index as a string."""
     modules = nn.ModuleDict()
     if memories is None:
         return modules
     if not isinstance(memories, Mapping):
-        raise ValueError(f"memories must map layer indices to pattern counts, e.g. {{0: 256}}, "
-                         f"got {memories!r}")
+        try:  # (layer, count) pairs: a preset's hashable form, or its JSON round trip
+            memories = dict(memories)
+        except (TypeError, ValueError):
+            raise ValueError(f"memories must map layer indices to pattern counts, e.g. "
+                             f"{{0: 256}}, got {memories!r}") from None
     for layer, count in sorted(memories.items(), key=lambda item: str(item[0])):
         if isinstance(layer, str) and layer.isdigit():
             layer = int(layer)  # a JSON object's key (a preset's model_options)
