@@ -261,3 +261,17 @@ def test_deep_hopfield_networks_flatten_inputs_of_any_shape():
     with pytest.raises(ValueError, match=r"EPMLP expects x with 64 features per sample \(of any "
                                          r"shape, flattened\), got shape \(5, 1, 8, 7\)"):
         model(torch.rand(5, 1, 8, 7))
+
+
+def test_the_hopfield_resnet13_preset_builds_the_named_configuration():
+    """The preset and ConvEP.hopfield_resnet13 hold the same network (the two are written in two
+    places: the preset's options and the class method's), at the preset's step cap."""
+    from toreq.nn import ConvEP
+
+    model, _, _ = build_trainer(get_preset("hopfield-resnet13-cifar10"), 3072, 10,
+                                image_shape=(3, 32, 32))
+    named = ConvEP.hopfield_resnet13()
+    for attribute in ("state_shapes", "strides", "paddings", "conv_skips", "skips", "activation",
+                      "poolings", "pool_size", "schedule", "max_steps", "loss_name"):
+        assert getattr(model, attribute) == getattr(named, attribute), attribute
+    assert [p.shape for p in model.parameters()] == [p.shape for p in named.parameters()]
