@@ -47,8 +47,11 @@ BENCHMARKS = ("bench_ops", "memory", "accuracy")
 RESULTS_BLOCKS = {**{name: f"{name}/{name}.md" for name in BENCHMARKS},
                   "accuracy_control": "accuracy_control/accuracy.md",
                   # run on their own: python benchmarks/estimators.py --parts gradients,
-                  # python benchmarks/train_step.py --quick (see benchmarks/README.md)
+                  # python benchmarks/estimators.py --parts learning --out
+                  # <results>/estimators_learning, python benchmarks/train_step.py --quick
+                  # (see benchmarks/README.md)
                   "estimators": "estimators/estimators.md",
+                  "estimators_learning": "estimators_learning/estimators.md",
                   "train_step": "train_step/train_step.md"}
 README = HERE.parent / "README.md"
 RESULTS_PAGE = HERE.parent / "docs" / "results.md"
@@ -174,19 +177,47 @@ def headline(accuracy_md: str) -> str:
     return "\n".join([command, "", *table])
 
 
+def estimators_headline(estimators_md: str) -> str:
+    """The README's short table of the learning rules from the estimators benchmark's learning
+    Markdown: one row per algorithm, one column per data set and network (test accuracy, and
+    seconds per epoch in brackets), under the line naming the command and the machine and the
+    settings line (the comparison with the comparative study stays on the results page)."""
+    lines = estimators_md.strip().splitlines()
+    command = re.sub(r"`\S*python[0-9.]* ", "`python ", next(line for line in lines
+                                                            if line.startswith("`")))
+    settings = next(line for line in lines if " epoch(s), batch " in line)
+    cells: dict[str, dict[tuple[str, str], str]] = {}
+    for line in lines:
+        row = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(row) == 5 and row[0] not in ("data", "---"):
+            cells.setdefault(row[2], {})[(row[0], row[1])] = f"{row[3]} ({row[4]}s)"
+    columns = list(dict.fromkeys(key for row in cells.values() for key in row))
+    table = ["| algorithm | " + " | ".join(f"{d}, {n.replace('DHN ', '')}" for d, n in columns)
+             + " |", "|---|" + "---:|" * len(columns)]
+    table += [f"| {name} | " + " | ".join(row.get(c, "-") for c in columns) + " |"
+              for name, row in cells.items()]
+    return "\n".join([command, "", settings, "", *table])
+
+
+# README blocks ``<!-- headline:NAME -->``: the results file each is made from, and how
+HEADLINES = {"accuracy": ("accuracy/accuracy.md", headline),
+             "estimators": ("estimators_learning/estimators.md", estimators_headline)}
+
+
 def update_docs(out: Path, readme: Path = README, page: Path = RESULTS_PAGE) -> list[str]:
-    """Fills ``page``'s benchmark blocks and ``readme``'s headline from the results in ``out``;
-    returns what was updated."""
+    """Fills ``page``'s benchmark blocks and ``readme``'s headlines (:data:`HEADLINES`) from the
+    results in ``out``; returns what was updated."""
     text, updated = with_results(page.read_text(), out)
     page.write_text(text)
-    accuracy = out / "accuracy" / "accuracy.md"
-    start, end = "<!-- headline:accuracy -->", "<!-- /headline:accuracy -->"
-    current = readme.read_text()
-    if accuracy.exists() and start in current and end in current:
-        before, rest = current.split(start, 1)
-        readme.write_text(f"{before}{start}\n{headline(accuracy.read_text())}\n{end}"
-                          f"{rest.split(end, 1)[1]}")
-        updated.append("README headline")
+    for name, (markdown, make) in HEADLINES.items():
+        source = out / markdown
+        start, end = f"<!-- headline:{name} -->", f"<!-- /headline:{name} -->"
+        current = readme.read_text()
+        if source.exists() and start in current and end in current:
+            before, rest = current.split(start, 1)
+            readme.write_text(f"{before}{start}\n{make(source.read_text())}\n{end}"
+                              f"{rest.split(end, 1)[1]}")
+            updated.append("README headline" if name == "accuracy" else f"README {name} headline")
     return updated
 
 

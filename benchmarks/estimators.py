@@ -20,7 +20,9 @@
 ``--quick``: the gradient part at fewer settings, and the learning part on 2,000 training and
 1,000 test images, one epoch, one seed, the one-hidden-layer network: it checks that
 everything runs; its accuracies are not the figures of the full run. Writes
-``estimators.json``, ``estimators.md`` and (with matplotlib) ``estimators.png`` into ``--out``.
+``estimators.json``, ``estimators.md`` and (with matplotlib) ``estimators.png`` (gradients) and
+``estimators_learning.png`` (learning) into ``--out``; ``--render JSON`` writes the Markdown and
+plots of an earlier run's record again (after a change of their layout), running nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import json
 import math
 import multiprocessing
 import statistics
@@ -173,17 +176,24 @@ def learning(quick: bool, seeds: int, epochs: int, data_dir: str | None, jobs: i
 def comparison(rows: list[dict]) -> list[str]:
     """Per data set and network, the comparative study's two findings (Scellier et al. 2023:
     centered EqProp the best of the rules, negative nudging better than positive) checked
-    against our means."""
+    against our means, each difference next to the runs' standard deviations."""
     lines = []
     for dataset, network in dict.fromkeys((r["dataset"], r["network"]) for r in rows):
-        mean = {r["algorithm"]: r["mean"] for r in rows
+        mine = {r["algorithm"]: r for r in rows
                 if r["dataset"] == dataset and r["network"] == network}
-        best = max(mean, key=mean.get)
-        centered = "yes" if best == "EqProp centered" else f"no (best: {best})"
-        negative = mean["EqProp negative"] - mean["EqProp positive"]
-        lines.append(f"- {dataset}, {network}: centered EqProp best: {centered}; negative "
-                     f"nudging better than positive: {'yes' if negative > 0 else 'no'} "
-                     f"({100 * negative:+.2f} points).")
+        best = max(mine, key=lambda name: mine[name]["mean"])
+        centered = mine["EqProp centered"]
+        if best == "EqProp centered":
+            verdict = "yes"
+        else:
+            lead = 100 * (mine[best]["mean"] - centered["mean"])
+            verdict = (f"no: {best} is {lead:.2f} points above it (std {100 * mine[best]['std']:.2f}"
+                       f" and {100 * centered['std']:.2f})")
+        positive, negative = mine["EqProp positive"], mine["EqProp negative"]
+        gap = 100 * (negative["mean"] - positive["mean"])
+        lines.append(f"- {dataset}, {network}: centered EqProp the best: {verdict}; negative "
+                     f"nudging better than positive: {'yes' if gap > 0 else 'no'} ({gap:+.2f} "
+                     f"points; std {100 * negative['std']:.2f} and {100 * positive['std']:.2f}).")
     return lines
 
 
@@ -285,7 +295,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="learning runs at a time, one process each (default 1)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="results/estimators")
+    parser.add_argument("--render", metavar="JSON",
+                        help="run nothing: write the Markdown and plots of an earlier run's "
+                             "estimators.json into --out (its command and figures unchanged)")
     args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as handle:
+            record = json.load(handle)
+        write_results(args.out, "estimators", record, markdown(record))
+        plot(record, args.out)
+        return 0
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     default_threads = torch.get_num_threads()

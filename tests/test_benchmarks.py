@@ -113,3 +113,44 @@ def test_train_step_benchmarks_plain_reference_gives_toreqs_gradients():
         torch.manual_seed(1)
         x, y = torch.rand(6, config.input_dim), torch.randint(0, 10, (6,))
         assert train_step.plain_matches(config, x, y) < 1e-4, config.name
+
+
+def test_the_learning_rules_table_renders_and_the_readme_headline_quotes_it(tmp_path):
+    """An estimators record's learning rows (written here) through --render: the comparison
+    with the comparative study reads the means right, and the README headline puts each
+    algorithm's accuracy and time per epoch under its data set and network."""
+    import json
+    import runpy
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        main = runpy.run_path(str(ROOT / "benchmarks" / "estimators.py"))["main"]
+        means = {"EqProp positive": 0.93, "EqProp negative": 0.95, "EqProp centered": 0.96,
+                 "CL": 0.94}
+        rows = [{"dataset": "mnist", "network": "DHN 784-1024-10", "algorithm": name,
+                 "mean": mean, "std": 0.001, "seconds_per_epoch": 4.0, "runs": []}
+                for name, mean in means.items()]
+        rows.append({**rows[0], "network": "DHN 784-512-512-10", "algorithm": "EqProp positive",
+                     "mean": 0.97})
+        rows += [{**r, "network": "DHN 784-512-512-10"} for r in rows[1:3]]
+        record = {"command": "python benchmarks/estimators.py --parts learning", "mode": "full",
+                  "seeds": 3, "epochs": 3, "jobs": 2, "seconds": 60.0, "learning": rows,
+                  "machine": {"date": "today", "cpu_model": "cpu", "logical_cpus": 2,
+                              "torch": "2", "threads": 1}}
+        source = tmp_path / "run.json"
+        source.write_text(json.dumps(record))
+        assert main(["--render", str(source), "--out", str(tmp_path / "estimators_learning")]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    text = (tmp_path / "estimators_learning" / "estimators.md").read_text()
+    assert ("- mnist, DHN 784-1024-10: centered EqProp the best: yes; negative nudging better "
+            "than positive: yes (+2.00 points; std 0.10 and 0.10).") in text
+    assert ("- mnist, DHN 784-512-512-10: centered EqProp the best: no: EqProp positive is 1.00 "
+            "points above it (std 0.10 and 0.10); negative nudging better than positive: no "
+            "(-2.00 points") in text
+    headline = load_suite().estimators_headline(text)
+    assert headline.startswith("`python benchmarks/estimators.py --parts learning` on today")
+    assert "| algorithm | mnist, 784-1024-10 | mnist, 784-512-512-10 |" in headline
+    assert "| EqProp centered | 96.00 ± 0.10% (4.0s) | 96.00 ± 0.10% (4.0s) |" in headline
+    assert "| CL | 94.00 ± 0.10% (4.0s) | - |" in headline
+    assert "centered EqProp the best" not in headline  # the findings stay on the results page
