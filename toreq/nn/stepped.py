@@ -369,8 +369,9 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                     f" is too small for {len(channels)} layers of kernel {kernel_size}, padding "
                     f"{padding} and pooling {pool_size}")
             shapes.append((out, h, w))
-        self.skips = self._checked_skips(skips, shapes)
-        self.conv_skips = self._checked_conv_skips(conv_skips, [input_shape, *shapes])
+        self.skips = self._checked_pairs("skips", skips, shapes, image=False)
+        self.conv_skips = self._checked_pairs("conv_skips", conv_skips, [input_shape, *shapes],
+                                              image=True)
         dense = list(hidden_dims) + ([output_dim] if loss == "mse" else [])
         shapes += [(n,) for n in dense]
         self.state_shapes = shapes
@@ -466,55 +467,38 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         return values
 
     @staticmethod
-    def _checked_skips(skips: Sequence[tuple[int, int]],
-                       shapes: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
-        """The skips as `(i, j)` pairs, each between convolutional layers whose shapes an
-        identity can match (see the class docstring)."""
+    def _checked_pairs(name: str, skips: Sequence[tuple[int, int]],
+                       shapes: list[tuple[int, ...]], *,
+                       image: bool) -> tuple[tuple[int, int], ...]:
+        """`skips` (the option `name`) as `(i, j)` pairs `i < j` of convolutional layers whose
+        pixel grids divide (`H_i / H_j = W_i / W_j` a whole number), `shapes` the convolutional
+        layers' shapes. The identity skips (`image=False`) also need `C_i <= C_j`; the learned
+        ones (`image=True`) may start at `i = -1`, the image, whose shape leads `shapes`."""
         checked: list[tuple[int, int]] = []
+        lowest, first = (-1, 1) if image else (0, 0)  # state i is shapes[i + first]
         for skip in skips:
             pair = tuple(skip) if isinstance(skip, (tuple, list)) else (skip,)
             if len(pair) != 2 or not all(isinstance(n, int) for n in pair):
-                raise ValueError(f"skips must be pairs (i, j) of layer indices, got {skip!r}")
+                raise ValueError(f"{name} must be pairs (i, j) of layer indices, got {skip!r}")
             i, j = pair
             if i == j:
-                raise ValueError(f"skips: a skip couples two different layers, got ({i}, {j}) "
+                raise ValueError(f"{name}: a skip couples two different layers, got ({i}, {j}) "
                                  "(a layer to itself)")
-            if not 0 <= i < j < len(shapes):
-                raise ValueError(f"skips must be pairs (i, j) with 0 <= i < j < "
-                                 f"{len(shapes)} (the convolutional layers), got ({i}, {j})")
+            if not lowest <= i < j < len(shapes) - first:
+                what = "-1: the image; then the convolutional layers" if image else \
+                    "the convolutional layers"
+                raise ValueError(f"{name} must be pairs (i, j) with {lowest} <= i < j < "
+                                 f"{len(shapes) - first} ({what}), got ({i}, {j})")
             if (i, j) in checked:
-                raise ValueError(f"skips: ({i}, {j}) is given twice")
-            (c_i, h_i, w_i), (c_j, h_j, w_j) = shapes[i], shapes[j]
-            if h_i % h_j or w_i % w_j or h_i // h_j != w_i // w_j or c_i > c_j:
+                raise ValueError(f"{name}: ({i}, {j}) is given twice")
+            (c_i, h_i, w_i), (c_j, h_j, w_j) = shapes[i + first], shapes[j + first]
+            if h_i % h_j or w_i % w_j or h_i // h_j != w_i // w_j or (c_i > c_j and not image):
+                how = ("reach", "a strided 1 x 1 convolution", "") if image else \
+                    ("be coupled to", "an identity", " and C_i <= C_j")
                 raise ValueError(
-                    f"skips: layer {i} {shapes[i]} cannot be coupled to layer {j} {shapes[j]} by "
-                    "an identity: needs H_i / H_j = W_i / W_j a whole number and C_i <= C_j")
-            checked.append((i, j))
-        return tuple(checked)
-
-    @staticmethod
-    def _checked_conv_skips(skips: Sequence[tuple[int, int]],
-                            shapes: list[tuple[int, ...]]) -> tuple[tuple[int, int], ...]:
-        """The learned skips as `(i, j)` pairs; `shapes` lists the image's shape, then the
-        convolutional layers' (so that state `i` is `shapes[i + 1]`)."""
-        checked: list[tuple[int, int]] = []
-        convolutional = [shape for shape in shapes if len(shape) == 3]
-        for skip in skips:
-            pair = tuple(skip) if isinstance(skip, (tuple, list)) else (skip,)
-            if len(pair) != 2 or not all(isinstance(n, int) for n in pair):
-                raise ValueError(f"conv_skips must be pairs (i, j) of layer indices, got {skip!r}")
-            i, j = pair
-            if not -1 <= i < j < len(convolutional) - 1:
-                raise ValueError(f"conv_skips must be pairs (i, j) with -1 <= i < j < "
-                                 f"{len(convolutional) - 1} (-1: the image; then the "
-                                 f"convolutional layers), got ({i}, {j})")
-            if (i, j) in checked:
-                raise ValueError(f"conv_skips: ({i}, {j}) is given twice")
-            (_, h_i, w_i), (_, h_j, w_j) = convolutional[i + 1], convolutional[j + 1]
-            if h_i % h_j or w_i % w_j or h_i // h_j != w_i // w_j:
-                raise ValueError(f"conv_skips: layer {i} {convolutional[i + 1]} cannot reach "
-                                 f"layer {j} {convolutional[j + 1]} by a strided 1 x 1 "
-                                 "convolution: needs H_i / H_j = W_i / W_j a whole number")
+                    f"{name}: layer {i} {shapes[i + first]} cannot {how[0]} layer {j} "
+                    f"{shapes[j + first]} by {how[1]}: needs H_i / H_j = W_i / W_j a whole "
+                    f"number{how[2]}")
             checked.append((i, j))
         return tuple(checked)
 
@@ -611,13 +595,18 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         above = self._pool_transpose(layer + 1, above, cache, shape)
         return _conv_transpose(above, weight, stride, padding, states[layer].shape[-2:])
 
+    def _learned_skip_forward(self, i: int, j: int, weight: Tensor, states: list[Tensor],
+                              net: ConvNetwork) -> Tensor:
+        """`K_ij * s_i` (`i = -1`: the image)."""
+        below = net.image if i < 0 else states[i]
+        return F.conv2d(below, weight, stride=self._skip_stride(i, j))
+
     def _learned_skips(self, layer: int, states: list[Tensor], net: ConvNetwork) -> Tensor | None:
         """Layer `layer`'s input from the learned skips that reach it or leave it."""
         total = None
         for (i, j), weight in zip(self.conv_skips, net.skip_weights):
             if layer == j:
-                below = net.image if i < 0 else states[i]
-                term = F.conv2d(below, weight, stride=self._skip_stride(i, j))
+                term = self._learned_skip_forward(i, j, weight, states, net)
             elif layer == i:
                 term = _conv_transpose(states[j], weight, self._skip_stride(i, j), 0,
                                        states[i].shape[-2:])
@@ -681,8 +670,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         for i, j in self.skips:
             phi = phi + (states[j] * self._skip_forward(i, j, states[i])).sum()
         for (i, j), weight in zip(self.conv_skips, net.skip_weights):
-            below = net.image if i < 0 else states[i]
-            phi = phi + (states[j] * F.conv2d(below, weight, stride=self._skip_stride(i, j))).sum()
+            phi = phi + (states[j] * self._learned_skip_forward(i, j, weight, states, net)).sum()
         for layer, memory in self.memories.items():
             phi = phi + memory.energy(states[int(layer)])
         return phi
