@@ -333,3 +333,41 @@ def test_export_runs_the_models_relaxation(options):
         expected = model.output(result.states, net)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(steps, result.steps)
+
+
+# ------------------------------------------------------------- the feedforward twin (backprop)
+@pytest.mark.parametrize("pooling", ["max", "avg", "soft"])
+def test_feedforward_twin_is_the_same_layers_without_feedback(pooling):
+    from toreq.nn import FeedforwardCNN
+
+    torch.manual_seed(0)
+    model = ConvEP((1, 9, 9), (3, 4), 5, hidden_dims=(6,), kernel_size=3, padding=(1, 0),
+                   stride=(1, 1), pooling=pooling, loss="mse",
+                   activation=("hard_sigmoid", "sigmoid", "sigmoid", "identity"))
+    twin = FeedforwardCNN(model)
+    x = torch.rand(2, 81)
+    # written out: conv -> pool -> rho per layer, then the dense layers (mse: no readout)
+    s = x.view(2, 1, 9, 9)
+    for layer, (conv, rho) in enumerate(zip(model.convs, (lambda u: u.clamp(0, 1),
+                                                          torch.sigmoid))):
+        z = F.conv2d(s, conv.weight, conv.bias, padding=model.paddings[layer])
+        s = rho(reference_pool(pooling, z, 2, model.pool_temperature)[0])
+    s = torch.sigmoid(F.linear(s.flatten(1), model.dense[0].weight, model.dense[0].bias))
+    expected = F.linear(s, model.dense[1].weight, model.dense[1].bias)
+    assert torch.allclose(twin(x), expected, atol=1e-6)
+    # its own parameters, equal at the start, in the same per-layer order
+    assert [p.shape for ps in twin.layer_parameters() for p in ps] == \
+        [p.shape for ps in model.layer_parameters() for p in ps]
+    assert all(torch.equal(a, b) and a is not b
+               for a, b in zip(twin.parameters(), model.parameters()))
+    readout = FeedforwardCNN(ConvEP((1, 8, 8), (2,), 3))
+    assert readout(torch.rand(4, 64)).shape == (4, 3)
+
+
+def test_feedforward_twin_refuses_couplings_it_cannot_express():
+    from toreq.nn import FeedforwardCNN
+
+    for options in ({"skips": ((0, 1),)}, {"conv_skips": ((-1, 1),)}, {"memories": {0: 4}}):
+        model = ConvEP((1, 8, 8), (2, 2), 3, pool_size=1, **options)
+        with pytest.raises(ValueError, match="no feedforward counterpart"):
+            FeedforwardCNN(model)

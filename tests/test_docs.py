@@ -286,7 +286,9 @@ def test_hyperparameter_page_quotes_the_presets_measurements():
             f"docs/hyperparameters.md does not quote preset {preset.name}'s result; update it"
         row = next(line for line in page.splitlines() if line.startswith(f"| `{preset.name}` |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[1:4] == [str(preset.hidden), str(preset.epochs), str(preset.batch_size)], row
+        size = (f"channels {', '.join(map(str, preset.channels))}" if preset.model == "conv_ep"
+                else str(preset.hidden))
+        assert cells[1:4] == [size, str(preset.epochs), str(preset.batch_size)], row
         beta, nudging = cells[5].split(", ")
         assert (float(cells[4]), float(beta)) == (preset.lr, preset.beta), row
         assert nudging == ("symmetric" if preset.symmetric_nudging else "one-sided"), row

@@ -49,7 +49,8 @@ def _preset_methods():
 @pytest.mark.parametrize("name,method", list(_preset_methods()))
 def test_every_preset_builds_and_takes_a_step(name, method):
     preset = dataclasses.replace(get_preset(name), hidden=16)
-    image_shape = {"cifar10": (3, 32, 32)}.get(preset.dataset)
+    image_shape = {"cifar10": (3, 32, 32), "mnist": (1, 28, 28),
+                   "fashion_mnist": (1, 28, 28)}.get(preset.dataset)
     if preset.model == "conv_ep":  # the paper's widths and steps, shrunk for a test
         preset = dataclasses.replace(preset, channels=(2,) * len(preset.channels), free_steps=4,
                                      nudged_steps=3)
@@ -151,3 +152,17 @@ def test_memories_on_the_command_line(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--memories", "0-8"])
     assert "expected LAYER:PATTERNS, e.g. 0:256; got '0-8'" in capsys.readouterr().err
+
+
+def test_accuracy_benchmark_judges_the_convolutional_presets_on_their_targets(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    assert accuracy.preset_for("mnist", conv=True).name == "mnist-conv"
+    assert accuracy.preset_for("fashion_mnist", conv=True).model == "conv_ep"
+    assert accuracy.judge("mnist", {"mean": 99.35}, {"mean": 99.8}, conv=True)[0]
+    assert not accuracy.judge("mnist", {"mean": 99.25}, {"mean": 99.3}, conv=True)[0]
+    assert not accuracy.judge("fashion_mnist", {"mean": 91.6}, {"mean": 92.2}, conv=True)[0]
+    with pytest.raises(SystemExit):  # --conv covers MNIST and Fashion-MNIST only
+        accuracy.main(["--conv", "--datasets", "digits"])

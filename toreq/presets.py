@@ -191,6 +191,26 @@ PRESETS: dict[str, Preset] = {
             result="EqProp 99.78 ± 0.02% held-out action accuracy and closed-loop return -82.1 ± 18.6 (expert -81.4 ± 18.4), backprop of the same width 99.87 ± 0.03% and -82.0 ± 18.5 (3 seeds, 20 episodes each, 16 s per run on one CPU thread of a busy machine)",
             command="python benchmarks/accuracy.py --datasets cartpole acrobot --threads 1 --out results/accuracy_control",
         ),
+        # Convolutional Hopfield networks (Laborieux et al. 2021's MNIST architecture, halved in
+        # width to fit this 2-core CPU), against their FeedforwardCNN twin
+        Preset(
+            name="mnist-conv", dataset="mnist", model="conv_ep", hidden=10, channels=(16, 32),
+            epochs=10, batch_size=128, lr=2e-3, beta=0.5, free_steps=20, nudged_steps=8,
+            activation="hard_sigmoid",
+            model_options=(("kernel_size", 5), ("padding", 2), ("pool_size", 2),
+                           ("pooling", "max"), ("schedule", "async")),
+            result="not measured yet",
+            command="python benchmarks/accuracy.py --conv --datasets mnist --threads 1",
+        ),
+        Preset(
+            name="fashion_mnist-conv", dataset="fashion_mnist", model="conv_ep", hidden=10,
+            channels=(16, 32), epochs=10, batch_size=128, lr=2e-3, beta=0.5, free_steps=20,
+            nudged_steps=8, activation="hard_sigmoid",
+            model_options=(("kernel_size", 5), ("padding", 2), ("pool_size", 2),
+                           ("pooling", "max"), ("schedule", "async")),
+            result="not measured yet",
+            command="python benchmarks/accuracy.py --conv --datasets fashion_mnist --threads 1",
+        ),
         # The papers' configurations (issue: reproduce the papers' MNIST tables). Their
         # published errors could not be read on this machine; `paper` says so.
         Preset(
@@ -383,28 +403,31 @@ def build_trainer(preset: Preset, input_dim: int, num_classes: int, *, method: s
 
     `method` is `"eqprop"` (the preset's model trained by EqProp), `"bptt"` (the same model
     trained by backprop through `free_steps` unrolled steps) or `"backprop"` (a feedforward
-    MLP of the same width). Every method gets AdamW with the preset's learning rate, annealed to
+    MLP of the same width; for `conv_ep`, its [`FeedforwardCNN`][toreq.nn.stepped.FeedforwardCNN]
+    twin: the same convolutions, poolings, activations and initial weights). Every method gets AdamW with the preset's learning rate, annealed to
     0 over `preset.epochs` by a cosine schedule. The parameters are initialised from `seed`.
     `image_shape` is the data's `(C, H, W)`, which `conv_ep` needs.
     """
-    from toreq.nn import FeedforwardMLP
+    from toreq.nn import FeedforwardCNN, FeedforwardMLP
     from toreq.train import BackpropTrainer, BPTTTrainer, EqPropTrainer
 
     check_choice("optimizer", preset.optimizer, ("adamw", "sgd"))
     check_choice("layer_order", preset.layer_order, ("input_first", "output_first"))
+    if method not in ("eqprop", "bptt", "backprop"):
+        raise ValueError(f"method must be 'eqprop', 'bptt' or 'backprop', got {method!r}")
     torch.manual_seed(seed)
-    if method == "backprop":
+    if method == "backprop" and preset.model != "conv_ep":
         model = FeedforwardMLP(input_dim, [preset.hidden] * preset.layers, num_classes,
                                activation=preset.activation or "tanh")
-    elif method in ("eqprop", "bptt"):
+    else:
         options = dict(preset.model_options)  # a per-layer activation list comes here
         model = build_model(preset.model, input_dim, num_classes, preset.hidden,
                             layers=preset.layers,
                             activation=options.pop("activation", preset.activation),
                             max_steps=preset.free_steps, image_shape=image_shape,
                             channels=preset.channels, **options)
-    else:
-        raise ValueError(f"method must be 'eqprop', 'bptt' or 'backprop', got {method!r}")
+        if method == "backprop":  # the same layers and initial weights, without feedback
+            model = FeedforwardCNN(model)
     initialise(model, check_choice("init", preset.init, INITS), preset.init_gains)
     groups = parameter_groups(model, preset)
     if preset.optimizer == "adamw":

@@ -14,14 +14,15 @@ from toreq.nn.equilibrium import EquilibriumModel, Network
 from toreq.nn.hopfield import ModernHopfield
 from toreq.nn.lm import CharLM, CharTransformerLM, LoopedMLPLM, build_lm, count_parameters
 from toreq.nn.models import EPMLP, FeedforwardMLP, LoopedMLP, ToroidalMLP
-from toreq.nn.stepped import ConvEP, ModernEqProp
+from toreq.nn.stepped import ConvEP, FeedforwardCNN, ModernEqProp
 from toreq.nn.transformer import (EqPropAttention, EqPropFeedForward, SelfAttention,
                                   TransformerBlock)
 from toreq.nn.vision import PatchTransformer
 
 __all__ = [
     "CharLM", "CharTransformerLM", "ConvEP", "ConvergenceWarning", "EPMLP", "EqPropAttention",
-    "EqPropFeedForward", "EquilibriumBlock", "EquilibriumModel", "FeedforwardMLP", "LoopedMLP",
+    "EqPropFeedForward", "EquilibriumBlock", "EquilibriumModel", "FeedforwardCNN", "FeedforwardMLP",
+    "LoopedMLP",
     "LoopedMLPLM", "ModernEqProp", "ModernHopfield", "Network", "PatchTransformer",
     "SelfAttention", "ToroidalMLP", "TransformerBlock", "build_lm", "count_parameters",
 ]

@@ -12,6 +12,7 @@ or the contrast of the primitive function's parameter gradients at two fixed sta
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -165,6 +166,20 @@ def _conv_transpose(above: Tensor, weight: Tensor, stride: int, padding: int,
              for n, m in zip(shape, above.shape[-2:])]
     return F.conv_transpose2d(above, weight, stride=stride, padding=padding,
                               output_padding=tuple(extra))
+
+
+def _pool(kind: str, size: int, temperature: float, z: Tensor) -> tuple[Tensor, Tensor | None]:
+    """`P(z)` for a pooling of `POOLINGS` over `size x size` windows, and what its transposed
+    Jacobian needs (max: the argmax; soft: the windows' softmax)."""
+    if size == 1:
+        return z, None
+    if kind == "max":
+        return F.max_pool2d(z, size, return_indices=True)
+    if kind == "avg":
+        return F.avg_pool2d(z, size), None
+    scaled = _windows(z, size) / temperature
+    value = temperature * (torch.logsumexp(scaled, dim=-1) - math.log(size * size))
+    return value, torch.softmax(scaled, dim=-1)
 
 
 def _avg_pool_transpose(above: Tensor, size: int, shape: Sequence[int]) -> Tensor:
@@ -533,19 +548,7 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         return [list(layer.parameters()) for layer in [*layers, *self.skip_convs]]
 
     def _pool(self, layer: int, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        """`P_l(z)`, and what its transposed Jacobian needs (max: the argmax; soft: the
-        windows' softmax)."""
-        size = self.pool_size
-        if size == 1:
-            return z, None
-        kind = self.poolings[layer]
-        if kind == "max":
-            return F.max_pool2d(z, size, return_indices=True)
-        if kind == "avg":
-            return F.avg_pool2d(z, size), None
-        scaled = _windows(z, size) / self.pool_temperature
-        value = self.pool_temperature * (torch.logsumexp(scaled, dim=-1) - math.log(size * size))
-        return value, torch.softmax(scaled, dim=-1)
+        return _pool(self.poolings[layer], self.pool_size, self.pool_temperature, z)
 
     def _pool_transpose(self, layer: int, above: Tensor, cache: Tensor | None,
                         shape: Sequence[int]) -> Tensor:
@@ -674,3 +677,46 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         for layer, memory in self.memories.items():
             phi = phi + memory.energy(states[int(layer)])
         return phi
+
+
+class FeedforwardCNN(nn.Module):
+    """The feedforward twin of a [`ConvEP`][toreq.nn.stepped.ConvEP]: the backprop baseline of
+    the same architecture.
+
+    The same convolutions (kernel, padding, stride), poolings, activations, dense layers and
+    readout, copied with their current weights, run once from the image up without feedback:
+    `s_l = rho_l(P_l(W_l * s_{l-1} + b_l))`, then the dense layers and the readout (with
+    `loss="mse"`, the output layer's state is the output). Skips and memories couple layers
+    both ways and have no feedforward counterpart, so a network with them is refused.
+    """
+
+    def __init__(self, like: ConvEP) -> None:
+        super().__init__()
+        if like.skips or like.conv_skips or len(like.memories):
+            raise ValueError("FeedforwardCNN copies convolutions, poolings and dense layers; "
+                             "the ConvEP given has skips, learned skips or memories, which "
+                             "have no feedforward counterpart")
+        self.input_shape = like.input_shape
+        self.pool_size, self.poolings = like.pool_size, like.poolings
+        self.pool_temperature = like.pool_temperature
+        layers = len(like.state_shapes)
+        self.activations = ((like.activation,) * layers if isinstance(like.activation, str)
+                            else tuple(like.activation))
+        self.convs, self.dense = copy.deepcopy(like.convs), copy.deepcopy(like.dense)
+        self.readout = copy.deepcopy(like.readout)
+
+    def layer_parameters(self) -> list[list[nn.Parameter]]:
+        """The parameters of each weight layer in [`ConvEP.layer_parameters`][toreq.nn.stepped.ConvEP.layer_parameters]'s
+        order (the convolutions, the dense layers, the readout)."""
+        layers = [*self.convs, *self.dense] + ([self.readout] if self.readout is not None else [])
+        return [list(layer.parameters()) for layer in layers]
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.reshape(x.shape[0], *self.input_shape)
+        for layer, conv in enumerate(self.convs):
+            pooled, _ = _pool(self.poolings[layer], self.pool_size, self.pool_temperature,
+                              conv(s))
+            s = activate(self.activations[layer], pooled)
+        for layer, dense in enumerate(self.dense, start=len(self.convs)):
+            s = activate(self.activations[layer], dense(s.flatten(1)))
+        return s.flatten(1) if self.readout is None else self.readout(s.flatten(1))
