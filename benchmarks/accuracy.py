@@ -36,6 +36,9 @@ preset's own baseline (the BPTT of the same model, truncated as the paper ran it
 paper has one), and writes ``papers.json`` and ``papers.md``: test error mean ± std over the
 seeds and seconds per epoch (training and the per-epoch evaluation) next to the paper's figure.
 
+``--first-seed N`` trains seeds N, N + 1, ...; ``--merge A/accuracy.json B/accuracy.json``
+combines the runs of such records (the same presets) into one report judged over every seed.
+
 ``--quick`` (one seed, two epochs, 5,000 training images for MNIST and Fashion-MNIST) checks
 that everything runs; its accuracies are not the preset's figures. Writes ``accuracy.json``
 and ``accuracy.md`` into ``--out`` (default ``results/accuracy``). MNIST and Fashion-MNIST are
@@ -47,9 +50,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -111,6 +116,49 @@ def judge(dataset: str, eqprop: dict, backprop: dict,
     return ok, verdict
 
 
+def judged(entry: dict, runs: dict[str, list[dict]]) -> dict:
+    """A data set's entry of the report: its runs, their summary and the targets' verdict
+    (the convolutional presets' targets for a `conv_ep` preset)."""
+    summary = {method: summarise(r) for method, r in runs.items()}
+    ok, verdict = judge(entry["dataset"], summary["eqprop"], summary["backprop"],
+                        entry.get("expert"), entry["preset"]["model"] == "conv_ep")
+    return {**entry, "summary": summary, "pass": ok, "verdict": verdict, "runs": runs}
+
+
+def merge(paths: list[str], out: str) -> int:
+    """One report from the runs of earlier `accuracy.json` records (the same presets, other
+    seeds), summarised and judged over all of them."""
+    records = [json.loads(Path(path).read_text()) for path in paths]
+    if any(record.get("quick") or "datasets" not in record for record in records):
+        raise SystemExit("--merge takes full (not --quick) records of the data sets' runs")
+    entries: dict[str, dict] = {}
+    for record in records:
+        for d in record["datasets"]:
+            entry = entries.setdefault(d["dataset"], {
+                **{k: d[k] for k in ("dataset", "preset", "expert") if k in d},
+                "runs": {method: [] for method in METHODS}})
+            if entry["preset"] != d["preset"]:
+                raise SystemExit(f"--merge: the records train {d['dataset']} with different "
+                                 "presets; merge runs of one preset only")
+            for method in METHODS:
+                entry["runs"][method] += d["runs"][method]
+    for name, entry in entries.items():
+        for method, runs in entry["runs"].items():
+            seeds = [r["seed"] for r in runs]
+            if len(set(seeds)) != len(seeds):
+                raise SystemExit(f"--merge: {name} {method} has seed(s) "
+                                 f"{sorted({s for s in seeds if seeds.count(s) > 1})} twice")
+    report = {"machine": {**records[0]["machine"], "command": " ".join(sys.argv)},
+              "quick": False, "seconds": sum(record["seconds"] for record in records),
+              "merged": [{k: record["machine"][k] for k in ("command", "date")}
+                         | {"seconds": record["seconds"]} for record in records],
+              "datasets": [judged({k: v for k, v in e.items() if k != "runs"}, e["runs"])
+                           for e in entries.values()]}
+    write_results(out, "accuracy", report, markdown(report))
+    print(f"wrote accuracy.json and accuracy.md into {out}")
+    return 0
+
+
 def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [
@@ -118,6 +166,9 @@ def markdown(report: dict) -> str:
         f"`{m['command']}` on {m['date']} ({report['seconds']:.0f} s): CPU {m['cpu_model']} "
         f"({m['logical_cpus']} logical CPUs), {m['threads']} torch threads, torch {m['torch']}.",
         "",
+        *([f"The runs of {len(report['merged'])} records: " + "; ".join(
+            f"`{r['command']}` on {r['date']} ({r['seconds']:.0f} s)" for r in report["merged"])
+           + ".", ""] if "merged" in report else []),
         "Each preset's model is trained by EqProp; a feedforward network of the same width by "
         "backprop (an MLP; for a convolutional preset its FeedforwardCNN twin: the same "
         "layers and initial weights), with the same AdamW learning rate, cosine schedule, "
@@ -251,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--conv", action="store_true",
                         help="the convolutional presets of mnist and fashion_mnist instead")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="train seeds FIRST_SEED .. FIRST_SEED + SEEDS - 1 (default 0)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="instead of training, combine the runs of these accuracy.json "
+                             "records (other seeds of the same presets) into one report")
     parser.add_argument("--quick", action="store_true",
                         help="one seed, two epochs, 5,000 training images: checks that it runs")
     parser.add_argument("--data-dir", default=None)
@@ -263,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.merge:
+        return merge(args.merge, args.out)
     seeds = 1 if args.quick else args.seeds
     args.datasets = args.datasets or list(CONV_TARGETS if args.conv else VISION)
     if args.papers:
@@ -289,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             def closed_loop(model, task=dataset):
                 return {"closed_loop": evaluate_policy(model_policy(model, task), task)}
         runs = {method: [] for method in METHODS}
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             for method in METHODS:
                 run = train_preset(preset, data, method, seed, progress=args.progress,
                                    judge=closed_loop)
@@ -299,11 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{dataset:<14} seed {seed} {method:<9} test {run['test_accuracy']:.2f}% "
                       f"train {run['train_accuracy']:.2f}%{returns} {run['seconds']:.0f} s",
                       flush=True)
-        summary = {method: summarise(r) for method, r in runs.items()}
-        ok, verdict = judge(dataset, summary["eqprop"], summary["backprop"], entry.get("expert"),
-                            args.conv)
-        report["datasets"].append({**entry, "summary": summary, "pass": ok, "verdict": verdict,
-                                   "runs": runs})
+        report["datasets"].append(judged(entry, runs))
     report["seconds"] = time.perf_counter() - started
     write_results(args.out, "accuracy", report, markdown(report))
     print(f"wrote accuracy.json and accuracy.md into {args.out}")

@@ -166,3 +166,41 @@ def test_accuracy_benchmark_judges_the_convolutional_presets_on_their_targets(mo
     assert not accuracy.judge("fashion_mnist", {"mean": 91.6}, {"mean": 92.2}, conv=True)[0]
     with pytest.raises(SystemExit):  # --conv covers MNIST and Fashion-MNIST only
         accuracy.main(["--conv", "--datasets", "digits"])
+
+
+def test_accuracy_benchmark_merges_the_seeds_of_several_records(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    preset = json.loads(json.dumps(PRESETS["mnist-conv"].as_dict()))
+
+    def record(path, seed, eqprop, backprop, preset=preset):
+        runs = {m: [{"seed": seed, "test_accuracy": acc, "train_accuracy": acc,
+                     "seconds": 10.0 * (1 + seed), "parameters": 5}]
+                for m, acc in (("eqprop", eqprop), ("backprop", backprop))}
+        machine = {"command": f"accuracy.py --first-seed {seed}", "date": "today",
+                   "cpu_model": "cpu", "logical_cpus": 2, "threads": 1, "torch": "2"}
+        path.parent.mkdir()
+        path.write_text(json.dumps({"machine": machine, "quick": False, "seconds": 100.0,
+                                    "datasets": [{"dataset": "mnist", "preset": preset,
+                                                  "runs": runs}]}))
+        return str(path)
+
+    first = record(tmp_path / "a" / "accuracy.json", 0, 99.4, 99.5)
+    second = record(tmp_path / "b" / "accuracy.json", 1, 99.2, 99.5)
+    assert accuracy.main(["--merge", first, second, "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "accuracy.json").read_text())["datasets"][0]
+    assert merged["summary"]["eqprop"]["seeds"] == 2
+    assert merged["summary"]["eqprop"]["mean"] == pytest.approx(99.3)
+    assert merged["pass"]  # 99.3 >= 99.3 and within 0.5 of 99.5
+    table = (tmp_path / "m" / "accuracy.md").read_text()
+    assert "The runs of 2 records: `accuracy.py --first-seed 0`" in table
+    assert "| mnist | mnist-conv | eqprop | 5 | 2 | 99.30 ± 0.14% |" in table
+    with pytest.raises(SystemExit, match="seed\\(s\\) \\[0\\] twice"):
+        accuracy.main(["--merge", first, first, "--out", str(tmp_path / "m")])
+    other = record(tmp_path / "c" / "accuracy.json", 2, 99.0, 99.0, preset={**preset, "lr": 1.0})
+    with pytest.raises(SystemExit, match="different presets"):
+        accuracy.main(["--merge", first, other, "--out", str(tmp_path / "m")])
