@@ -12,7 +12,11 @@ One run measures, side by side:
 4. the dtypes: the op on the same layered and looped problems in float32, float64, bfloat16 and
    float16 (reduced-precision states, float32 arithmetic in the element update), one row per
    dtype with its time against float32's and its largest state difference from the float32
-   reference.
+   reference;
+5. max pooling: ``toreq.ops.max_pool2d`` vs ``max_pool2d_reference`` (``F.max_pool2d`` with
+   its indices) at the shapes of ConvEP's convolutional layers (MNIST 16-32 and 32-64
+   channels, Laborieux et al.'s CIFAR-10 network), 2 x 2 windows; values and indices must be
+   equal.
 
 Before a configuration is timed, the op's result is checked against the reference's
 (``allclose``, rtol = atol = 1e-4 in float32; for float16 and bfloat16 against the float32
@@ -47,6 +51,8 @@ from toreq.ops import (
     hebbian_update,
     hebbian_update_reference,
     layered_couplings,
+    max_pool2d,
+    max_pool2d_reference,
     relax,
     relax_reference,
 )
@@ -490,6 +496,40 @@ def bench_hebbian(clock: Clock, monitor: CpuMonitor, weights: WeightCache,
 
 
 # --------------------------------------------------------------------------------------------
+# 5. Max pooling
+# --------------------------------------------------------------------------------------------
+
+# (batch, channels, height, width) of the pooled convolutions: ConvEP on MNIST (16-32 and 32-64
+# channels, kernel 5, padding 2) and Laborieux et al.'s CIFAR-10 network (128-256-512-512)
+POOL_SHAPES = {"quick": [(128, 16, 28, 28), (128, 32, 14, 14), (128, 128, 32, 32)],
+               "full": [(128, 16, 28, 28), (128, 32, 14, 14), (128, 32, 28, 28),
+                        (128, 64, 14, 14), (128, 128, 32, 32), (128, 256, 16, 16),
+                        (128, 512, 8, 8), (128, 512, 2, 2)]}
+
+
+def bench_max_pool(clock: Clock, monitor: CpuMonitor, device: torch.device, shapes: list,
+                   budget_s: float) -> list:
+    rows = []
+    for shape in shapes:
+        gen = torch.Generator().manual_seed(sum(shape))
+        z = torch.randn(shape, generator=gen).to(device)
+        what = f"max_pool2d shape={shape}"
+        got, want = max_pool2d(z, 2), max_pool2d_reference(z, 2)
+        clock.sync()
+        if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+            raise AbortBenchmark(f"{what}: the op's values or indices differ from F.max_pool2d's")
+        fns = {"op": lambda: max_pool2d(z, 2), "reference": lambda: max_pool2d_reference(z, 2)}
+        timing, busy = guarded(clock, monitor, what, fns, budget_s)
+        op_s, ref_s = timing["op"]["median_s"], timing["reference"]["median_s"]
+        rows.append(dict(shape=list(shape), op_ms=op_s * 1e3, reference_ms=ref_s * 1e3,
+                         speedup=ref_s / op_s, other_cpu_share=busy, op_timing=timing["op"],
+                         reference_timing=timing["reference"]))
+        log(f"[max_pool2d] {shape} op {op_s * 1e3:.3f} ms ref {ref_s * 1e3:.3f} ms "
+            f"x{ref_s / op_s:.2f}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 # 4. Dtypes
 # --------------------------------------------------------------------------------------------
 
@@ -576,7 +616,8 @@ def relax_row_name(r: dict) -> str:
     return f"{r['net']} B={r['batch']} H={r['hidden']} steps={r['steps']}{mark(r)}"
 
 
-def evaluate_targets(relax_rows: list, hebbian_rows: list) -> list[tuple[str, bool, list[str]]]:
+def evaluate_targets(relax_rows: list, hebbian_rows: list,
+                     pool_rows: list) -> list[tuple[str, bool, list[str]]]:
     results = []
     small = [r for r in relax_rows if r["batch"] <= 32 and r["hidden"] <= 128]
     fail = [f"{relax_row_name(r)}: x{r['speedup']:.2f}" for r in small
@@ -587,8 +628,11 @@ def evaluate_targets(relax_rows: list, hebbian_rows: list) -> list[tuple[str, bo
             if r["speedup"] < TARGET_MIN_SPEEDUP]
     fail += [f"hebbian {r['mode']} B={r['batch']} H={r['hidden']}{mark(r)}: x{r['speedup']:.2f}"
              for r in hebbian_rows if r["speedup"] < TARGET_MIN_SPEEDUP]
+    fail += [f"max_pool2d {tuple(r['shape'])}{mark(r)}: x{r['speedup']:.2f}"
+             for r in pool_rows if r["speedup"] < TARGET_MIN_SPEEDUP]
     results.append((f"(b) speed-up >= {TARGET_MIN_SPEEDUP:g}x everywhere ({len(relax_rows)} "
-                    f"relaxation + {len(hebbian_rows)} hebbian rows)", not fail, fail))
+                    f"relaxation + {len(hebbian_rows)} hebbian + {len(pool_rows)} max-pooling "
+                    "rows)", not fail, fail))
     big = [r for r in relax_rows if r["hidden"] >= 512]
     fail = [f"{relax_row_name(r)}: {r['pct_of_mm']:.0f}%" for r in big
             if r["pct_of_mm"] < 100 * TARGET_MM_FRACTION]
@@ -598,7 +642,8 @@ def evaluate_targets(relax_rows: list, hebbian_rows: list) -> list[tuple[str, bo
 
 
 def markdown(info: dict, relax_rows: list, tol_rows: list, hebbian_rows: list,
-             dtype_rows: list, targets: list, elapsed_s: float, quick: bool) -> str:
+             dtype_rows: list, pool_rows: list, targets: list, elapsed_s: float,
+             quick: bool) -> str:
     out = ["# toreq op benchmarks", ""]
     out.append(f"`{info['command']}` on {info['date']} ({'quick' if quick else 'full'} grid, "
                f"{elapsed_s:.0f} s)")
@@ -610,7 +655,7 @@ def markdown(info: dict, relax_rows: list, tol_rows: list, hebbian_rows: list,
                f"compiled kernels: {', '.join(k for k, v in info['kernels'].items() if v)}.")
     load = info.get("load", {})
     share = load.get("other_processes_share")
-    perturbed = sum(busy(r) for r in relax_rows + tol_rows + hebbian_rows + dtype_rows)
+    perturbed = sum(busy(r) for r in relax_rows + tol_rows + hebbian_rows + dtype_rows + pool_rows)
     if share is not None:
         out.append(f"Other processes used {100 * share:.0f}% of the machine's CPU time during "
                    f"the run. A measurement during which they used over "
@@ -698,6 +743,18 @@ def markdown(info: dict, relax_rows: list, tol_rows: list, hebbian_rows: list,
                    f"{fmt(r['op_ms'])} | {r['vs_float32']:.2f}x | {r['max_diff']:.2g} "
                    f"(<= {r['atol']:g}) |")
     out.append("")
+    out.append("## 5. Max pooling")
+    out.append("")
+    out.append("`toreq.ops.max_pool2d` (ConvEP's pooling) against `F.max_pool2d(z, 2, "
+               "return_indices=True)`, 2 x 2 windows, float32, at the shapes ConvEP pools "
+               "(batch, channels, height, width); the values and indices are equal.")
+    out.append("")
+    out.append("| shape | op ms | reference ms | speed-up |")
+    out.append("|---|---:|---:|---:|")
+    for r in pool_rows:
+        out.append(f"| {' x '.join(map(str, r['shape']))}{mark(r)} | {fmt(r['op_ms'])} | "
+                   f"{fmt(r['reference_ms'])} | {r['speedup']:.2f}x |")
+    out.append("")
     return "\n".join(out)
 
 
@@ -722,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     default_threads = torch.get_num_threads()
     threads = args.threads or default_threads
     torch.set_num_threads(threads)
-    for op in ("relax", "hebbian_update"):
+    for op in ("relax", "hebbian_update", "max_pool2d"):
         if not has_kernel(op, device.type):
             log(f"error: toreq has no compiled {op} kernel for {device.type}; the wrapper would "
                 f"fall back to the reference and the benchmark would compare it with itself")
@@ -751,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         hebbian_rows = bench_hebbian(clock, monitor, weights, budget)
         dtype_rows = bench_dtypes(clock, monitor, weights,
                                   DTYPE_CASES["quick" if args.quick else "full"], budget)
+        pool_rows = bench_max_pool(clock, monitor, device,
+                                   POOL_SHAPES["quick" if args.quick else "full"], budget)
     except AbortBenchmark as error:
         log("")
         log("!" * 78)
@@ -765,15 +824,15 @@ def main(argv: list[str] | None = None) -> int:
         busy_threshold=BUSY_SHARE,
     )
 
-    targets = evaluate_targets(relax_rows, hebbian_rows)
-    md = markdown(info, relax_rows, tol_rows, hebbian_rows, dtype_rows, targets, elapsed,
-                  args.quick)
+    targets = evaluate_targets(relax_rows, hebbian_rows, pool_rows)
+    md = markdown(info, relax_rows, tol_rows, hebbian_rows, dtype_rows, pool_rows, targets,
+                  elapsed, args.quick)
     record = dict(
         machine=info, quick=args.quick, elapsed_s=elapsed, grid=grid,
         check=dict(rtol=RTOL, atol=ATOL),
         targets=[dict(target=name, passed=ok, failing=fails) for name, ok, fails in targets],
         relax=relax_rows, steps_to_tolerance=tol_rows, hebbian=hebbian_rows,
-        dtypes=dtype_rows,
+        dtypes=dtype_rows, max_pool=pool_rows,
     )
     write_results(args.out, "bench_ops", record, md)
     log(f"wrote bench_ops.json and bench_ops.md into {args.out} in {elapsed:.0f} s")

@@ -14,6 +14,7 @@ from toreq.ops import (
     Coupling,
     hebbian_update,
     hebbian_update_reference,
+    max_pool2d_reference,
     relax,
     relax_reference,
 )
@@ -26,6 +27,7 @@ HAS_CUDA_KERNELS = (
     and has_kernel("relax", "cuda")
     and has_kernel("hebbian_update", "cuda")
     and has_kernel("hebbian_update_", "cuda")
+    and has_kernel("max_pool2d", "cuda")
 )
 
 pytestmark = [
@@ -568,3 +570,27 @@ def test_graph_replay_runs_on_the_current_stream():
     for a, b in zip(states, want.states):
         torch.testing.assert_close(a, b, **_tolerances(torch.float32))
     assert steps.tolist() == want.steps.tolist()
+
+
+# --------------------------------------------------------------------------- max_pool2d
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("size", [2, 3])
+def test_cuda_kernel_matches_the_cpu_and_the_reference(dtype, size):
+    z = torch.randint(-2, 3, (4, 5, 11, 12)).to(dtype)  # ties in most windows
+    z[0, 0, 0, 0] = float("nan")
+    got_values, got_indices = torch.ops.toreq.max_pool2d(z.cuda(), size)
+    for want_values, want_indices in (torch.ops.toreq.max_pool2d(z, size),
+                                      max_pool2d_reference(z.cuda(), size)):
+        torch.testing.assert_close(got_values.cpu(), want_values.cpu(), equal_nan=True, rtol=0,
+                                   atol=0)
+        assert torch.equal(got_indices.cpu(), want_indices.cpu())
+    torch.library.opcheck(torch.ops.toreq.max_pool2d.default, (z.cuda().requires_grad_(), size))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_max_pool_runs_on_a_non_default_device():
+    z = torch.randn(3, 4, 8, 8)
+    values, indices = torch.ops.toreq.max_pool2d(z.to("cuda:1"), 2)
+    assert values.device == torch.device("cuda:1") and indices.device == torch.device("cuda:1")
+    want_values, want_indices = max_pool2d_reference(z, 2)
+    assert torch.equal(values.cpu(), want_values) and torch.equal(indices.cpu(), want_indices)

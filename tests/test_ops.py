@@ -10,9 +10,12 @@ from toreq.ops import (
     hebbian_update,
     hebbian_update_reference,
     layered_couplings,
+    max_pool2d,
+    max_pool2d_reference,
     relax,
     relax_reference,
 )
+from toreq.ops._dispatch import has_kernel
 
 from op_problems import make_problem
 
@@ -568,3 +571,93 @@ def test_relax_reports_divergence_from_finite_inputs():
 def test_hebbian_rejects_bad_arguments(call, message):
     with pytest.raises(RuntimeError, match=message):
         call(_phases(4, 5, 3, torch.float64))
+
+
+# --------------------------------------------------------------------------- max_pool2d
+def _pool_inputs(shape, dtype, seed=0, ties=False):
+    torch.manual_seed(seed)
+    if ties:  # few distinct values: most windows hold a tie
+        return torch.randint(-2, 3, shape).to(dtype)
+    return torch.randn(shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,size", [((3, 4, 8, 8), 2), ((2, 3, 7, 9), 2), ((2, 2, 9, 7), 3),
+                                        ((1, 1, 5, 5), 1), ((5, 2, 4, 6), 4), ((64, 3, 6, 6), 2)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_matches_max_pool2d(dtype, shape, size, ties):
+    assert has_kernel("max_pool2d", "cpu")
+    z = _pool_inputs(shape, dtype, ties=ties)
+    values, indices = torch.ops.toreq.max_pool2d(z, size)
+    want_values, want_indices = max_pool2d_reference(z, size)
+    assert values.dtype == dtype and indices.dtype == torch.long
+    assert torch.equal(values, want_values)
+    assert torch.equal(indices, want_indices)  # the first maximum of each window on ties
+
+
+def test_max_pool_takes_nan_and_infinities_as_max_pool2d_does():
+    z = torch.randn(2, 3, 6, 6)
+    z[0, 0, 0, 1] = float("nan")  # one NaN in a window
+    z[0, 1, 2, 2] = z[0, 1, 3, 3] = float("nan")  # two: the last one wins
+    z[1, 0, :2, :2] = float("-inf")  # a window of -inf: its first element
+    z[1, 2, 4, 5] = float("inf")
+    for size in (2, 3):
+        values, indices = max_pool2d(z, size)
+        want_values, want_indices = max_pool2d_reference(z, size)
+        torch.testing.assert_close(values, want_values, equal_nan=True, rtol=0, atol=0)
+        assert torch.equal(indices, want_indices)
+
+
+def test_max_pool_reads_non_contiguous_input():
+    z = torch.randn(3, 8, 10, 4).permute(0, 3, 1, 2)  # (3, 4, 8, 10), channels last in memory
+    for got, want in zip(max_pool2d(z, 2), max_pool2d_reference(z, 2)):
+        assert torch.equal(got, want)
+
+
+def test_max_pool_gradient_goes_to_the_argmax():
+    z = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda t: max_pool2d(t, 2)[0], (z,))
+    grad = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    (got,) = torch.autograd.grad(max_pool2d(z, 2)[0], z, grad)
+    (want,) = torch.autograd.grad(max_pool2d_reference(z, 2)[0], z, grad)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_pool_opcheck(dtype):
+    z = torch.randn(2, 3, 6, 7, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.toreq.max_pool2d.default, (z, 2))
+    torch.library.opcheck(torch.ops.toreq.max_pool2d.default, (z.detach(), 3))
+
+
+def test_traced_programs_pool_with_the_reference():
+    """torch.export sees plain ATen (the wrapper calls F.max_pool2d while tracing)."""
+
+    class Pool(torch.nn.Module):
+        def forward(self, z):
+            return max_pool2d(z, 2)[0]
+
+    program = torch.export.export(Pool(), (torch.randn(2, 3, 4, 4),))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("toreq" in t for t in targets), targets
+    z = torch.randn(2, 3, 4, 4)
+    assert torch.equal(program.module()(z), max_pool2d_reference(z, 2)[0])
+
+
+@pytest.mark.parametrize("args,message", [
+    ((torch.randn(3, 4, 4), 2), "input must be 4-D"),
+    ((torch.randint(0, 3, (1, 1, 4, 4)), 2), "input must be float32, float64"),
+    ((torch.randn(1, 1, 4, 4), 0), "size must be >= 1, got 0"),
+    ((torch.randn(1, 1, 4, 3), 4), r"height and width \(4, 3\) must be at least size = 4"),
+])
+def test_max_pool_rejects_bad_input_with_a_clear_message(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.toreq.max_pool2d(*args)
+
+
+def test_function_transforms_pool_with_the_reference():
+    z, tangent = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    values, derivative = torch.func.jvp(lambda t: max_pool2d(t, 2)[0], (z,), (tangent,))
+    _, indices = max_pool2d_reference(z, 2)
+    assert torch.equal(values, max_pool2d_reference(z, 2)[0])
+    assert torch.equal(derivative, tangent.flatten(2).gather(2, indices.flatten(2)).view_as(values))

@@ -27,6 +27,7 @@ from toreq.dynamics import FieldDynamics, Nudge, PrimitiveDynamics
 from toreq.nn.equilibrium import EquilibriumModel
 from toreq.nn.hopfield import memory_modules
 from toreq.ops import activate
+from toreq.ops.pool import max_pool2d
 from toreq.ops.relax import ACTIVATIONS
 from toreq.validation import check_choice, check_positive_float
 
@@ -174,7 +175,7 @@ def _pool(kind: str, size: int, temperature: float, z: Tensor) -> tuple[Tensor, 
     if size == 1:
         return z, None
     if kind == "max":
-        return F.max_pool2d(z, size, return_indices=True)
+        return max_pool2d(z, size)
     if kind == "avg":
         return F.avg_pool2d(z, size), None
     scaled = _windows(z, size) / temperature

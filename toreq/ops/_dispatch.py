@@ -11,7 +11,7 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # A plain table also keeps the wrappers traceable by torch.compile.
 _KERNELS = {
     (op, device_type): torch._C._dispatch_has_kernel_for_dispatch_key(f"toreq::{op}", key)
-    for op in ("relax", "hebbian_update", "hebbian_update_")
+    for op in ("relax", "hebbian_update", "hebbian_update_", "max_pool2d")
     for device_type, key in _DISPATCH_KEYS.items()
 }
 
