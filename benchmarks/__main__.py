@@ -46,6 +46,10 @@ BENCHMARKS = ("bench_ops", "memory", "accuracy")
 # (``accuracy.py --datasets cartpole acrobot --out <results>/accuracy_control``)
 RESULTS_BLOCKS = {**{name: f"{name}/{name}.md" for name in BENCHMARKS},
                   "accuracy_control": "accuracy_control/accuracy.md",
+                  # python benchmarks/accuracy.py --conv --datasets mnist (fashion_mnist) --out
+                  # <results>/accuracy_conv_mnist (accuracy_conv_fashion_mnist)
+                  "accuracy_conv_mnist": "accuracy_conv_mnist/accuracy.md",
+                  "accuracy_conv_fashion_mnist": "accuracy_conv_fashion_mnist/accuracy.md",
                   # run on their own: python benchmarks/estimators.py --parts gradients,
                   # python benchmarks/estimators.py --parts learning --out
                   # <results>/estimators_learning, python benchmarks/train_step.py --quick
