@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from toreq.cli import BETA, LEARNING_RATE, POSITIVE_INT, SEED
 from toreq.data import load_digits
+from toreq.distributed import leave
 from toreq.nn import EPMLP, LoopedMLP
 from toreq.train import EqPropTrainer, fit
 
@@ -80,10 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.save:
             torch.save({"model": model.state_dict(), "history": history}, args.save)
     if distributed:
-        # Leave together: without this barrier gloo sometimes aborted rank 0 at exit
-        # ("terminate called without an active exception") after rank 1 had left.
-        dist.barrier()
-        dist.destroy_process_group()
+        leave()  # together, and so that gloo's threads are done before the interpreter exits
 
 
 if __name__ == "__main__":

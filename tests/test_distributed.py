@@ -60,6 +60,7 @@ def test_two_processes_reach_the_weights_of_one_process_on_the_global_batch(tmp_
 WORKER = """
     import sys, torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+    from toreq.distributed import leave
     from toreq.nn import LoopedMLP
     from toreq.train import EqPropTrainer, TrainingDiverged
 
@@ -90,8 +91,7 @@ WORKER = """
         print(f"diverged, weights kept: {torch.equal(before, model.readout.weight)}: {error}",
               file=report)
     report.close()
-    dist.barrier()  # leave together (see examples/ddp_train.py)
-    dist.destroy_process_group()
+    leave()
 """
 
 
@@ -132,6 +132,7 @@ def test_process_group_needs_an_initialised_backend():
 
 ESTIMATORS_WORKER = """
     import sys, torch, torch.distributed as dist
+    from toreq.distributed import leave
     from toreq.estimators import estimator_names, get_estimator
     from toreq.nn import EPMLP
     from toreq.train import EqPropTrainer
@@ -158,8 +159,7 @@ ESTIMATORS_WORKER = """
         error = float((grads[True] - grads[False]).abs().max() / grads[True].abs().max())
         print(f"{name} {error:.3e}", file=report)
     report.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()
 """
 
 

@@ -26,12 +26,13 @@ shard ([`shard`][toreq.distributed.shard]) of every global batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["average_over_ranks", "is_main_process", "shard"]
+__all__ = ["average_over_ranks", "is_main_process", "leave", "shard"]
 
 
 def shard(indices: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
@@ -63,3 +64,20 @@ def average_over_ranks(tensors: Sequence[Tensor], batch_size: int, total: int,
         works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group, async_op=True))
     for work in works:
         work.wait()
+
+
+def leave() -> None:
+    """Ends data-parallel work on this rank: a barrier, then `destroy_process_group`.
+
+    Call it on every rank as the program's last collective step. Between the two it releases
+    the GIL for 50 ms, because of how gloo ends a collective: its worker thread drops its
+    references to the collective's tensors after the caller has been told the collective
+    completed, and dropping a tensor that Python created takes the GIL. If the main thread
+    reaches interpreter shutdown first, the worker thread cannot take the GIL any more, is
+    terminated inside a destructor, and the process aborts at exit ("terminate called without
+    an active exception"; a core dump showed the barrier's work releasing an all-reduce's
+    tensors). The pause lets the worker threads finish while the interpreter is alive.
+    """
+    dist.barrier()
+    time.sleep(0.05)
+    dist.destroy_process_group()
