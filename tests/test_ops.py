@@ -595,7 +595,6 @@ def test_max_pool_matches_max_pool2d(dtype, shape, size, ties):
     assert torch.equal(indices, want_indices)  # the first maximum of each window on ties
 
 
-@pytest.mark.usefixtures("one_thread")  # the wrapper uses the kernel on one thread
 def test_max_pool_takes_nan_and_infinities_as_max_pool2d_does():
     z = torch.randn(2, 3, 6, 6)
     z[0, 0, 0, 1] = float("nan")  # one NaN in a window
@@ -609,14 +608,12 @@ def test_max_pool_takes_nan_and_infinities_as_max_pool2d_does():
         assert torch.equal(indices, want_indices)
 
 
-@pytest.mark.usefixtures("one_thread")  # the wrapper uses the kernel on one thread
 def test_max_pool_reads_non_contiguous_input():
     z = torch.randn(3, 8, 10, 4).permute(0, 3, 1, 2)  # (3, 4, 8, 10), channels last in memory
     for got, want in zip(max_pool2d(z, 2), max_pool2d_reference(z, 2)):
         assert torch.equal(got, want)
 
 
-@pytest.mark.usefixtures("one_thread")  # the wrapper uses the kernel on one thread
 def test_max_pool_gradient_goes_to_the_argmax():
     """Through the op's registered autograd (the wrapper's path on one thread)."""
     z = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
@@ -634,7 +631,6 @@ def test_max_pool_opcheck(dtype):
     torch.library.opcheck(torch.ops.toreq.max_pool2d.default, (z.detach(), 3))
 
 
-@pytest.mark.usefixtures("one_thread")  # the wrapper uses the kernel on one thread
 def test_traced_programs_pool_with_the_reference():
     """torch.export sees plain ATen (the wrapper calls F.max_pool2d while tracing)."""
 
@@ -660,7 +656,6 @@ def test_max_pool_rejects_bad_input_with_a_clear_message(args, message):
         torch.ops.toreq.max_pool2d(*args)
 
 
-@pytest.mark.usefixtures("one_thread")  # the wrapper uses the kernel on one thread
 def test_function_transforms_pool_with_the_reference():
     z, tangent = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     values, derivative = torch.func.jvp(lambda t: max_pool2d(t, 2)[0], (z,), (tangent,))

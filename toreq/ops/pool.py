@@ -14,11 +14,8 @@ the window holds one. These are `F.max_pool2d(z, p, return_indices=True)`'s valu
 pooling: the relaxation pools every convolutional layer at every step, and on the CPU ATen's
 general kernel (padding, dilation, ceil mode) spent about half of a ConvEP training step there.
 
-On the CPU the kernel runs on one thread (toreq._C is built without OpenMP, so its
-`at::parallel_for` is serial), where it beats ATen's (1.3x to 3.9x at ConvEP's shapes,
-`benchmarks/bench_ops.py --threads 1`); with more torch threads the wrapper uses ATen's
-multi-threaded kernel, which was faster there at some shapes (128 x 32 x 14 x 14: 1.7 ms
-against 2.6 on two threads).
+On the CPU the kernel beats ATen's at ConvEP's shapes on one and two threads (1.3x to 3.5x at
+batch 128, 16 to 128 channels; `benchmarks/bench_ops.py`, its section 5).
 
 Autograd: the values' gradient goes to the argmax (`F.max_unpool2d`), as `F.max_pool2d`'s does.
 The wrapper calls the reference instead while `torch.compile` or `torch.export` traces, so that
@@ -42,8 +39,7 @@ def max_pool2d(z: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """`(values, indices)` of `size x size` max pooling at stride `size` (see the module
     docstring); `z` is `(B, C, H, W)` with `H, W >= size`."""
     if (has_kernel("max_pool2d", z.device.type) and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(z)
-            and (z.device.type != "cpu" or torch.get_num_threads() == 1)):
+            and not torch._C._functorch.is_functorch_wrapped_tensor(z)):
         return torch.ops.toreq.max_pool2d(z, size)
     return max_pool2d_reference(z, size)
 

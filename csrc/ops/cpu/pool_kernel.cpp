@@ -2,8 +2,7 @@
 // window (its general kernel: padding, dilation, ceil mode), which made pooling half of a
 // ConvEP training step on the CPU. Here windows have stride = size and no padding, and the
 // common 2 x 2 window has a branch-free loop over a row's windows that vectorises. The planes
-// are split with at::parallel_for, which runs them on the calling thread while toreq._C is
-// built without OpenMP (the wrapper then uses this kernel on one torch thread only).
+// are split over the intra-op threads with at::parallel_for.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
