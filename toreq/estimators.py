@@ -31,10 +31,11 @@ registered with [`register_estimator`][toreq.estimators.register_estimator]) plu
 
 from __future__ import annotations
 
+
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -201,8 +202,10 @@ class EqProp(Estimator):
 
     def backward(self, model, x, y, net, *, free=None, beta=None, free_settings=None):
         free, free_settings = free_phase(model, x, net, free, free_settings)
+        # the target rows built once for both phases (labels to rows checks their range)
+        nudge = model.nudge(self.beta if beta is None else beta, y, x, net, free.states)
         a, b, delta, run = self.phases(
-            model, x, net, free, lambda bt: model.nudge(bt, y, x, net, free.states), beta)
+            model, x, net, free, lambda bt: replace(nudge, beta=bt), beta)
         loss, output = apply_contrast(model, x, y, net, free, a, b, delta)
         nudged_tol = self.nudged_phase_settings(model, beta or self.beta,
                                                 free.states[0].dtype).tol

@@ -244,27 +244,13 @@ class EqPropTrainer:
         batch, failure, free = x.shape[0], None, None
         # Batch sums of: loss, correct predictions, free steps, nudged steps, unconverged free
         # samples, unconverged nudged samples.
-        sums = torch.zeros(6, dtype=torch.float64, device=x.device)
+        sums = [0.0] * 6
         self.optimizer.zero_grad(set_to_none=True)
         try:
             loss, output, phases, tols = self._phases(x, y, scheduled, index)
             if loss is not None:
-                with torch.no_grad():
-                    free = phases["free"]
-                    # every contrasted phase (nudged, clamped, holomorphic) besides the free one
-                    nudged_names = [n for n in phases if n not in ("free", "adjoint", "bptt")]
-                    nudged = [phases[n] for n in nudged_names]
-                    correct = output.argmax(dim=1) == y
-                    nudged_steps = (torch.stack([r.steps for r in nudged]).double().mean(0).sum()
-                                    if nudged else free.steps.new_zeros(()))
-                    unconverged = (~free.converged(tols["free"])).sum() if tols["free"] > 0 \
-                        else free.steps.new_zeros(())
-                    nudged_unconverged = sum(
-                        ((~phases[n].converged(tols[n])).sum() if tols[n] > 0
-                         else phases[n].steps.new_zeros(())) for n in nudged_names)
-                    sums = torch.stack([loss.double() * batch, correct.sum(), free.steps.sum(),
-                                        nudged_steps, unconverged,
-                                        torch.as_tensor(nudged_unconverged)]).double()
+                free = phases["free"]
+                sums = _batch_sums(loss, output, y, phases, tols)
         except RuntimeError as error:
             if not isinstance(error, DivergenceError) and "NaN or Inf" not in str(error) \
                     and "diverged" not in str(error):
@@ -275,18 +261,19 @@ class EqPropTrainer:
         if group is not None:
             # Every rank learns of a failure anywhere before the gradient all-reduce, where the
             # healthy ranks would otherwise wait forever.
-            status = torch.cat([sums, sums.new_tensor([batch, failure is not None])])
+            status = torch.tensor([*sums, batch, failure is not None], dtype=torch.float64,
+                                  device=x.device)
             dist.all_reduce(status, group=group)
+            status = status.tolist()
             sums, total = status[:6], int(status[6])
-            if bool(status[7]) and failure is None:
+            if status[7] and failure is None:
                 failure = _diverged("the relaxation blew up on another rank", self)
         if failure is not None:
             self.optimizer.zero_grad(set_to_none=True)
             raise failure
         if total == 0:
             raise ValueError("x is an empty batch; EqProp averages its gradients over the batch")
-        loss_sum, correct_sum, free_sum, nudged_sum, unconverged_sum, nudged_unconverged_sum = \
-            sums.tolist()
+        loss_sum, correct_sum, free_sum, nudged_sum, unconverged_sum, nudged_unconverged_sum = sums
         mean_loss = loss_sum / total
         if not math.isfinite(mean_loss):
             raise _diverged(f"the loss is {mean_loss}", self)
@@ -326,6 +313,30 @@ class EqPropTrainer:
         }
 
 
+def _batch_sums(loss: Tensor, output: Tensor, y: Tensor, phases: dict[str, RelaxResult],
+                tols: dict[str, float]) -> list[float]:
+    """The step's statistics as batch sums: the loss, correct predictions, free steps, nudged
+    steps (the mean over the nudged phases), unconverged free samples and unconverged nudged
+    samples (summed over the phases); one stacked reduction and one transfer to the host."""
+    batch = y.shape[0]
+    # every contrasted phase (nudged, clamped, holomorphic) besides the free one
+    nudged = [n for n in phases if n not in ("free", "adjoint", "bptt")]
+    tested = [n for n in ["free", *nudged] if tols[n] > 0]  # tol 0: no sample converges
+    with torch.no_grad():
+        rows = [output.argmax(dim=1) == y, phases["free"].steps]
+        rows += [phases[n].steps for n in nudged]
+        rows += [phases[n].residual < tols[n] for n in tested]
+        counts = torch.stack(rows).sum(1, dtype=torch.float64)
+        values = torch.cat([loss.detach().double().view(1), counts]).tolist()
+    loss_mean, correct, free_steps = values[:3]
+    nudged_steps = values[3:3 + len(nudged)]
+    converged = dict(zip(tested, values[3 + len(nudged):]))
+    unconverged = {n: batch - c for n, c in converged.items()}
+    return [loss_mean * batch, correct, free_steps,
+            sum(nudged_steps) / len(nudged) if nudged else 0.0,
+            unconverged.get("free", 0.0), sum(v for n, v in unconverged.items() if n != "free")]
+
+
 def _check_finite(named: list[tuple[str, Tensor]], what: str, tensor: Callable[[Tensor], Tensor],
                   trainer: Any) -> None:
     """Raises TrainingDiverged naming the first tensor with NaN or Inf (one device sync).
@@ -336,8 +347,7 @@ def _check_finite(named: list[tuple[str, Tensor]], what: str, tensor: Callable[[
     """
     if not named:
         return
-    sums = torch.stack([tensor(p).sum() for _, p in named])
-    if bool(torch.isfinite(sums).all()):
+    if all(map(math.isfinite, torch.stack([tensor(p).sum() for _, p in named]).tolist())):
         return
     finite = torch.stack([torch.isfinite(tensor(p)).all() for _, p in named])
     if not bool(finite.all()):
