@@ -9,6 +9,7 @@
 
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -233,13 +234,19 @@ template <typename scalar_t>
 void compute_preactivation_one_sample(const RelaxProblem& p, int64_t layer,
                                       const std::vector<at::Tensor>& states, at::Tensor& pre) {
   const at::Tensor& drive = p.drives[layer];
-  if (drive.defined()) {
-    pre.copy_(drive);
-  } else {
-    pre.zero_();
-  }
   scalar_t* out = pre.data_ptr<scalar_t>();
   const int64_t n_out = pre.size(1);
+  // A row (1, n_out) or a bias (n_out,) is copied by hand: an ATen copy_ or zero_ costs about
+  // as much as the whole row's update at this size, once per layer and step.
+  if (!drive.defined()) {
+    std::fill(out, out + n_out, scalar_t(0));
+  } else if (drive.is_contiguous() && drive.numel() == n_out &&
+             drive.scalar_type() == pre.scalar_type()) {
+    const scalar_t* d = drive.const_data_ptr<scalar_t>();
+    std::copy(d, d + n_out, out);
+  } else {
+    pre.copy_(drive);
+  }
   for (const Incoming& c : p.incoming[layer]) {
     // matrix is (n_source, n_out): pre += s @ matrix
     const scalar_t* s = states[c.source].const_data_ptr<scalar_t>();
