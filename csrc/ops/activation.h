@@ -28,6 +28,9 @@ Activation parse_activation(c10::string_view name, const char* op, const char* a
 // code whose implementation differs by device (as it would with libm against CUDA's library
 // anyway). Both are within one unit in the last place of 1 in absolute terms (the host's tanh
 // near 0 is accurate in absolute, not relative, terms: the states it feeds are activities).
+// These and the activations below are force-inlined: left to GCC's heuristics, a grown
+// translation unit (the relax kernel's) went over its inlining budget and called tanh once per
+// element from the vector loops, which halved the speed of a tanh network's relaxation.
 namespace host_math {
 
 template <typename T>
@@ -54,7 +57,7 @@ struct ExpConstants<double> {
 };
 
 template <typename To, typename From>
-inline To bit_cast(From from) {
+C10_ALWAYS_INLINE To bit_cast(From from) {
   static_assert(sizeof(To) == sizeof(From));
   To to;
   std::memcpy(&to, &from, sizeof(To));
@@ -66,7 +69,7 @@ inline To bit_cast(From from) {
 // result is 0 (libm's would be subnormal, less than 2^-125 or 2^-1021 away): so that
 // sigmoid(-inf) is 0, as torch's, and not e^kMin.
 template <typename T>
-inline T exp(T x) {
+C10_ALWAYS_INLINE T exp(T x) {
   using C = ExpConstants<T>;
   using Bits = typename C::Bits;
   const bool underflows = x < C::kMin;
@@ -85,7 +88,7 @@ inline T exp(T x) {
 
 // tanh(|x|) = (1 - e) / (1 + e) with e = e^(-2|x|) in (0, 1], the sign restored.
 template <typename T>
-inline T tanh(T x) {
+C10_ALWAYS_INLINE T tanh(T x) {
   const T magnitude = x < T(0) ? -x : x;
   const T e = exp(T(-2) * magnitude);
   const T t = (T(1) - e) / (T(1) + e);
@@ -94,35 +97,35 @@ inline T tanh(T x) {
 
 // sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) otherwise, with e = e^(-|x|).
 template <typename T>
-inline T sigmoid(T x) {
+C10_ALWAYS_INLINE T sigmoid(T x) {
   const T e = exp(x < T(0) ? x : -x);
   return (x < T(0) ? e : T(1)) / (T(1) + e);
 }
 
 }  // namespace host_math
 
-inline C10_HOST_DEVICE float activation_tanh(float v) {
+C10_ALWAYS_INLINE C10_HOST_DEVICE float activation_tanh(float v) {
 #ifdef __CUDA_ARCH__
   return ::tanhf(v);
 #else
   return host_math::tanh(v);
 #endif
 }
-inline C10_HOST_DEVICE double activation_tanh(double v) {
+C10_ALWAYS_INLINE C10_HOST_DEVICE double activation_tanh(double v) {
 #ifdef __CUDA_ARCH__
   return ::tanh(v);
 #else
   return host_math::tanh(v);
 #endif
 }
-inline C10_HOST_DEVICE float activation_sigmoid(float v) {
+C10_ALWAYS_INLINE C10_HOST_DEVICE float activation_sigmoid(float v) {
 #ifdef __CUDA_ARCH__
   return 1.0f / (1.0f + ::expf(-v));
 #else
   return host_math::sigmoid(v);
 #endif
 }
-inline C10_HOST_DEVICE double activation_sigmoid(double v) {
+C10_ALWAYS_INLINE C10_HOST_DEVICE double activation_sigmoid(double v) {
 #ifdef __CUDA_ARCH__
   return 1.0 / (1.0 + ::exp(-v));
 #else
@@ -131,7 +134,7 @@ inline C10_HOST_DEVICE double activation_sigmoid(double v) {
 }
 
 template <Activation A, typename T>
-inline C10_HOST_DEVICE T activate(T v) {
+C10_ALWAYS_INLINE C10_HOST_DEVICE T activate(T v) {
   if constexpr (A == Activation::HardSigmoid) {
     return v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
   } else if constexpr (A == Activation::Tanh) {

@@ -35,7 +35,7 @@ using acc_t = at::opmath_type<scalar_t>;
 // One element's nudge, beta * dloss/ds, with dloss/ds = s - y (MSE; `target` is y) or
 // `target` itself (Gradient); 0 without a nudge.
 template <ElementNudge N, typename acc>
-C10_HOST_DEVICE inline acc nudge_force(acc state, acc target, acc beta) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc nudge_force(acc state, acc target, acc beta) {
   if constexpr (N == ElementNudge::MSE || N == ElementNudge::MSEOutside) {
     return beta * (state - target);
   } else if constexpr (N == ElementNudge::Gradient || N == ElementNudge::GradientOutside) {
@@ -48,7 +48,7 @@ C10_HOST_DEVICE inline acc nudge_force(acc state, acc target, acc beta) {
 // s <- damping * s + (1 - damping) * act(pre - f) with the nudge f inside the activation, or
 // damping * s + (1 - damping) * (act(pre) - f) outside it.
 template <Activation A, ElementNudge N, typename acc>
-C10_HOST_DEVICE inline acc damped_update(acc old, acc pre, acc force, acc damping) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc damped_update(acc old, acc pre, acc force, acc damping) {
   acc next;
   if constexpr (N == ElementNudge::None) {
     next = activate<A>(pre);
@@ -62,20 +62,20 @@ C10_HOST_DEVICE inline acc damped_update(acc old, acc pre, acc force, acc dampin
 
 // |v| without a libm call (it vectorises on the host); NaN stays NaN.
 template <typename acc>
-C10_HOST_DEVICE inline acc magnitude(acc v) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc magnitude(acc v) {
   return v < acc(0) ? -v : v;
 }
 
 // The running maximum of a row's changes. A NaN never replaces it (NaN compares false), so a
 // row's change stays a number; the NaN is reported through the non-finite marker instead.
 template <typename acc>
-C10_HOST_DEVICE inline acc max_keep(acc running, acc candidate) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc max_keep(acc running, acc candidate) {
   return candidate > running ? candidate : running;
 }
 
 // A sample has converged once its largest change in a step is below tol.
 template <typename acc>
-C10_HOST_DEVICE inline bool is_converged(acc change, acc tol) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool is_converged(acc change, acc tol) {
   return change < tol;
 }
 
@@ -84,7 +84,7 @@ C10_HOST_DEVICE inline bool is_converged(acc change, acc tol) {
 // for a finite new state and NaN otherwise (0 * Inf = NaN), a branch-free test that
 // vectorises. `target` is read only when N != ElementNudge::None.
 template <Activation A, ElementNudge N, typename scalar_t>
-C10_HOST_DEVICE inline void update_element(scalar_t* s, const scalar_t* pre,
+C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(scalar_t* s, const scalar_t* pre,
                                            const scalar_t* target, acc_t<scalar_t> beta,
                                            acc_t<scalar_t> damping, acc_t<scalar_t>& change,
                                            acc_t<scalar_t>& poison) {
