@@ -2,9 +2,11 @@
 
     python benchmarks/train_step.py [--quick] [--threads 1 2] [--out results/train_step]
 
-For each configuration and batch size, in one process and interleaved:
+For each configuration and batch size, in one process:
 
-* **step**: ``EqPropTrainer.step`` (median over repeats after a warm-up);
+* **step**: ``EqPropTrainer.step`` (median over repeats after a warm-up). The step, the step
+  with tolerance and the plain step are timed in turn, one call of each per round on every
+  thread count, so that the machine's drift during the run reaches both sides of each ratio;
 * **breakdown**: the same step's parts timed one by one with the library's public pieces —
   ``network`` (effective weights), ``free`` (free phase), ``nudged`` (the nudged phases),
   ``gradient`` (the contrast and the readout's backward), ``checks`` (the trainer's finite test
@@ -99,6 +101,24 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def timed_in_turn(fns: dict[tuple[str, int], Callable[[], object]],
+                  repeats: int) -> dict[tuple[str, int], float]:
+    """Median seconds of each ``(name, threads)`` function, the functions called in turn (one
+    timed call of each per round, on its number of torch threads), so that the machine's drift
+    over the run touches the ratios' numerators and denominators alike. Each timed call follows
+    an untimed one on the same thread count: the first parallel region after a change of thread
+    count wakes the pool's threads, which a program that keeps its thread count does not pay."""
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for (name, threads), fn in fns.items():
+            torch.set_num_threads(threads)
+            fn()
+            started = time.perf_counter()
+            fn()
+            times[(name, threads)].append(time.perf_counter() - started)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 # ------------------------------------------------------------------------ plain PyTorch
@@ -246,31 +266,46 @@ def breakdown(model, x: Tensor, y: Tensor, config: Config, optimizer, repeats: i
     return parts
 
 
-def measure(config: Config, batch: int, repeats: int) -> dict:
+def measure(config: Config, batch: int, threads: list[int], repeats: int) -> list[dict]:
+    """One row per thread count. The step, the step with tolerance and the plain step are timed
+    in turn, on every thread count (:func:`timed_in_turn`); the breakdown and the bound, which
+    no target compares across runs, one after the other."""
     torch.manual_seed(0)
     x = torch.rand(batch, config.input_dim)
     y = torch.randint(0, 10, (batch,))
-    torch.manual_seed(0)
-    model = config.build()
-    optimizer = optimizer_for(config, model.parameters())
-    trainer = EqPropTrainer(model, optimizer, free_steps=config.free_steps,
-                            estimator=EqProp(config.beta, "centered", config.nudged_steps))
-    row = {"config": config.name, "batch": batch}
-    row["step"] = timed(lambda: trainer.step(x, y), repeats)
-    row["parts"] = breakdown(model, x, y, config, optimizer, repeats)
-    parts = row["parts"]  # the trainer runs the finite test twice (gradients, parameters)
-    parts["other"] = max(row["step"] - sum(parts.values()) - parts["checks"], 0.0)
-    model.tol = config.tol
-    row["step_tol"] = timed(lambda: trainer.step(x, y), repeats)
-    model.tol = 0.0
+
+    def trainer_for(tol: float) -> EqPropTrainer:
+        torch.manual_seed(0)
+        model = config.build()
+        model.tol = tol
+        return EqPropTrainer(model, optimizer_for(config, model.parameters()),
+                             free_steps=config.free_steps,
+                             estimator=EqProp(config.beta, "centered", config.nudged_steps))
+
+    trainer, trainer_tol = trainer_for(0.0), trainer_for(config.tol)
+    fns: dict[tuple[str, int], Callable[[], object]] = {}
+    for n in threads:
+        fns[("step", n)] = lambda: trainer.step(x, y)
+        fns[("step_tol", n)] = lambda: trainer_tol.step(x, y)
+    rows = [{"config": config.name, "batch": batch, "threads": n} for n in threads]
     if config.plain:
-        row["plain_max_relative_difference"] = plain_matches(config, x, y)
+        difference = plain_matches(config, x, y)
         torch.manual_seed(0)
         reference = config.build()
         ref_optimizer = optimizer_for(config, reference.parameters())
-        row["plain"] = timed(lambda: plain_step(reference, x, y, config, ref_optimizer), repeats)
-        row["bound"] = bound_seconds(gemm_shapes(model, config, batch), repeats)
-    return row
+        for n in threads:
+            fns[("plain", n)] = lambda: plain_step(reference, x, y, config, ref_optimizer)
+    times = timed_in_turn(fns, repeats)
+    for row, n in zip(rows, threads):
+        torch.set_num_threads(n)
+        row["step"], row["step_tol"] = times[("step", n)], times[("step_tol", n)]
+        row["parts"] = parts = breakdown(trainer.model, x, y, config, trainer.optimizer, repeats)
+        # the trainer runs the finite test twice (gradients, parameters)
+        parts["other"] = max(row["step"] - sum(parts.values()) - parts["checks"], 0.0)
+        if config.plain:
+            row["plain"], row["plain_max_relative_difference"] = times[("plain", n)], difference
+            row["bound"] = bound_seconds(gemm_shapes(trainer.model, config, batch), repeats)
+    return rows
 
 
 def judge(rows: list[dict], threads: list[int]) -> list[tuple[bool, str]]:
@@ -351,16 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 5 if args.quick else 15
     started = time.perf_counter()
     rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for config in configs(args.quick):
-            for batch in config.batches:
-                row = measure(config, batch, repeats)
-                row["threads"] = threads
+    for config in configs(args.quick):
+        for batch in config.batches:
+            for row in measure(config, batch, args.threads, repeats):
                 rows.append(row)
-                print(f"{config.name} batch {batch} threads {threads}: {1e3 * row['step']:.2f} ms",
-                      file=sys.stderr, flush=True)
+                print(f"{config.name} batch {batch} threads {row['threads']}: "
+                      f"{1e3 * row['step']:.2f} ms", file=sys.stderr, flush=True)
     torch.set_num_threads(default_threads)
+    rows.sort(key=lambda row: args.threads.index(row["threads"]))  # the table by thread count
     record = {"command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "mode": "quick" if args.quick else "full", "rows": rows,
               "machine": machine_info(torch.device("cpu"), args.threads[0], default_threads)}
