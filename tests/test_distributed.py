@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from toreq.distributed import average_over_ranks, shard
+from toreq.distributed import average_over_ranks, leave, shard
 from toreq.nn import LoopedMLP
 from toreq.train import EqPropTrainer
 
@@ -121,6 +121,13 @@ def test_shard_and_average_with_one_process(single_process_group):
     t = torch.tensor([1.0, -2.0])
     average_over_ranks([t], 3, 4, single_process_group)  # this rank holds 3 of 4 samples
     torch.testing.assert_close(t, torch.tensor([0.75, -1.5]))
+
+
+def test_leave_ends_the_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    leave()
+    assert not dist.is_initialized()
 
 
 def test_process_group_needs_an_initialised_backend():
