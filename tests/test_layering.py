@@ -39,9 +39,6 @@ LAYERS = [
 TOP = len(LAYERS)  # experiments and the command line
 # Deprecated aliases that import their new, higher home lazily, for one release (remove each with
 # its alias): (module, the module it may import).
-DEPRECATED_ALIASES = {("toreq.nn.lm", "toreq.lm_training")}
-
-
 def layer_of(module: str) -> int:
     if module == "toreq":
         return 0  # every module already runs the package's __init__: importing it adds nothing
@@ -92,7 +89,7 @@ def test_imports_only_go_downward(path):
     own = TOP if name == "toreq" else layer_of(name)
     imports = toreq_imports(path.read_text(), name, path.name == "__init__.py")
     upward = [(line, target, layer_of(target)) for line, target in imports
-              if layer_of(target) > own and (name, target) not in DEPRECATED_ALIASES]
+              if layer_of(target) > own]
     assert not upward, (
         f"{name} (layer {own}) imports from higher layers: "
         + "; ".join(f"line {line}: {target} (layer {level})" for line, target, level in upward))

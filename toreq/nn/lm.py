@@ -45,20 +45,6 @@ __all__ = ["CharLM", "CharTransformerLM", "LM_VARIANTS", "LoopedMLPLM", "build_l
            "count_parameters", "evaluate_lm", "perplexity", "unigram_perplexity"]
 
 
-def __getattr__(name: str):
-    # Deprecated: the training loop moved to toreq.lm_training (a network module does not
-    # train); the alias stays for one release.
-    if name in ("random_windows", "train_lm"):
-        import warnings
-
-        from toreq import lm_training
-
-        warnings.warn(f"toreq.nn.lm.{name} moved to toreq.lm_training.{name}", DeprecationWarning,
-                      stacklevel=2)
-        return getattr(lm_training, name)
-    raise AttributeError(f"module 'toreq.nn.lm' has no attribute {name!r}")
-
-
 class CharLM(nn.Module):
     """What every character-level language model here shares: token ids `(B, T)` in, next-token
     logits `(B, T, vocab_size)` out, for `T <= seq_len`; an optional vocabulary kept in the
