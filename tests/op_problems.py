@@ -16,7 +16,9 @@ def scaled(rows: int, cols: int, dtype: torch.dtype, norm: float = 0.5) -> torch
 
 WIDTHS = {"looped": [9], "tied": [7, 6, 5], "untied": [7, 6, 5], "ring": [7, 6, 5],
           # Rows longer than one CUDA block (256 threads) and widths that are not warp multiples.
-          "wide": [300, 257, 33]}
+          "wide": [300, 257, 33],
+          # A wide coupling beside narrow ones (10 units: the CPU kernel's loops), tied and not.
+          "narrow": [300, 40, 10], "narrow_untied": [300, 40, 10]}
 
 
 def make_problem(kind: str, batch: int, dtype: torch.dtype, *, readout: bool = False,
@@ -28,7 +30,7 @@ def make_problem(kind: str, batch: int, dtype: torch.dtype, *, readout: bool = F
         couplings = [Coupling(scaled(9, 9, dtype), 0, 0)]
     else:
         weights = [scaled(widths[1], widths[0], dtype), scaled(widths[2], widths[1], dtype)]
-        feedback = (None if kind in ("tied", "wide")
+        feedback = (None if kind in ("tied", "wide", "narrow")
                     else [scaled(widths[0], widths[1], dtype), scaled(widths[1], widths[2], dtype)])
         couplings = layered_couplings(weights, feedback)
         if kind == "ring":

@@ -4,7 +4,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <ATen/OpMathType.h>
@@ -15,6 +17,7 @@
 #include <numeric>
 #include <type_traits>
 
+#include "ops/cpu/coupling_loops.h"
 #include "ops/cpu/parallel_rows.h"
 #include "ops/relax.h"
 #include "ops/relax_element.h"
@@ -166,108 +169,90 @@ void update_layer(scalar_t* s, const scalar_t* pre, const scalar_t* target, int6
   });
 }
 
-// --- batch 1: the couplings as matrix-vector products -------------------------------------
-// With one sample left relaxing, a coupling's GEMM is a matrix-vector product: BLAS runs it on
-// one thread, and its layout is fixed by the weight's. These loops read each weight once in its
-// stored layout, split over the intra-op threads when the weight is large.
-
-constexpr int64_t kMatVecLanes = 32;  // independent accumulators, so the loops vectorise
-
-// out[j] += sum_i w[j * ld + i] * s[i] for j in [begin, end): rows of w dotted with s.
+// pre = drive + the layer's couplings, for the `rows` working rows: the couplings that
+// coupling_loops takes (one row, or a narrow side) by its loops, the others by the shared GEMMs.
 template <typename scalar_t>
-TOREQ_ALWAYS_INLINE void dot_rows_body(scalar_t* out, const scalar_t* w, int64_t ld,
-                                       const scalar_t* s, int64_t n, int64_t begin, int64_t end) {
-  const int64_t full = n - n % kMatVecLanes;
-  for (int64_t j = begin; j < end; ++j) {
-    const scalar_t* row = w + j * ld;
-    scalar_t acc[kMatVecLanes] = {};
-    for (int64_t i = 0; i < full; i += kMatVecLanes) {
-      for (int64_t k = 0; k < kMatVecLanes; ++k) acc[k] += row[i + k] * s[i + k];
-    }
-    for (int64_t i = full; i < n; ++i) acc[0] += row[i] * s[i];
-    scalar_t total = 0;
-    for (int64_t k = 0; k < kMatVecLanes; ++k) total += acc[k];
-    out[j] += total;
-  }
-}
-
-// out[j] += sum_i s[i] * w[i * ld + j] for j in [begin, end): rows of w scaled and summed.
-template <typename scalar_t>
-TOREQ_ALWAYS_INLINE void axpy_rows_body(scalar_t* out, const scalar_t* w, int64_t ld,
-                                        const scalar_t* s, int64_t n, int64_t begin,
-                                        int64_t end) {
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t a = s[i];
-    const scalar_t* row = w + i * ld;
-    for (int64_t j = begin; j < end; ++j) out[j] += a * row[j];
-  }
-}
-
-TOREQ_VECTOR_CLONES void dot_rows(float* out, const float* w, int64_t ld, const float* s,
-                                  int64_t n, int64_t begin, int64_t end) {
-  dot_rows_body(out, w, ld, s, n, begin, end);
-}
-TOREQ_VECTOR_CLONES void dot_rows(double* out, const double* w, int64_t ld, const double* s,
-                                  int64_t n, int64_t begin, int64_t end) {
-  dot_rows_body(out, w, ld, s, n, begin, end);
-}
-TOREQ_VECTOR_CLONES void axpy_rows(float* out, const float* w, int64_t ld, const float* s,
-                                   int64_t n, int64_t begin, int64_t end) {
-  axpy_rows_body(out, w, ld, s, n, begin, end);
-}
-TOREQ_VECTOR_CLONES void axpy_rows(double* out, const double* w, int64_t ld, const double* s,
-                                   int64_t n, int64_t begin, int64_t end) {
-  axpy_rows_body(out, w, ld, s, n, begin, end);
-}
-
-// Whether every coupling into `layer` has a unit stride along one of its dimensions, which the
-// matrix-vector loops need; otherwise the layer takes the GEMM path.
-bool has_matvec_layout(const RelaxProblem& p, int64_t layer) {
-  for (const Incoming& c : p.incoming[layer]) {
-    if (c.matrix.stride(0) != 1 && c.matrix.stride(1) != 1) return false;
-  }
-  return true;
-}
-
-// compute_preactivation for a single sample (p.batch == 1), the couplings by the loops above.
-template <typename scalar_t>
-void compute_preactivation_one_sample(const RelaxProblem& p, int64_t layer,
-                                      const std::vector<at::Tensor>& states, at::Tensor& pre) {
-  const at::Tensor& drive = p.drives[layer];
-  scalar_t* out = pre.data_ptr<scalar_t>();
-  const int64_t n_out = pre.size(1);
-  // A row (1, n_out) or a bias (n_out,) is copied by hand: an ATen copy_ or zero_ costs about
-  // as much as the whole row's update at this size, once per layer and step.
-  if (!drive.defined()) {
-    std::fill(out, out + n_out, scalar_t(0));
-  } else if (drive.is_contiguous() && drive.numel() == n_out &&
-             drive.scalar_type() == pre.scalar_type()) {
-    const scalar_t* d = drive.const_data_ptr<scalar_t>();
-    std::copy(d, d + n_out, out);
-  } else {
-    pre.copy_(drive);
-  }
-  for (const Incoming& c : p.incoming[layer]) {
-    // matrix is (n_source, n_out): pre += s @ matrix
-    const scalar_t* s = states[c.source].const_data_ptr<scalar_t>();
-    const scalar_t* w = c.matrix.const_data_ptr<scalar_t>();
-    const int64_t n_in = c.matrix.size(0);
-    // Chunks of at least 1M multiply-adds: up to hidden 1024 a second thread gained nothing
-    // here (the loop is bound by reading the weight), and waiting for it made steps slower
-    // whenever another process held a core.
-    const int64_t grain = std::max<int64_t>(kMatVecLanes, (1 << 20) / std::max<int64_t>(1, n_in));
-    if (c.matrix.stride(0) == 1) {  // output j reads a contiguous row of the weight
-      const int64_t ld = c.matrix.stride(1);
-      at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
-        dot_rows(out, w, ld, s, n_in, begin, end);
-      });
-    } else {
-      const int64_t ld = c.matrix.stride(0);
-      at::parallel_for(0, n_out, grain, [&](int64_t begin, int64_t end) {
-        axpy_rows(out, w, ld, s, n_in, begin, end);
-      });
+void compute_preactivation_cpu(const RelaxProblem& p, int64_t layer, int64_t rows,
+                               const std::vector<at::Tensor>& states, at::Tensor& pre) {
+  const std::vector<Incoming>& in = p.incoming[layer];
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    if (std::any_of(in.begin(), in.end(),
+                    [&](const Incoming& c) { return uses_coupling_loops(c.matrix, rows); })) {
+      const at::Tensor& drive = p.drives[layer];
+      scalar_t* out = pre.data_ptr<scalar_t>();
+      const int64_t n_out = pre.size(1);
+      // The drive is read in place when it is a bias or one row (init_ld 0) or holds a row per
+      // sample; otherwise copied first. An ATen copy_ costs about as much as a row's update at
+      // batch 1, once per layer and step.
+      const scalar_t* init = nullptr;
+      int64_t init_ld = 0;
+      if (drive.defined()) {
+        if (drive.is_contiguous() && drive.scalar_type() == pre.scalar_type() &&
+            (drive.numel() == n_out || drive.numel() == rows * n_out)) {
+          init = drive.const_data_ptr<scalar_t>();
+          init_ld = drive.numel() == n_out ? 0 : n_out;
+        } else {
+          pre.copy_(drive);
+          init = out;
+          init_ld = n_out;
+        }
+      }
+      bool first = true;
+      for (const Incoming& c : in) {
+        const at::Tensor& source = states[c.source];
+        if (uses_coupling_loops(c.matrix, rows)) {
+          coupling_loops(c.matrix, source.const_data_ptr<scalar_t>(), rows, out,
+                         first ? init : out, first ? init_ld : n_out);
+        } else if (first && init != nullptr && init != out) {
+          at::addmm_out(pre, drive, source, c.matrix);
+        } else if (first && init == nullptr) {
+          at::mm_out(pre, source, c.matrix);
+        } else {
+          pre.addmm_(source, c.matrix);
+        }
+        first = false;
+      }
+      return;
     }
   }
+  compute_preactivation(p, layer, states, pre);
+}
+
+// output_gradient for the working rows, by loops when the readout's classes are narrow (its
+// two products take coupling_loops): the logits go into `error` (rows of n_out, at least
+// `rows` of them), become the softmax's (cross-entropy) minus the target there, and are read
+// back through the readout into grad. Otherwise the shared ATen version, which allocates
+// its intermediates at every step.
+template <typename scalar_t>
+void output_gradient_cpu(const RelaxProblem& p, const at::Tensor& readout_t, int64_t rows,
+                         const at::Tensor& s, at::Tensor& grad, scalar_t* error) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    const at::Tensor& bias = p.readout_bias;
+    if (p.readout_weight.defined() && uses_coupling_loops(readout_t, rows) &&
+        uses_coupling_loops(p.readout_weight, rows) && (!bias.defined() || bias.is_contiguous())) {
+      const int64_t n_out = p.readout_weight.size(0);
+      coupling_loops(readout_t, s.const_data_ptr<scalar_t>(), rows, error,
+                     bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr, 0);
+      const scalar_t* target = p.target.const_data_ptr<scalar_t>();
+      const bool softmax = p.loss == NudgeLoss::CrossEntropy;
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* e = error + r * n_out;
+        const scalar_t* t = target + r * n_out;
+        if (softmax) {  // as at::softmax: exp(l - max) / sum
+          const scalar_t top = *std::max_element(e, e + n_out);
+          scalar_t sum = 0;
+          for (int64_t k = 0; k < n_out; ++k) sum += (e[k] = host_math::exp(e[k] - top));
+          for (int64_t k = 0; k < n_out; ++k) e[k] = e[k] / sum - t[k];
+        } else {
+          for (int64_t k = 0; k < n_out; ++k) e[k] -= t[k];
+        }
+      }
+      coupling_loops(p.readout_weight, static_cast<const scalar_t*>(error), rows,
+                     grad.data_ptr<scalar_t>(), static_cast<const scalar_t*>(nullptr), 0);
+      return;
+    }
+  }
+  output_gradient(p, s, grad);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
@@ -293,8 +278,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
   }
   s = out;
   // dloss/ds of the last layer's working rows, where output_gradient computes it
-  at::Tensor output_grad;
+  at::Tensor output_grad, readout_t, readout_error;
   if (p.needs_output_gradient) output_grad = at::empty_like(s.back());
+  if (p.needs_output_gradient && p.readout_weight.defined()) {
+    readout_t = p.readout_weight.t();
+    readout_error = at::empty({batch, p.readout_weight.size(0)}, p.readout_weight.options());
+  }
   RelaxProblem work = p;
   at::Tensor rows;                       // int64: the batch index of each working row
   std::vector<int64_t> sample(batch);    // the same, on the host
@@ -310,12 +299,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out[0].scalar_type(),
                                   "toreq_relax_cpu", [&] {
     using acc = acc_t<scalar_t>;
-    // The matrix-vector loops of batch 1 exist for float32 and float64; reduced-precision
-    // states take the GEMM path, whose float32 accumulation oneDNN provides.
-    constexpr bool kHasMatVec = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
     std::vector<uint8_t> active(batch, 1), row_nonfinite(batch, 0);
-    std::vector<uint8_t> matvec(p.incoming.size());
-    for (size_t l = 0; l < matvec.size(); ++l) matvec[l] = kHasMatVec && has_matvec_layout(p, l);
     std::vector<acc> row_change(batch);
     int64_t* steps_ptr = steps.data_ptr<int64_t>();
     acc* residual_ptr = residual.data_ptr<acc>();
@@ -330,20 +314,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relax_cpu(
       const int64_t working = work.batch;
       std::fill(row_change.begin(), row_change.end(), acc(0));
       for (const std::vector<int64_t>& group : p.groups) {
-        for (int64_t l : group) {
-          if constexpr (kHasMatVec) {
-            if (working == 1 && matvec[l]) {
-              compute_preactivation_one_sample<scalar_t>(work, l, s, pre[l]);
-              continue;
-            }
-          }
-          compute_preactivation(work, l, s, pre[l]);
-        }
+        for (int64_t l : group) compute_preactivation_cpu<scalar_t>(work, l, working, s, pre[l]);
         for (int64_t l : group) {
           const ElementNudge nudge = l == last ? p.element_nudge : ElementNudge::None;
           const scalar_t* target = nullptr;  // y (MSE) or dloss/ds (Gradient), by rows
           if (nudge != ElementNudge::None) {
-            if (p.needs_output_gradient) output_gradient(work, s[l], output_grad);
+            if (p.needs_output_gradient) {
+              output_gradient_cpu<scalar_t>(
+                  work, readout_t, working, s[l], output_grad,
+                  readout_error.defined() ? readout_error.data_ptr<scalar_t>() : nullptr);
+            }
             target = (p.needs_output_gradient ? output_grad : work.target)
                          .const_data_ptr<scalar_t>();
           }
