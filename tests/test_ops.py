@@ -89,7 +89,10 @@ def test_narrow_couplings_match_reference(dtype, kind, batch, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for beta, tol in ((0.0, 0.0), (0.5, 0.0), (0.0, 1e-4)):
+        # tol > 0 in float64 only: a float32 residual within round-off of tol can stop a sample
+        # one step apart from the reference (seen once in CI, at batch 403 on two threads).
+        cases = [(0.0, 0.0), (0.5, 0.0)] + ([(0.0, 1e-4)] if dtype == torch.float64 else [])
+        for beta, tol in cases:
             kw = dict(activation="tanh", damping=0.2, max_steps=30, beta=beta, tol=tol,
                       loss="cross_entropy", target=p["target"],
                       readout_weight=p["readout_weight"], readout_bias=p["readout_bias"])
