@@ -303,6 +303,18 @@ def test_safetensors_export_holds_the_weights_and_the_description(tmp_path, caps
         assert json.loads(f.metadata()["about"])["preset"]["hidden"] == 16
 
 
+
+def test_compare_names_the_conv_models_twin(capsys):
+    """A conv_ep's backprop baseline is its FeedforwardCNN twin (the same layers and initial
+    weights, so the same parameter count), and the table says so."""
+    assert main(["train", "--model", "conv_ep", "--channels", "4", "--epochs", "1",
+                 "--compare", "backprop", "--no-progress", "--threads", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    eqprop = next(r for r in rows if r[:2] == ["conv_ep", "(EqProp)"])
+    twin = next(r for r in rows if r[:4] == ["feedforward", "CNN", "twin", "(backprop)"])
+    assert eqprop[2] == twin[4]  # parameters
+
+
 # ------------------------------------------------------------------ 5. progress
 def test_train_prints_a_line_per_epoch_and_no_bar_off_a_terminal(capsys):
     assert main(["train", "--epochs", "2", "--hidden", "16", "--compare", "backprop",

@@ -130,7 +130,8 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                         "the control data cache)")
     p.add_argument("--compare", choices=("none", "backprop", "bptt"), default="none",
                    help="also train a baseline on the same data: a feedforward MLP of the same "
-                        "width by backprop, or the same model by backprop through time")
+                        "width by backprop (for conv_ep its FeedforwardCNN twin: the same layers "
+                        "and initial weights), or the same model by backprop through time")
     p.add_argument("--seed", type=SEED, default=None,
                    help="seeds the initial weights and the batch order of every model "
                         "(default 0; with --resume, the checkpoint's)")
@@ -240,7 +241,8 @@ def _run_train(args: argparse.Namespace) -> int:
     common = dict(epochs=preset.epochs, batch_size=preset.batch_size, seed=seed,
                   progress="epochs" if args.no_progress else True,
                   deterministic=args.deterministic)
-    names = {"eqprop": f"{preset.model} (EqProp)", "backprop": "feedforward MLP (backprop)",
+    twin = "feedforward CNN twin" if preset.model == "conv_ep" else "feedforward MLP"
+    names = {"eqprop": f"{preset.model} (EqProp)", "backprop": f"{twin} (backprop)",
              "bptt": f"{preset.model} (BPTT)"}
     results = []
     for method in ["eqprop"] + ([args.compare] if args.compare != "none" else []):
