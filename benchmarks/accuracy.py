@@ -222,8 +222,16 @@ def markdown(report: dict) -> str:
             f"- `{p['name']}`: {p['model']} {size}, {p['activation']}, "
             f"{p['epochs']} epochs, batch {p['batch_size']}, AdamW lr {p['lr']} (cosine), "
             f"beta {p['beta']} ({'symmetric' if p['symmetric_nudging'] else 'one-sided'}), "
-            f"free/nudged step caps {p['free_steps']}/{p['nudged_steps']}")
+            f"free/nudged step caps {p['free_steps']}/{p['nudged_steps']}"
+            + augmentation_words(p))
     return "\n".join(lines) + "\n"
+
+
+def augmentation_words(preset: dict) -> str:
+    """The preset's training augmentation in words ('' without one; older records lack it)."""
+    crop, flip = preset.get("crop_padding", 0), preset.get("flip", False)
+    parts = ([f"random crop after padding {crop}"] if crop else []) + (["flip"] if flip else [])
+    return f", augmented by {' and '.join(parts)}" if parts else ""
 
 
 def papers_markdown(report: dict) -> str:

@@ -132,6 +132,45 @@ def test_the_papers_options_on_the_command_line(capsys):
         capsys.readouterr().err
 
 
+def test_a_presets_augmentation_trains_on_cropped_and_flipped_batches(digits, monkeypatch,
+                                                                      capsys):
+    """crop_padding and flip reach fit as a RandomCropFlip of the data's image shape, in
+    train_preset and on the command line; the default preset does not augment."""
+    import json
+
+    import toreq.train
+    from toreq.cli import main
+    from toreq.data import RandomCropFlip
+    from toreq.presets import train_preset
+
+    preset = dataclasses.replace(get_preset("digits-looped"), hidden=16, epochs=1)
+    assert preset.augmentation(digits.image_shape) is None
+    augmented = dataclasses.replace(preset, crop_padding=1, flip=True)
+    assert augmented.augmentation(digits.image_shape) == RandomCropFlip((1, 8, 8), 1, True)
+    with pytest.raises(ValueError, match="preset 'digits-looped' augments images .* no "
+                                         "image_shape"):
+        augmented.augmentation(None)
+    seen = []
+    real_fit = toreq.train.fit
+
+    def recording_fit(*args, augment=None, **kwargs):
+        seen.append(augment)
+        return real_fit(*args, augment=augment, **kwargs)
+
+    monkeypatch.setattr(toreq.train, "fit", recording_fit)
+    plain = train_preset(preset, digits, "eqprop", seed=0)
+    runs = [train_preset(augmented, digits, method, seed=0) for method in ("eqprop", "backprop")]
+    assert seen == [None] + [RandomCropFlip((1, 8, 8), 1, True)] * 2
+    # the augmented batches change the training, not only the recorded settings
+    assert runs[0]["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    seen.clear()
+    assert main(["train", "--epochs", "1", "--hidden", "16", "--crop-padding", "1", "--flip",
+                 "--compare", "backprop", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["preset"]["crop_padding"] == 1 and report["preset"]["flip"] is True
+    assert seen == [RandomCropFlip((1, 8, 8), 1, True)] * 2  # EqProp and its baseline
+
+
 def test_memories_on_the_command_line(capsys):
     """--memories gives the model a modern Hopfield interaction per named layer (its patterns
     counted in the parameters); a model without them, or a malformed value, is one line."""

@@ -185,6 +185,11 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                    help="step cap of the nudged phase")
     h.add_argument("--one-sided", dest="symmetric_nudging", action="store_false", default=keep,
                    help="contrast +beta with the free phase instead of +beta with -beta")
+    h.add_argument("--crop-padding", type=NONNEGATIVE_INT, default=keep, metavar="PIXELS",
+                   help="augment the training images: pad PIXELS zeros on each side and crop "
+                        "back at a random offset (0: no crop)")
+    h.add_argument("--flip", action=argparse.BooleanOptionalAction, default=keep,
+                   help="augment the training images: mirror half of them left to right")
     h.add_argument("--algorithm", choices=estimator_names(), default=keep,
                    help="the gradient estimator (toreq.estimators): eqprop, holomorphic "
                         "(holomorphic EqProp), cl (contrastive learning), cpl (coupled "
@@ -254,7 +259,8 @@ def _run_train(args: argparse.Namespace) -> int:
                        about=run_description(preset, dataset, model, seed, data.image_shape)
                        ) if method == "eqprop" else {}
         history = fit(trainer, data.x_train, data.y_train, data.x_test, data.y_test,
-                      scheduler=scheduler, desc=method, **logging, **common)
+                      scheduler=scheduler, desc=method,
+                      augment=preset.augmentation(data.image_shape), **logging, **common)
         results.append(_summary(names[method], model, history))
         if dataset in CONTROL_DATASETS:
             results[-1]["closed_loop"] = evaluate_policy(model_policy(model, dataset), dataset)
@@ -314,7 +320,8 @@ def _train_run_of(state: dict, path: str, command: str) -> dict:
 # not options; args.command is the subcommand).
 HYPERPARAMETERS = ("model", "hidden", "layers", "channels", "activation", "epochs", "batch_size",
                    "lr", "optimizer", "layer_lrs", "layer_order", "beta", "free_steps",
-                   "nudged_steps", "symmetric_nudging", "algorithm", "algorithm_settings")
+                   "nudged_steps", "symmetric_nudging", "algorithm", "algorithm_settings",
+                   "crop_padding", "flip")
 
 
 def _preset(args: argparse.Namespace, saved: dict | None = None):

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from toreq.data import RandomCropFlip
 from toreq.validation import check_choice, check_positive_float
 
 __all__ = ["MODELS", "PRESETS", "Preset", "build_model", "build_trainer", "dataset_preset",
@@ -86,6 +87,12 @@ class Preset:
     (Nesterov's with `nesterov`) and `weight_decay`; `lr_schedule`, `"cosine"` (annealed to `lr_min` over the epochs) or
     `"constant"` (None: cosine for AdamW, constant for SGD); `paper`, the paper's figure in
     words, and `paper_command`, its code's command line.
+
+    `crop_padding` and `flip` augment the training batches of an image data set
+    ([`RandomCropFlip`][toreq.data.RandomCropFlip]: a random crop after zero padding of
+    `crop_padding` pixels, and with `flip` a mirror of half the images); 0 and False (the
+    default) train on the images as they are. The backprop baseline sees the same augmented
+    batches.
     """
 
     name: str
@@ -117,6 +124,8 @@ class Preset:
     weight_decay: float = 0.0
     lr_schedule: str | None = None
     lr_min: float = 0.0
+    crop_padding: int = 0
+    flip: bool = False
     paper: str = ""
     paper_command: str = ""
     result: str = ""
@@ -138,6 +147,21 @@ class Preset:
             if name in fields:
                 fields[name] = tuple(tuple(pair) for pair in fields[name])
         return cls(**fields)
+
+    def augmentation(self, image_shape: Sequence[int] | None) -> RandomCropFlip | None:
+        """The training batches' augmentation for images of `image_shape` `(C, H, W)` (see
+        `crop_padding` and `flip`), or None when the preset has none.
+
+        Raises:
+            ValueError: the preset augments but the data are not images (`image_shape` None).
+        """
+        if not self.crop_padding and not self.flip:
+            return None
+        if image_shape is None:
+            raise ValueError(f"preset {self.name!r} augments images (crop_padding "
+                             f"{self.crop_padding}, flip {self.flip}); its data have no "
+                             "image_shape")
+        return RandomCropFlip(tuple(image_shape), padding=self.crop_padding, flip=self.flip)
 
     def learning_rates(self) -> tuple[float, ...]:
         """`layer_lrs` input side first."""
@@ -326,7 +350,7 @@ PRESETS: dict[str, Preset] = {
             channels=(128, 256, 512, 512), epochs=120, batch_size=128, lr=0.25, beta=0.25,
             free_steps=250, nudged_steps=30, activation="hard_sigmoid", symmetric_nudging=True,
             optimizer="sgd", layer_lrs=(0.25, 0.15, 0.1, 0.08, 0.05), momentum=0.9,
-            weight_decay=3e-4, lr_schedule="cosine",
+            weight_decay=3e-4, lr_schedule="cosine", crop_padding=4, flip=True,  # --data-aug
             # their my_hard_sig is clamp(u / 2, 0, 1): the hard sigmoid with beta halved
             model_options=(("padding", (1, 1, 1, 0)), ("pool_size", 2), ("pooling", "max"),
                            ("schedule", "sync"), ("loss", "mse"), ("tol", 0.0)),
@@ -336,8 +360,8 @@ PRESETS: dict[str, Preset] = {
             command="python benchmarks/accuracy.py --papers laborieux2021-cifar10 --threads 1",
             paper="Laborieux et al. 2021 (Frontiers in Neuroscience): 11.7% test error on "
                   "CIFAR-10 (88.3% accuracy; its abstract, for its best configuration), with "
-                  "symmetric nudging; its augmentation (random crop, flip: "
-                  "toreq.data.RandomCropFlip) is not applied by train_preset yet",
+                  "symmetric nudging and its augmentation (--data-aug: random crop after "
+                  "padding 4, horizontal flip; toreq pads with zeros)",
             paper_command="python main.py --model 'CNN' --task 'CIFAR10' --data-aug --channels "
                           "128 256 512 512 --kernels 3 3 3 3 --pools 'mmmm' --strides 1 1 1 1 "
                           "--paddings 1 1 1 0 --fc 10 --optim 'sgd' --lrs 0.25 0.15 0.1 0.08 0.05 "
@@ -570,7 +594,8 @@ def train_preset(preset: Preset, data, method: str, seed: int, *, progress: bool
     started = time.perf_counter()
     history = fit(trainer, data.x_train, data.y_train, data.x_test, data.y_test,
                   epochs=preset.epochs, batch_size=preset.batch_size, seed=seed,
-                  scheduler=scheduler, progress=progress, desc=f"{preset.dataset} {method} s{seed}")
+                  scheduler=scheduler, progress=progress, desc=f"{preset.dataset} {method} s{seed}",
+                  augment=preset.augmentation(data.image_shape))
     seconds = time.perf_counter() - started
     last = history[-1]
     return {
