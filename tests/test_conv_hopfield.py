@@ -111,6 +111,48 @@ def test_step_is_the_reference_step(case, image):
         torch.testing.assert_close(got, torch.sigmoid(grad), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("schedule", ["async", "sync"])
+def test_a_relaxation_reuses_convolutions_of_unchanged_tensors(schedule, monkeypatch):
+    """The image's convolution and (asynchronous schedule) the second group's convolutions are
+    reused by the next step: the states are those of steps that recompute everything, with
+    fewer convolutions; a state changed in place is convolved again."""
+    torch.manual_seed(0)
+    model = ConvEP((1, 12, 12), [3, 4], 5, schedule=schedule, pooling="max", padding=1)
+    x = torch.rand(4, 1, 12, 12)
+    calls = []
+    real_conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(1) or real_conv2d(*a, **k))
+
+    def relax(fresh):
+        calls.clear()
+        net = model.network(x)
+        states = model.init_states(x, net)
+        with torch.no_grad():
+            for _ in range(6):
+                if fresh:
+                    net.reused.clear()
+                states = model.step(x, states, net)
+        return states, len(calls)
+
+    (reused, fewer), (recomputed, all_of_them) = relax(False), relax(True)
+    for a, b in zip(reused, recomputed):
+        assert torch.equal(a, b)
+    # per step, sync: the image's convolution and layer 1's; async: the image's, layer 1's
+    # for the first group (the feedback's pooling) and again for the second
+    assert all_of_them == 6 * (2 if schedule == "sync" else 3)
+    assert fewer == all_of_them - 5 - (5 if schedule == "async" else 0)
+    net = model.network(x)
+    with torch.no_grad():
+        states = model.step(x, model.init_states(x, net), net)
+        changed = [t.clone() for t in states]
+        states[0].add_(0.25)  # in place: the kept convolution of states[0] is stale
+        changed[0].add_(0.25)
+        again = model.step(x, states, net)
+        net.reused.clear()
+        for a, b in zip(again, model.step(x, changed, net)):
+            assert torch.equal(a, b)
+
+
 def test_soft_pooling_lies_between_average_and_maximum():
     torch.manual_seed(1)
     models = {kind: ConvEP((1, 8, 8), [3], 4, pooling=kind, pool_temperature=tau,

@@ -190,6 +190,9 @@ def _avg_pool_transpose(above: Tensor, size: int, shape: Sequence[int]) -> Tenso
     return _unwindows(spread, size, shape)
 
 
+_PLAIN = (Tensor, nn.Parameter)  # not a tracer's or a subclass's tensors
+
+
 @dataclass
 class ConvNetwork:
     """ConvEP's effective tensors for one batch (see `ConvEP.network`)."""
@@ -200,6 +203,9 @@ class ConvNetwork:
     readout_weight: Tensor | None
     readout_bias: Tensor | None
     skip_weights: list[Tensor] = field(default_factory=list)
+    # layer -> (the tensors `ConvEP._bottom_up` read, their versions, its result): see
+    # `ConvEP._bottom_up_reused`
+    reused: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
 
 
 class ConvEP(PrimitiveDynamics, EquilibriumModel):
@@ -587,6 +593,32 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
                      padding=self.paddings[layer])
         return self._pool(layer, z)
 
+    def _bottom_up_reused(self, layer: int, below: Tensor,
+                          net: ConvNetwork) -> tuple[Tensor, Tensor | None]:
+        """`_bottom_up`, reused while what it reads is unchanged.
+
+        Within a relaxation the image's convolution is the same at every step, and with the
+        asynchronous schedule the second group's `W_l * s_{l-1}` (layer `l` odd) is what the
+        next step's first group reads again, for the pooling of layer `l - 1`'s feedback: a
+        third of a two-layer network's convolutions. A result is reused only for the same
+        `below`, weight and bias tensors at the same versions (an in-place change invalidates
+        it), its own unmodified, and never under autograd or a tracer (plain tensors only).
+        """
+        weight, bias = net.weights[layer], net.biases[layer]
+        read = (below, weight, bias)
+        if torch.is_grad_enabled() or any(type(t) not in _PLAIN for t in read if t is not None):
+            return self._bottom_up(layer, below, net)
+        versions = tuple(None if t is None else t._version for t in read)
+        kept = net.reused.get(layer)
+        if (kept is not None and all(a is b for a, b in zip(kept[0], read))
+                and kept[1] == versions and kept[3] == tuple(t._version for t in kept[2]
+                                                              if t is not None)):
+            return kept[2]
+        result = self._bottom_up(layer, below, net)
+        net.reused[layer] = (read, versions, result,
+                             tuple(t._version for t in result if t is not None))
+        return result
+
     def _top_down(self, layer: int, states: list[Tensor], cache: Tensor | None,
                   net: ConvNetwork) -> Tensor:
         """`d <s_{l+1}, P(W_{l+1} * s_l + b)> / d s_l` for `l = layer` (the tied feedback)."""
@@ -637,7 +669,8 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
 
             def from_below(m: int) -> tuple[Tensor, Tensor | None]:
                 if m not in bottom_up:
-                    bottom_up[m] = self._bottom_up(m, net.image if m == 0 else s[m - 1], net)
+                    bottom_up[m] = self._bottom_up_reused(m, net.image if m == 0 else s[m - 1],
+                                                          net)
                 return bottom_up[m]
 
             pres = {}
