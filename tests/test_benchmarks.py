@@ -115,6 +115,33 @@ def test_train_step_benchmarks_plain_reference_gives_toreqs_gradients():
         assert train_step.plain_matches(config, x, y) < 1e-4, config.name
 
 
+def test_train_step_judges_tolerance_within_its_noise_and_names_a_target_under_the_floor():
+    """The tol ratio passes at most 1, or within an A/A spread of at most 5%; a step / plain
+    limit under the floor (the GEMMs at peak rate) is called out of reach."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def verdicts(step_tol, step_again, plain=3.0, floor=1.0):
+        row = {"config": "c", "batch": 20, "threads": 1, "step": 2.0, "step_tol": step_tol,
+               "step_again": step_again, "plain": plain, "bound": 1.0, "floor": floor,
+               "peak_flops": 8e10, "parts": {"checks": 0.001}}
+        return {text.split(": ")[1].split(" =")[0]: (ok, text)
+                for ok, text in train_step.judge([row], [1])}
+
+    tol = "step with tol / step with tol=0"
+    assert verdicts(1.9, 2.0)[tol][0]  # faster
+    assert verdicts(2.04, 2.06)[tol][0]  # 2% slower, inside a 3% A/A spread
+    assert not verdicts(2.04, 2.01)[tol][0]  # outside a 0.5% spread
+    assert not verdicts(2.2, 2.4)[tol][0]  # a 20% spread judges nothing
+    ok, text = verdicts(2.0, 2.0)["step / plain"]
+    assert not ok and "out of reach" not in text  # 0.5 x 3.0 ms is above the 1.0 ms floor
+    ok, text = verdicts(2.0, 2.0, floor=1.6)["step / plain"]
+    assert not ok and "out of reach: the target's 1.5e+03 ms is under the floor" in text
+
+
 def test_the_learning_rules_table_renders_and_the_readme_headline_quotes_it(tmp_path):
     """An estimators record's learning rows (written here) through --render: the comparison
     with the comparative study reads the means right, and the README headline puts each
