@@ -42,7 +42,8 @@ def warn_unconverged(owner: str, phase: str, result: RelaxResult, settings: Phas
     it once per call site; which samples and by how much are in the result's `residual`."""
     if torch.compiler.is_compiling():  # a traced program cannot test values
         return
-    if settings.tol > 0 and bool((~result.converged(settings.tol)).any()):
+    # `converged(tol)` is `residual < tol`: one comparison and one reduction, no negation
+    if settings.tol > 0 and not bool((result.residual < settings.tol).all()):
         warnings.warn(
             f"{owner}: {PHASE_NAMES.get(phase, phase)} left samples unconverged after "
             f"max_steps={settings.max_steps} (residual >= tol={settings.tol:g}); raise the step "
