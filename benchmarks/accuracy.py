@@ -83,6 +83,15 @@ def preset_for(dataset: str, conv: bool = False):
     return PRESETS[f"{dataset}-conv"] if conv else dataset_preset(dataset)
 
 
+def with_options(preset, args: argparse.Namespace):
+    """`preset` with the command line's --channels, --crop-padding and --flip (each given one
+    replaces the preset's; the record's preset shows what ran)."""
+    changes = {name: value for name, value in (("channels", args.channels),
+                                               ("crop_padding", args.crop_padding),
+                                               ("flip", args.flip)) if value is not None}
+    return dataclasses.replace(preset, **changes) if changes else preset
+
+
 def summarise(runs: list[dict]) -> dict:
     accs = [r["test_accuracy"] for r in runs]
     summary = {
@@ -321,10 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="results/accuracy")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument("--channels", type=lambda text: tuple(int(c) for c in text.split(",")),
+                        default=None, help="with --conv: the convolutional layers' channels "
+                                           "instead of the presets', comma-separated")
+    parser.add_argument("--crop-padding", type=int, default=None, metavar="PIXELS",
+                        help="augment the training images by a random crop after this padding "
+                             "(instead of the presets')")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                        help="augment the training images by mirroring half of them (instead "
+                             "of the presets')")
     parser.add_argument("--papers", nargs="+", default=None, metavar="PRESET",
                         choices=[n for n, p in PRESETS.items() if p.paper],
                         help="run these papers' presets instead of the data sets")
     args = parser.parse_args(argv)
+    if args.channels is not None and not args.conv:
+        parser.error("--channels sizes the convolutional presets: add --conv")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.merge:
@@ -340,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         if args.conv and dataset not in CONV_TARGETS:
             parser.error(f"--conv covers {', '.join(CONV_TARGETS)}, not {dataset}")
-        preset = preset_for(dataset, args.conv)
+        preset = with_options(preset_for(dataset, args.conv), args)
         data = load_classification(dataset, root=args.data_dir)
         if args.quick:
             preset = dataclasses.replace(preset, epochs=min(preset.epochs, 2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -89,10 +90,15 @@ def test_accuracy_benchmark_quick_run(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("accuracy", ROOT / "benchmarks" / "accuracy.py")
     accuracy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(accuracy)
-    assert accuracy.main(["--quick", "--datasets", "digits", "--out", str(tmp_path)]) == 0
+    assert accuracy.main(["--quick", "--datasets", "digits", "--crop-padding", "1", "--flip",
+                          "--out", str(tmp_path)]) == 0
     table = (tmp_path / "accuracy.md").read_text()
     assert "| digits | digits-looped | eqprop |" in table and "(quick)" in table
-    assert (tmp_path / "accuracy.json").exists()
+    assert "augmented by random crop after padding 1 and flip" in table
+    record = json.loads((tmp_path / "accuracy.json").read_text())
+    assert record["datasets"][0]["preset"]["crop_padding"] == 1
+    with pytest.raises(SystemExit):
+        accuracy.main(["--quick", "--datasets", "digits", "--channels", "4,8"])
 
 
 def test_command_line_options_override_the_preset(capsys):
