@@ -602,11 +602,13 @@ class ConvEP(PrimitiveDynamics, EquilibriumModel):
         next step's first group reads again, for the pooling of layer `l - 1`'s feedback: a
         third of a two-layer network's convolutions. A result is reused only for the same
         `below`, weight and bias tensors at the same versions (an in-place change invalidates
-        it), its own unmodified, and never under autograd or a tracer (plain tensors only).
+        it), its own unmodified, and never under autograd, a `torch.func` transform or a tracer
+        (plain tensors only).
         """
         weight, bias = net.weights[layer], net.biases[layer]
         read = (below, weight, bias)
-        if torch.is_grad_enabled() or any(type(t) not in _PLAIN for t in read if t is not None):
+        if (torch.is_grad_enabled() or torch._C._functorch.is_functorch_wrapped_tensor(below)
+                or any(type(t) not in _PLAIN for t in read if t is not None)):
             return self._bottom_up(layer, below, net)
         versions = tuple(None if t is None else t._version for t in read)
         kept = net.reused.get(layer)
