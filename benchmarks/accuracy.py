@@ -59,6 +59,7 @@ from pathlib import Path
 import torch
 
 from machine import machine_info, write_results
+from toreq.cli import NONNEGATIVE_INT, parse_channels
 from toreq.control import evaluate_policy, expert_policy, model_policy
 from toreq.data import load_classification
 from toreq.presets import PRESETS, dataset_preset, train_preset
@@ -86,7 +87,8 @@ def preset_for(dataset: str, conv: bool = False):
 def with_options(preset, args: argparse.Namespace):
     """`preset` with the command line's --channels, --crop-padding and --flip (each given one
     replaces the preset's; the record's preset shows what ran)."""
-    changes = {name: value for name, value in (("channels", args.channels),
+    channels = None if args.channels is None else tuple(args.channels)
+    changes = {name: value for name, value in (("channels", channels),
                                                ("crop_padding", args.crop_padding),
                                                ("flip", args.flip)) if value is not None}
     return dataclasses.replace(preset, **changes) if changes else preset
@@ -330,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default="results/accuracy")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
-    parser.add_argument("--channels", type=lambda text: tuple(int(c) for c in text.split(",")),
-                        default=None, help="with --conv: the convolutional layers' channels "
-                                           "instead of the presets', comma-separated")
-    parser.add_argument("--crop-padding", type=int, default=None, metavar="PIXELS",
+    parser.add_argument("--channels", type=parse_channels, default=None,
+                        help="with --conv: the convolutional layers' channels instead of the "
+                             "presets', comma-separated")
+    parser.add_argument("--crop-padding", type=NONNEGATIVE_INT, default=None, metavar="PIXELS",
                         help="augment the training images by a random crop after this padding "
                              "(instead of the presets')")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,

@@ -97,8 +97,9 @@ def test_accuracy_benchmark_quick_run(tmp_path, monkeypatch):
     assert "augmented by random crop after padding 1 and flip" in table
     record = json.loads((tmp_path / "accuracy.json").read_text())
     assert record["datasets"][0]["preset"]["crop_padding"] == 1
-    with pytest.raises(SystemExit):
-        accuracy.main(["--quick", "--datasets", "digits", "--channels", "4,8"])
+    for bad in (["--channels", "4,8"], ["--conv", "--channels", "0,8"], ["--crop-padding", "-1"]):
+        with pytest.raises(SystemExit):
+            accuracy.main(["--quick", "--datasets", "digits", *bad])
 
 
 def test_command_line_options_override_the_preset(capsys):

@@ -68,7 +68,8 @@ BETA = number_type(float, 0, 100, low_open=True)
 TOLERANCE = number_type(float, 0)
 
 
-def _channels(text: str) -> list[int]:
+def parse_channels(text: str) -> list[int]:
+    """`--channels`: positive integers separated by commas (also the accuracy benchmark's)."""
     try:
         channels = [int(c) for c in text.split(",")]
     except ValueError:
@@ -159,7 +160,7 @@ def _train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     h.add_argument("--hidden", type=POSITIVE_INT, default=keep, help="units per hidden layer")
     h.add_argument("--layers", type=POSITIVE_INT, default=keep,
                    help="hidden layers (ep_mlp, toroidal_mlp)")
-    h.add_argument("--channels", type=_channels, default=keep,
+    h.add_argument("--channels", type=parse_channels, default=keep,
                    help="conv_ep: output channels of each convolutional layer, comma-separated")
     h.add_argument("--activation", choices=ACTIVATIONS, default=keep,
                    help="hidden activation (steep_sigmoid: sigmoid(4(x - 1/2)), the papers')")
